@@ -1,0 +1,16 @@
+# The CUDA module: kernels (no XLA) + FFI handlers + nanobind registrations.
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "52")
+  # SASS for Ampere and Hopper, PTX of sm_90 for newer chips.
+  set(CMAKE_CUDA_ARCHITECTURES "80-real;90-real;90-virtual")
+endif()
+file(GLOB DEFT_CUDA_KERNELS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/cuda/kernels/*.cu)
+nanobind_add_module(_deft_cuda NB_STATIC cuda/ffi/gpu_ffi.cc ${DEFT_CUDA_KERNELS})
+target_include_directories(_deft_cuda PRIVATE ${DEFT_INCLUDE} ${XLA_FFI_INCLUDE} ${CMAKE_CURRENT_SOURCE_DIR}/cuda)
+target_link_libraries(_deft_cuda PRIVATE CUDA::cudart_static)
+set_target_properties(_deft_cuda PROPERTIES CUDA_SEPARABLE_COMPILATION OFF)
+target_compile_options(_deft_cuda PRIVATE
+  $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -O3 -Xcompiler=-Wall -Werror=all-warnings>
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -O3>)
+install(TARGETS _deft_cuda LIBRARY DESTINATION deft_jax)

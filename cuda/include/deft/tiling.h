@@ -1,0 +1,20 @@
+// Tile configuration chosen by deft_jax/tiling.py and passed to the native code as FFI attributes.
+// Plain data: no XLA, no CUDA types.
+#pragma once
+
+#include <cstdint>
+
+namespace deft {
+
+struct TileConfig {
+  int64_t tile_h;  // output rows of one spatial tile (BM = tile_h * tile_w pixels)
+  int64_t tile_w;  // output columns of one spatial tile
+  int64_t tile_n;  // output channels per block (BN)
+  int64_t tile_k;  // reduction chunk of input channels (BK)
+  int64_t warps;   // warps per block (GPU)
+  int64_t stages;  // pipeline depth (GPU)
+
+  int64_t pixels() const { return tile_h * tile_w; }
+};
+
+}  // namespace deft

@@ -1,0 +1,363 @@
+// Device building blocks shared by the forward and backward kernels: element conversions, the
+// bilinear sample record, the two tile loaders (sampled pixels x channels, and dense rows) and the
+// two block-level matrix engines (tensor cores through nvcuda::wmma, and exact SIMT FMA).
+// No XLA types in here.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "deft/geometry.h"
+#include "deft/tiling.h"
+
+namespace deft {
+namespace kern {
+
+namespace wmma = nvcuda::wmma;
+
+// ---------------------------------------------------------------------------------------------
+// Types: T is the storage type, Acc the accumulation type (float, double for double).
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using Acc = typename AccOf<T>::type;
+
+// Elements per 16-byte vector.
+template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+template <typename A> __device__ __forceinline__ A to_acc(float v) { return A(v); }
+template <typename A> __device__ __forceinline__ A to_acc(double v) { return A(v); }
+template <typename A> __device__ __forceinline__ A to_acc(__half v) { return A(__half2float(v)); }
+template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 v) { return A(__bfloat162float(v)); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ T from_acc(double v);
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+// Atomic accumulation targets: the output itself for float/double, an fp32 workspace for halves.
+template <typename T> struct AtomOf { using type = float; };
+template <> struct AtomOf<double> { using type = double; };
+template <typename T> using Atom = typename AtomOf<T>::type;
+
+// ---------------------------------------------------------------------------------------------
+// Geometry handed to every kernel by value: the problem plus derived constants.
+struct Geo {
+  ConvParams p;
+  int64_t K, Cg, Cog, Cpog;  // taps, C_in per feature group, C_out per group, C_in per offset group
+  int64_t tile_h, tile_w;    // spatial output tile of the pixel-tiled kernels
+  int64_t tiles_w, tiles_img;
+  int64_t pixels;            // n * h_out * w_out of one problem
+  bool vec;                  // every channel count and start is a multiple of the 16-byte vector
+};
+
+// Channel chunk `q` of feature group `fg`: chunks never straddle an offset group, so one bilinear
+// record per (pixel, tap) serves the whole chunk. Returns false when q is past the last chunk.
+__host__ __device__ inline bool chunk_of(const Geo& g, int64_t fg, int64_t q, int64_t bk, int64_t* c0,
+                                         int64_t* cnt, int64_t* og) {
+  const int64_t beg = fg * g.Cg, end = beg + g.Cg;
+  int64_t c = beg, idx = 0;
+  while (c < end) {
+    const int64_t o = c / g.Cpog;
+    const int64_t se = ((o + 1) * g.Cpog < end) ? (o + 1) * g.Cpog : end;
+    const int64_t n = (se - c + bk - 1) / bk;
+    if (q < idx + n) {
+      *c0 = c + (q - idx) * bk;
+      *cnt = (se - *c0 < bk) ? se - *c0 : bk;
+      *og = o;
+      return true;
+    }
+    idx += n;
+    c = se;
+  }
+  return false;
+}
+
+inline int64_t max_chunks(const Geo& g, int64_t bk) {
+  int64_t best = 0;
+  for (int64_t fg = 0; fg < g.p.feature_groups; ++fg) {
+    int64_t q = 0, c0, cnt, og;
+    while (chunk_of(g, fg, q, bk, &c0, &cnt, &og)) ++q;
+    best = q > best ? q : best;
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One bilinear sample (pixel, tap, offset group). y0 = -4 marks "contributes nothing".
+template <typename A>
+struct Rec {
+  int64_t xoff;  // element offset of the pixel's image in x
+  int y0, x0;
+  A ly, lx, m;
+};
+
+// pix: linear index of the output pixel over (batch, n, h_out, w_out); img: its (batch*n) image.
+template <typename T, typename A>
+__device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ offset,
+                                           const T* __restrict__ mask, bool valid, int64_t pix,
+                                           int64_t img, int64_t ho, int64_t wo, int tap, int64_t og) {
+  const ConvParams& p = g.p;
+  Rec<A> r;
+  r.xoff = img * p.h * p.w * p.c_in;
+  r.y0 = -4;
+  r.x0 = -4;
+  r.ly = r.lx = r.m = A(0);
+  if (!valid) return r;
+  const int64_t i = tap / p.kw, j = tap - (tap / p.kw) * p.kw;
+  const T* o = offset + pix * (p.offset_groups * g.K * 2) + (og * g.K + tap) * 2;
+  const A dy = to_acc<A>(o[0]), dx = to_acc<A>(o[1]);
+  const A m = p.with_mask ? to_acc<A>(mask[pix * (p.offset_groups * g.K) + og * g.K + tap]) : A(1);
+  const A y = A(p.base_y(ho, i)) + dy, x = A(p.base_x(wo, j)) + dx;
+  const Bilinear<A> b = make_bilinear<A>(y, x, p.h, p.w);
+  if (!b.inside) return r;
+  r.y0 = static_cast<int>(b.y0);
+  r.x0 = static_cast<int>(b.x0);
+  r.ly = b.ly;
+  r.lx = b.lx;
+  r.m = m;
+  return r;
+}
+
+// 16-byte vector of T as accumulators.
+template <typename T, typename A>
+__device__ __forceinline__ void load_vec(const T* __restrict__ src, A (&v)[kVec<T>]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) v[k] = to_acc<A>(e[k]);
+}
+
+template <typename T, typename A, int N>
+__device__ __forceinline__ void store_elems(T* dst, const A (&v)[N]) {
+  if constexpr (N * sizeof(T) == 16) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < N; ++k) e[k] = from_acc<T>(v[k]);
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) dst[k] = from_acc<T>(v[k]);
+  }
+}
+
+// Sampled tile: dst[r * ld + c] = mask * bilinear(x, rec r)[c0 + c] for c < cnt, 0 elsewhere
+// (ROWS x COLS). The four corners are fetched as 16-byte vectors along C when `vec`.
+template <typename T, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void load_samples(T* dst, int ld, const Rec<Acc<T>>* recs,
+                                             const T* __restrict__ x, const Geo& g, int64_t c0,
+                                             int cnt, int tid) {
+  using A = Acc<T>;
+  const int H = static_cast<int>(g.p.h), W = static_cast<int>(g.p.w);
+  const int64_t C = g.p.c_in;
+  if (g.vec) {
+    constexpr int V = kVec<T>, VPR = COLS / V;
+    static_assert(COLS % V == 0, "tile columns must hold whole vectors");
+#pragma unroll 2
+    for (int idx = tid; idx < ROWS * VPR; idx += THREADS) {
+      const int r = idx / VPR, c = (idx - r * VPR) * V;
+      A acc[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] = A(0);
+      const Rec<A> q = recs[r];
+      if (c < cnt && q.y0 > -4) {
+        const A hy = A(1) - q.ly, hx = A(1) - q.lx;
+        const A wt[4] = {hy * hx * q.m, hy * q.lx * q.m, q.ly * hx * q.m, q.ly * q.lx * q.m};
+        const T* base = x + q.xoff + c0 + c;
+        A v[4][V];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int yy = q.y0 + (k >> 1), xx = q.x0 + (k & 1);
+          if (static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
+              static_cast<unsigned>(xx) < static_cast<unsigned>(W)) {
+            load_vec<T, A>(base + (static_cast<int64_t>(yy) * W + xx) * C, v[k]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[k][e] = A(0);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[e] += wt[k] * v[k][e];
+      }
+      store_elems<T, A, V>(dst + r * ld + c, acc);
+    }
+  } else {
+    for (int idx = tid; idx < ROWS * COLS; idx += THREADS) {
+      const int r = idx / COLS, c = idx - r * COLS;
+      A acc = A(0);
+      const Rec<A> q = recs[r];
+      if (c < cnt && q.y0 > -4) {
+        const A hy = A(1) - q.ly, hx = A(1) - q.lx;
+        const A wt[4] = {hy * hx, hy * q.lx, q.ly * hx, q.ly * q.lx};
+        const T* base = x + q.xoff + c0 + c;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int yy = q.y0 + (k >> 1), xx = q.x0 + (k & 1);
+          if (static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
+              static_cast<unsigned>(xx) < static_cast<unsigned>(W))
+            acc += wt[k] * to_acc<A>(base[(static_cast<int64_t>(yy) * W + xx) * C]);
+        }
+        acc *= q.m;
+      }
+      dst[r * ld + c] = from_acc<T>(acc);
+    }
+  }
+}
+
+// Dense tile: dst[r * ld + c] = row(r)[c] for c < cnt (row(r) == nullptr: a zero row), ROWS x COLS.
+template <typename T, int ROWS, int COLS, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_rows(T* dst, int ld, RowPtr row, int cnt, bool vec, int tid) {
+  if (vec) {
+    constexpr int V = kVec<T>, VPR = COLS / V;
+    static_assert(COLS % V == 0, "tile columns must hold whole vectors");
+#pragma unroll 4
+    for (int idx = tid; idx < ROWS * VPR; idx += THREADS) {
+      const int r = idx / VPR, c = (idx - r * VPR) * V;
+      const T* src = row(r);
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (src != nullptr && c < cnt) v = __ldg(reinterpret_cast<const uint4*>(src + c));
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+  } else {
+    for (int idx = tid; idx < ROWS * COLS; idx += THREADS) {
+      const int r = idx / COLS, c = idx - r * COLS;
+      const T* src = row(r);
+      dst[r * ld + c] = (src != nullptr && c < cnt) ? src[c] : from_acc<T>(Acc<T>(0));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block matrix engines: C[BM x BN] += A[BM x BK] * B[BK x BN] from shared memory.
+// A_COL: A(m, k) at As[k * lda + m] (else As[m * lda + k]); B_COL: B(k, n) at Bs[n * ldb + k].
+
+template <typename T, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
+struct WmmaTile {
+  static constexpr bool kTf32 = std::is_same<T, float>::value;
+  static constexpr int KK = kTf32 ? 8 : 16;
+  static constexpr int FM = BM / WM / 16, FN = BN / WN / 16;
+  static_assert(FM * WM * 16 == BM && FN * WN * 16 == BN && BK % KK == 0, "wmma tile shape");
+  using AT = std::conditional_t<kTf32, wmma::precision::tf32, T>;
+  using LA = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
+  using LB = std::conditional_t<B_COL, wmma::col_major, wmma::row_major>;
+  wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[FM][FN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  __device__ __forceinline__ void compute(const T* As, int lda, const T* Bs, int ldb, int tid) {
+    const int warp = tid / 32, wm = warp / WN, wn = warp % WN;
+#pragma unroll
+    for (int k = 0; k < BK; k += KK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KK, AT, LA> a[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, KK, AT, LB> b[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int m = (wm * FM + i) * 16;
+        wmma::load_matrix_sync(a[i], A_COL ? As + k * lda + m : As + m * lda + k, lda);
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = (wn * FN + j) * 16;
+        wmma::load_matrix_sync(b[j], B_COL ? Bs + n * ldb + k : Bs + k * ldb + n, ldb);
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+
+  // Cs[m * ldc + n] = C(m, n) (row-major BM x BN, float).
+  __device__ __forceinline__ void store(float* Cs, int ldc, int tid) {
+    const int warp = tid / 32, wm = warp / WN, wn = warp % WN;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j)
+        wmma::store_matrix_sync(Cs + (wm * FM + i) * 16 * ldc + (wn * FN + j) * 16, acc[i][j], ldc,
+                                wmma::mem_row_major);
+  }
+};
+
+// Exact path (fp32 without TF32, fp64): each thread owns a TM x TN micro tile.
+template <typename T, int BM, int BN, int BK, int THREADS, bool A_COL, bool B_COL>
+struct SimtTile {
+  using A = Acc<T>;
+  static constexpr int TN = 4, NT = BN / TN, MT = THREADS / NT, TM = BM / MT;
+  static_assert(NT * TN == BN && NT * MT == THREADS && TM * MT == BM, "simt tile shape");
+  A acc[TM][TN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+  }
+
+  __device__ __forceinline__ void compute(const T* As, int lda, const T* Bs, int ldb, int tid) {
+    const int tn = tid % NT, tm = tid / NT;
+#pragma unroll 4
+    for (int k = 0; k < BK; ++k) {
+      A a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const int m = tm + i * MT;
+        a[i] = A_COL ? As[k * lda + m] : As[m * lda + k];
+      }
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int n = tn + j * NT;
+        b[j] = B_COL ? Bs[n * ldb + k] : Bs[k * ldb + n];
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(A* Cs, int ldc, int tid) {
+    const int tn = tid % NT, tm = tid / NT;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) Cs[(tm + i * MT) * ldc + tn + j * NT] = acc[i][j];
+  }
+};
+
+// Tensor cores for bf16/fp16 always, for fp32 when TF32 is allowed; SIMT otherwise.
+template <typename T, bool TC, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
+using MmaTile = std::conditional_t<TC, WmmaTile<T, BM, BN, BK, WM, WN, A_COL, B_COL>,
+                                   SimtTile<T, BM, BN, BK, WM * WN * 32, A_COL, B_COL>>;
+
+// Shared-memory row padding: one 16-byte vector (keeps vector stores aligned, staggers banks).
+template <typename T> constexpr int kPad = kVec<T>;
+constexpr int kCPad = 4;
+
+template <typename T>
+__host__ __device__ constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+}  // namespace kern
+}  // namespace deft

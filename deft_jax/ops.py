@@ -1,0 +1,216 @@
+"""The public op: normalise and validate arguments, then pick the implementation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _autodiff, _ffi, reference, tiling
+
+_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+_IMPLEMENTATIONS = (None, "xla")
+
+PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Normalised, validated arguments of one call."""
+
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    kernel_dilation: tuple[int, int]
+    feature_group_count: int
+    offset_groups: int
+    out_hw: tuple[int, int]
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        pair = (int(value), int(value))
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except TypeError:
+            raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
+        if len(pair) != 2:
+            raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name}: must be positive, got {value!r}")
+    return pair
+
+
+def _padding(padding: PaddingLike, in_hw, kernel_size, strides, dilation):
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding: expected 'SAME', 'VALID', an int or pairs, got {padding!r}")
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+        return tuple(lax.padtype_to_pads(in_hw, dilated, strides, padding.upper()))
+    if isinstance(padding, (int, np.integer)):
+        return ((int(padding),) * 2, (int(padding),) * 2)
+    try:
+        items = list(padding)
+        if len(items) == 2 and all(isinstance(p, (int, np.integer)) for p in items):
+            pads = ((int(items[0]),) * 2, (int(items[1]),) * 2)
+        elif len(items) == 2 and all(len(p) == 2 for p in items):
+            pads = tuple((int(a), int(b)) for a, b in items)
+        else:
+            raise TypeError
+    except TypeError:
+        raise ValueError(
+            "padding: expected 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), "
+            f"got {padding!r}") from None
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"padding: must be non-negative, got {padding!r}")
+    return pads
+
+
+def _check_array(a, name: str, expected: str):
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise ValueError(f"{name}: expected an array of shape {expected}, got {type(a).__name__}")
+    if a.ndim != 4:
+        raise ValueError(f"{name}: expected rank 4 {expected}, got shape {tuple(a.shape)}")
+    if jnp.dtype(a.dtype) not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
+                         f"got {a.dtype}")
+
+
+def validate(x, offset, kernel, mask, *, strides, padding, kernel_dilation,
+             feature_group_count) -> Geometry:
+    """Check every argument; raise ValueError naming the argument and the expected shape."""
+    _check_array(x, "x", "[N, H, W, C_in]")
+    _check_array(kernel, "kernel", "[kh, kw, C_in / feature_group_count, C_out]")
+    _check_array(offset, "offset", "[N, H_out, W_out, G*kh*kw*2]")
+    if mask is not None:
+        _check_array(mask, "mask", "[N, H_out, W_out, G*kh*kw]")
+    for name, a in (("offset", offset), ("kernel", kernel), ("mask", mask)):
+        if a is not None and a.dtype != x.dtype:
+            raise ValueError(f"{name}: dtype {a.dtype} differs from x's {x.dtype}; "
+                             "cast all arrays to one dtype")
+    if 0 in x.shape or 0 in kernel.shape:
+        raise ValueError(f"x {tuple(x.shape)} and kernel {tuple(kernel.shape)} must have no zero-size axis")
+
+    n, h, w, c_in = x.shape
+    kh, kw, cig, c_out = kernel.shape
+    strides = _pair(strides, "strides")
+    dilation = _pair(kernel_dilation, "kernel_dilation")
+    fg = int(feature_group_count)
+    if fg < 1 or c_in % fg or c_out % fg:
+        raise ValueError(f"feature_group_count: {feature_group_count} must be >= 1 and divide "
+                         f"C_in={c_in} and C_out={c_out}")
+    if cig != c_in // fg:
+        raise ValueError(f"kernel: expected shape ({kh}, {kw}, {c_in // fg}, C_out) for C_in={c_in} "
+                         f"and feature_group_count={fg}, got {tuple(kernel.shape)}")
+    pads = _padding(padding, (h, w), (kh, kw), strides, dilation)
+    spans = [size + lo + hi - d * (k - 1) - 1
+             for size, (lo, hi), k, d in zip((h, w), pads, (kh, kw), dilation)]
+    out_hw = tuple(span // s + 1 if span >= 0 else 0 for span, s in zip(spans, strides))
+    if min(out_hw) < 1:
+        raise ValueError(f"x: spatial size {(h, w)} with kernel {(kh, kw)}, dilation {dilation} and "
+                         f"padding {pads} gives an empty output {out_hw}")
+    ho, wo = out_hw
+    taps = kh * kw
+    oc = offset.shape[3]
+    if offset.shape[:3] != (n, ho, wo) or oc % (2 * taps) or oc == 0:
+        raise ValueError(f"offset: expected shape ({n}, {ho}, {wo}, G*{2 * taps}) for G offset groups, "
+                         f"got {tuple(offset.shape)}")
+    groups = oc // (2 * taps)
+    if c_in % groups:
+        raise ValueError(f"offset: {groups} offset groups (from {oc} channels) must divide C_in={c_in}")
+    if mask is not None and tuple(mask.shape) != (n, ho, wo, groups * taps):
+        raise ValueError(f"mask: expected shape ({n}, {ho}, {wo}, {groups * taps}) for {groups} offset "
+                         f"group(s), got {tuple(mask.shape)}")
+    return Geometry((kh, kw), strides, pads, dilation, fg, groups, out_hw)
+
+
+def _allow_tf32(precision) -> bool:
+    """TF32 only at DEFAULT precision (as lax.Precision means for float32 dots)."""
+    if precision is None:
+        return True
+    ps = precision if isinstance(precision, (tuple, list)) else (precision,)
+    return all(lax.Precision(p) == lax.Precision.DEFAULT for p in ps)
+
+
+def _native_platform() -> str:
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    if backend in ("gpu", "cuda"):
+        if not _ffi.cuda_available():
+            raise RuntimeError(
+                "deft_jax: the default backend is a GPU but the CUDA module was not built "
+                "(no nvcc at install time). Reinstall with nvcc on PATH (DEFT_CUDA=ON pip install .), "
+                "or pass implementation='xla' to use the pure-JAX reference explicitly.")
+        return "cuda"
+    raise RuntimeError(f"deft_jax: no native kernels for backend {backend!r}; "
+                       "pass implementation='xla' to use the pure-JAX reference explicitly")
+
+
+def _device_sm_count() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or 0)
+
+
+def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodiff.NativeCall:
+    """FFI attributes (geometry + tiling) and output shape for one native call."""
+    platform = _native_platform()
+    n, _, _, c_in = x.shape
+    shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
+                              c_out=kernel.shape[3], taps=geo.kernel_size[0] * geo.kernel_size[1],
+                              offset_groups=geo.offset_groups,
+                              feature_groups=geo.feature_group_count,
+                              dtype=jnp.dtype(x.dtype).name)
+    tile = tiling.choose_tiling(platform, shape, _device_sm_count() if platform == "cuda" else 0)
+    (pt, pb), (pl, pr) = geo.padding
+    attrs = dict(stride_h=geo.strides[0], stride_w=geo.strides[1], pad_top=pt, pad_bottom=pb,
+                 pad_left=pl, pad_right=pr, dil_h=geo.kernel_dilation[0],
+                 dil_w=geo.kernel_dilation[1], offset_groups=geo.offset_groups,
+                 feature_groups=geo.feature_group_count, with_mask=int(with_mask),
+                 allow_tf32=int(_allow_tf32(precision)))
+    attrs.update(dataclasses.asdict(tile))
+    return _autodiff.NativeCall(attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+                                out_shape=(n, *geo.out_hw, kernel.shape[3]))
+
+
+def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
+                  strides: int | Sequence[int] = 1, padding: PaddingLike = 0,
+                  kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+                  precision: Any = None, implementation: str | None = None) -> jax.Array:
+    """Deformable 2D convolution (DCNv1, or DCNv2 when ``mask`` is given), NHWC / HWIO.
+
+    Args:
+      x: [N, H, W, C_in] input.
+      offset: [N, H_out, W_out, G*kh*kw*2] sampling offsets in pixels; G offset groups are inferred
+        from the size. Per group, taps are row-major (k = i*kw + j), per tap (dy, dx).
+      kernel: [kh, kw, C_in / feature_group_count, C_out] weights (HWIO, as flax.linen.Conv).
+      mask: [N, H_out, W_out, G*kh*kw] modulation, applied as given (no sigmoid inside), or None.
+      strides: int or (sh, sw).
+      padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
+      kernel_dilation: int or (dh, dw).
+      feature_group_count: grouped convolution, as in lax.conv_general_dilated.
+      precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT (or None).
+      implementation: None for the native kernel of the platform (C++ on CPU, CUDA on GPU), or
+        "xla" for the pure-JAX gather reference.
+
+    Returns:
+      y: [N, H_out, W_out, C_out] in x's dtype. Tap (i, j) of output (ho, wo) samples
+      (ho*sh - pad_top + i*dh + dy, wo*sw - pad_left + j*dw + dx) bilinearly with zero padding,
+      exactly as torchvision.ops.deform_conv2d with the channel axis last.
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    geo = validate(x, offset, kernel, mask, strides=strides, padding=padding,
+                   kernel_dilation=kernel_dilation, feature_group_count=feature_group_count)
+    if implementation == "xla":
+        return reference.deform_conv2d(
+            x, offset, kernel, mask, strides=geo.strides, padding=geo.padding,
+            kernel_dilation=geo.kernel_dilation, feature_group_count=geo.feature_group_count,
+            precision=precision)
+    call = native_call(x, kernel, geo, mask is not None, precision)
+    return _autodiff.deform_conv2d(x, offset, mask, kernel, call)

@@ -54,7 +54,7 @@ def _padding(padding: PaddingLike, in_hw, kernel_size, strides, dilation):
         dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
         return tuple(lax.padtype_to_pads(in_hw, dilated, strides, padding.upper()))
     if isinstance(padding, (int, np.integer)):
-        return ((int(padding),) * 2, (int(padding),) * 2)
+        padding = (int(padding), int(padding))
     try:
         items = list(padding)
         if len(items) == 2 and all(isinstance(p, (int, np.integer)) for p in items):

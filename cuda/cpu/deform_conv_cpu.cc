@@ -2,14 +2,14 @@
 // image; each task samples its columns [pixels, taps, C_in] into a thread-local buffer (never the
 // whole column tensor) and reduces them against the kernel. The backward recomputes the samples,
 // forms grad_col = dY W^T per task, and scatters into thread-private dx / dkernel accumulators
-// that are flushed under a lock when a thread moves to another image (dx) or problem (dkernel).
+// whose shared slices are reduced in a fixed order after the threads join (deterministic).
 #include "cpu/deform_conv_cpu.h"
 
 #include <algorithm>
 #include <cstdlib>
-#include <mutex>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "deft/host_half.h"
@@ -25,21 +25,22 @@ int64_t NumThreads() {
   return std::max<int64_t>(1, std::thread::hardware_concurrency());
 }
 
-// fn(begin, end, thread) over [0, n) in contiguous chunks, one per thread. Contiguous ranges keep
-// a thread on few images, which bounds the flushes of its private accumulators.
-template <typename F>
-void ParallelFor(int64_t n, int64_t threads, F&& fn) {
-  if (threads <= 1) {
-    fn(int64_t{0}, n, int64_t{0});
-    return;
-  }
+// Splits [0, n) into one contiguous range per thread. Contiguous ranges keep a thread on few
+// images, so only the first and last image of a range can be shared with another thread.
+std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t n, int64_t threads) {
+  std::vector<std::pair<int64_t, int64_t>> r;
   const int64_t chunk = (n + threads - 1) / threads;
+  for (int64_t b = 0; b < n; b += chunk) r.emplace_back(b, std::min(n, b + chunk));
+  return r;
+}
+
+// fn(begin, end, thread) for each chunk, the first on the calling thread.
+template <typename F>
+void ParallelFor(const std::vector<std::pair<int64_t, int64_t>>& chunks, F&& fn) {
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) pool.emplace_back([&fn, begin, end, t] { fn(begin, end, t); });
-  }
-  fn(int64_t{0}, std::min(n, chunk), int64_t{0});
+  for (size_t t = 1; t < chunks.size(); ++t)
+    pool.emplace_back([&fn, &chunks, t] { fn(chunks[t].first, chunks[t].second, int64_t(t)); });
+  if (!chunks.empty()) fn(chunks[0].first, chunks[0].second, int64_t{0});
   for (auto& th : pool) th.join();
 }
 
@@ -95,28 +96,34 @@ std::vector<A> KernelAsAcc(const ConvParams& p, const T* kernel) {
   return wk;
 }
 
-// A thread's private accumulator for one key (an image for dx, a problem for dkernel).
+// Deterministic accumulation of a thread's contributions to keyed slices of `global` (images for
+// dx, problems for dkernel). A thread owns the interior keys of its range exclusively and adds into
+// them directly; its first and last keys may be shared, so it accumulates those privately and
+// Reduce() adds the private copies in thread order after the join. No result depends on timing.
 template <typename A>
-struct PrivateAccum {
-  std::vector<A> buf;
-  int64_t key = -1;
+struct KeyedPartials {
+  int64_t first = -1, last = -1;
+  std::vector<A> first_buf, last_buf;
 
-  // Make `k` the current key, flushing the previous one into `global`.
-  A* use(int64_t k, A* global, std::vector<std::mutex>& locks) {
-    if (k != key) flush(global, locks);
-    key = k;
-    return buf.data();
+  void Init(int64_t first_key, int64_t last_key, int64_t size) {
+    first = first_key;
+    last = last_key == first_key ? -1 : last_key;
+    first_buf.assign(size, A(0));
+    if (last >= 0) last_buf.assign(size, A(0));
   }
-  void flush(A* global, std::vector<std::mutex>& locks) {
-    if (key < 0) return;
-    const int64_t size = static_cast<int64_t>(buf.size());
-    {
-      std::lock_guard<std::mutex> lock(locks[key]);
-      A* dst = global + key * size;
-      for (int64_t i = 0; i < size; ++i) dst[i] += buf[i];
-    }
-    std::fill(buf.begin(), buf.end(), A(0));
-    key = -1;
+  A* Target(int64_t key, A* global) {
+    if (key == first) return first_buf.data();
+    if (key == last) return last_buf.data();
+    return global + key * static_cast<int64_t>(first_buf.size());
+  }
+  void Reduce(A* global) const {
+    auto add = [&](int64_t key, const std::vector<A>& buf) {
+      if (key < 0) return;
+      A* dst = global + key * static_cast<int64_t>(buf.size());
+      for (size_t i = 0; i < buf.size(); ++i) dst[i] += buf[i];
+    };
+    add(first, first_buf);
+    add(last, last_buf);
   }
 };
 
@@ -140,7 +147,7 @@ void Forward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T* 
   std::vector<std::vector<A>> accs(threads, std::vector<A>(kPixelBlock * Co));
   const Sampler<T, A> s{p, x, offset, mask};
 
-  ParallelFor(tasks, threads, [&](int64_t t0, int64_t t1, int64_t th) {
+  ParallelFor(Chunks(tasks, threads), [&](int64_t t0, int64_t t1, int64_t th) {
     A* col = cols[th].data();  // [pixels][K][C]
     A* acc = accs[th].data();  // [kPixelBlock][Co]
     for (int64_t t = t0; t < t1; ++t) {
@@ -195,32 +202,34 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
   A* dw_global = kDirect ? reinterpret_cast<A*>(dkernel) : dw_acc.data();
   std::fill(dx_global, dx_global + images * image_size, A(0));
   std::fill(dw_global, dw_global + p.batch * p.kernel_size(), A(0));
-  std::vector<std::mutex> dx_locks(images), dw_locks(p.batch);
 
   struct Scratch {
     std::vector<A> samp, gcol, mod, dyv;
-    PrivateAccum<A> dxp, dwp;
+    KeyedPartials<A> dxp, dwp;
   };
-  std::vector<Scratch> scratch(threads);
-  for (auto& sc : scratch) {
+  const auto chunks = Chunks(tasks, threads);
+  std::vector<Scratch> scratch(chunks.size());
+  for (size_t th = 0; th < chunks.size(); ++th) {
+    Scratch& sc = scratch[th];
     sc.samp.resize(pixels_per_task * K * C);  // unmodulated samples [pixels][K][C]
     sc.gcol.resize(pixels_per_task * K * C);  // grad_col [pixels][K][C]
     sc.mod.resize(pixels_per_task * G * K);   // modulation [pixels][G][K]
     sc.dyv.resize(Co);
-    sc.dxp.buf.assign(image_size, A(0));
-    sc.dwp.buf.assign(p.kernel_size(), A(0));
+    const int64_t img0 = chunks[th].first / blocks, img1 = (chunks[th].second - 1) / blocks;
+    sc.dxp.Init(img0, img1, image_size);
+    sc.dwp.Init(img0 / p.n, img1 / p.n, p.kernel_size());
   }
   const Sampler<T, A> s{p, x, offset, mask};
 
-  ParallelFor(tasks, threads, [&](int64_t t0, int64_t t1, int64_t th) {
+  ParallelFor(chunks, [&](int64_t t0, int64_t t1, int64_t th) {
     Scratch& sc = scratch[th];
     A *samp = sc.samp.data(), *gcol = sc.gcol.data(), *mod = sc.mod.data(), *dyv = sc.dyv.data();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / blocks, b = img / p.n, q0 = (t % blocks) * pixels_per_task;
       const int64_t nq = std::min(P, q0 + pixels_per_task) - q0;
       const A* w = wk.data() + b * p.kernel_size();
-      A* dxp = sc.dxp.use(img, dx_global, dx_locks);
-      A* dwp = sc.dwp.use(b, dw_global, dw_locks);
+      A* dxp = sc.dxp.Target(img, dx_global);
+      A* dwp = sc.dwp.Target(b, dw_global);
 
       for (int64_t q = 0; q < nq; ++q)
         for (int64_t g = 0; g < G; ++g)
@@ -286,9 +295,11 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
             if (p.with_mask) dmask[pix * p.mask_channels() + g * K + k] = store_as<T>(gm);
           }
     }
-    sc.dxp.flush(dx_global, dx_locks);
-    sc.dwp.flush(dw_global, dw_locks);
   });
+  for (const Scratch& sc : scratch) {
+    sc.dxp.Reduce(dx_global);
+    sc.dwp.Reduce(dw_global);
+  }
 
   if constexpr (!kDirect) {
     for (int64_t i = 0; i < images * image_size; ++i) dx[i] = store_as<T>(dx_acc[i]);

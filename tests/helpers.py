@@ -1,0 +1,62 @@
+"""Input factories and error metrics shared by the tests."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int = 2
+    h: int = 7
+    w: int = 6
+    c_in: int = 4
+    c_out: int = 6
+    kernel_size: tuple = (3, 3)
+    strides: tuple = (1, 1)
+    padding: object = 1
+    dilation: tuple = (1, 1)
+    offset_groups: int = 1
+    feature_groups: int = 1
+    with_mask: bool = True
+    offset_scale: float = 2.0
+
+    def out_hw(self):
+        if isinstance(self.padding, int):
+            pads = ((self.padding,) * 2,) * 2
+        elif self.padding == "SAME":
+            return tuple(-(-s // st) for s, st in zip((self.h, self.w), self.strides))
+        elif self.padding == "VALID":
+            pads = ((0, 0), (0, 0))
+        else:
+            pads = self.padding
+        return tuple((s + lo + hi - d * (k - 1) - 1) // st + 1 for s, (lo, hi), k, st, d in
+                     zip((self.h, self.w), pads, self.kernel_size, self.strides, self.dilation))
+
+    def kwargs(self):
+        return dict(strides=self.strides, padding=self.padding, kernel_dilation=self.dilation,
+                    feature_group_count=self.feature_groups)
+
+
+def make_inputs(case: Case, rng, dtype=np.float64, off_grid=False):
+    """(x, offset, kernel, mask) for `case`; offsets ~ N(0, scale^2), kept >= 0.05 px off the
+    integer grid when `off_grid` (finite differences across a bilinear kink are meaningless)."""
+    kh, kw = case.kernel_size
+    taps = kh * kw
+    ho, wo = case.out_hw()
+    x = rng.normal(size=(case.n, case.h, case.w, case.c_in))
+    off = rng.normal(size=(case.n, ho, wo, case.offset_groups * taps * 2)) * case.offset_scale
+    if off_grid:
+        off = np.floor(off) + rng.uniform(0.1, 0.9, size=off.shape)
+    kernel = rng.normal(size=(kh, kw, case.c_in // case.feature_groups, case.c_out))
+    kernel /= np.sqrt(taps * case.c_in / case.feature_groups)
+    mask = rng.uniform(size=(case.n, ho, wo, case.offset_groups * taps)) if case.with_mask else None
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)
+    return cast(x), cast(off), cast(kernel), cast(mask)
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

@@ -1,0 +1,93 @@
+"""Every malformed call raises a ValueError naming the argument, before any native call."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deft_jax
+from deft_jax import _ffi
+
+
+def Z(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+def good(**over):
+    a = dict(x=jnp.zeros((2, 8, 8, 4), jnp.float32), offset=jnp.zeros((2, 8, 8, 18), jnp.float32),
+             kernel=jnp.zeros((3, 3, 4, 6), jnp.float32), mask=jnp.zeros((2, 8, 8, 9), jnp.float32))
+    kw = dict(padding=1)
+    for k, v in over.items():
+        (a if k in a else kw)[k] = v
+    return a, kw
+
+
+@pytest.fixture(autouse=True)
+def no_native_call(monkeypatch):
+    # Validation must fail before anything reaches the FFI layer.
+    def boom(*a, **k):
+        raise AssertionError("native call reached")
+    monkeypatch.setattr(_ffi, "forward", boom)
+
+
+BAD = {
+    "x rank": (dict(x=Z(8, 8, 4)), "x", r"rank 4"),
+    "offset rank": (dict(offset=Z(2, 8, 8, 2, 9)), "offset", r"rank 4"),
+    "kernel rank": (dict(kernel=Z(3, 3, 4)), "kernel", r"rank 4"),
+    "mask rank": (dict(mask=Z(2, 8, 8)), "mask", r"rank 4"),
+    "offset channels": (dict(offset=Z(2, 8, 8, 17)), "offset", r"G\*18"),
+    "offset spatial": (dict(offset=Z(2, 7, 8, 18)), "offset", r"\(2, 8, 8, G\*18\)"),
+    "offset batch": (dict(offset=Z(3, 8, 8, 18)), "offset", r"\(2, 8, 8"),
+    "offset groups do not divide C_in": (dict(offset=Z(2, 8, 8, 54)), "offset", "divide C_in"),
+    "mask channels": (dict(mask=Z(2, 8, 8, 18)), "mask", r"\(2, 8, 8, 9\)"),
+    "mask spatial": (dict(mask=Z(2, 4, 4, 9)), "mask", r"\(2, 8, 8, 9\)"),
+    "kernel C_in": (dict(kernel=Z(3, 3, 5, 6)), "kernel", r"\(3, 3, 4, C_out\)"),
+    "feature groups do not divide C_in": (dict(feature_group_count=3, kernel=Z(3, 3, 1, 6)),
+                                          "feature_group_count", "divide"),
+    "feature groups do not divide C_out": (dict(feature_group_count=2, kernel=Z(3, 3, 2, 5)),
+                                           "feature_group_count", "divide"),
+    "zero stride": (dict(strides=0), "strides", "positive"),
+    "negative dilation": (dict(kernel_dilation=(1, -1)), "kernel_dilation", "positive"),
+    "bad strides type": (dict(strides=(1, 2, 3)), "strides", "pair"),
+    "bad padding string": (dict(padding="FULL"), "padding", "SAME"),
+    "negative padding": (dict(padding=-1), "padding", "non-negative"),
+    "empty output": (dict(x=Z(2, 2, 2, 4), padding=0), "x", "empty output"),
+    "zero batch": (dict(x=Z(0, 8, 8, 4)), "x", "zero-size"),
+    "integer x": (dict(x=jnp.zeros((2, 8, 8, 4), jnp.int32)), "x", "floating"),
+    "mixed dtypes": (dict(kernel=jnp.zeros((3, 3, 4, 6), jnp.bfloat16)), "kernel", "differs"),
+    "bad implementation": (dict(implementation="cuda"), "implementation", "expected one of"),
+    "not an array": (dict(x=[[1.0]]), "x", "array"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input(name):
+    over, arg, pattern = BAD[name]
+    a, kw = good(**over)
+    with pytest.raises(ValueError, match=pattern) as e:
+        deft_jax.deform_conv2d(a["x"], a["offset"], a["kernel"], a["mask"], **kw)
+    assert str(e.value).startswith(arg), str(e.value)
+
+
+def test_good_input_passes_validation():
+    a, kw = good()
+    with pytest.raises(AssertionError, match="native call reached"):
+        deft_jax.deform_conv2d(a["x"], a["offset"], a["kernel"], a["mask"], **kw)
+
+
+def test_native_rejects_inconsistent_attributes():
+    """The C++ handler re-checks and returns an error instead of reading out of bounds."""
+    import jax
+    x = jnp.zeros((1, 4, 4, 2), jnp.float32)
+    call = jax.ffi.ffi_call(_ffi.FWD_TARGET, jax.ShapeDtypeStruct((1, 4, 4, 3), jnp.float32))
+    attrs = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1, dil_h=1,
+                 dil_w=1, offset_groups=1, feature_groups=1, with_mask=0, allow_tf32=1, tile_h=1,
+                 tile_w=4, tile_n=3, tile_k=2, warps=1, stages=1)
+    attrs = {k: np.int64(v) for k, v in attrs.items()}
+    bad_offset = jnp.zeros((1, 4, 4, 17), jnp.float32)  # should be 18 channels
+    with pytest.raises(Exception, match="offset"):
+        call(x, bad_offset, jnp.zeros((0,), jnp.float32), jnp.zeros((3, 3, 2, 3), jnp.float32),
+             **attrs).block_until_ready()
+    attrs["feature_groups"] = np.int64(3)  # does not divide C_in = 2
+    with pytest.raises(Exception, match="group"):
+        call(x, jnp.zeros((1, 4, 4, 18), jnp.float32), jnp.zeros((0,), jnp.float32),
+             jnp.zeros((3, 3, 2, 3), jnp.float32), **attrs).block_until_ready()

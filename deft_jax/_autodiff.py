@@ -8,7 +8,7 @@ import functools
 import jax
 import numpy as np
 
-from . import _ffi
+from . import _ffi, _partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,20 +22,25 @@ class NativeCall:
         return {k: np.int64(v) for k, v in self.attrs}
 
 
+def _mask_or_placeholder(mask, dtype):
+    return _ffi.mask_placeholder(dtype) if mask is None else mask
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def deform_conv2d(x, offset, mask, kernel, call: NativeCall):
     """The native op; differentiable in x, offset, mask (when given) and kernel."""
-    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), call.out_shape)
+    return _partition.forward(x, offset, _mask_or_placeholder(mask, x.dtype), kernel, call)
 
 
 def _fwd(x, offset, mask, kernel, call):
-    y = _ffi.forward(x, offset, mask, kernel, call.attr_dict(), call.out_shape)
-    return y, (x, offset, mask, kernel)
+    return deform_conv2d(x, offset, mask, kernel, call), (x, offset, mask, kernel)
 
 
 def _bwd(call, residuals, dy):
     x, offset, mask, kernel = residuals
-    return _ffi.backward(x, offset, mask, kernel, dy, call.attr_dict())
+    dx, doffset, dmask, dkernel = _partition.backward(
+        x, offset, _mask_or_placeholder(mask, x.dtype), kernel, dy, call)
+    return dx, doffset, (None if mask is None else dmask), dkernel
 
 
 deform_conv2d.defvjp(_fwd, _bwd)

@@ -38,22 +38,20 @@ def cuda_available() -> bool:
     return _deft_cuda is not None
 
 
-def _mask_operand(mask, dtype):
-    # DCNv1: the handlers take a (0,)-shaped placeholder and the with_mask=0 attribute.
-    return jnp.zeros((0,), dtype) if mask is None else mask
+def mask_placeholder(dtype):
+    """DCNv1: the handlers take a (0,)-shaped mask and the with_mask=0 attribute."""
+    return jnp.zeros((0,), dtype)
 
 
 def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):
-    """y [N, Ho, Wo, C_out] = the native forward. Leading vmapped dims are passed to the handler."""
+    """y [..., N, Ho, Wo, C_out] of the native forward; leading dims are independent problems."""
     call = jax.ffi.ffi_call(FWD_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype),
                             vmap_method="broadcast_all")
-    return call(x, offset, _mask_operand(mask, x.dtype), kernel, **attrs)
+    return call(x, offset, mask, kernel, **attrs)
 
 
 def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
-    """(dx, doffset, dmask or None, dkernel) of the native op for cotangent dy."""
-    m = _mask_operand(mask, x.dtype)
-    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, m, kernel))
+    """(dx, doffset, dmask, dkernel) of the native backward for cotangent dy."""
+    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
     call = jax.ffi.ffi_call(BWD_TARGET, out, vmap_method="broadcast_all")
-    dx, doffset, dmask, dkernel = call(x, offset, m, kernel, dy, **attrs)
-    return dx, doffset, (None if mask is None else dmask), dkernel
+    return tuple(call(x, offset, mask, kernel, dy, **attrs))

@@ -127,6 +127,22 @@ struct KeyedPartials {
   }
 };
 
+// Dot product with kLanes independent partial sums: without -ffast-math the compiler may not
+// reorder a single running sum, so this spelling is what lets it vectorise (fixed order: the
+// result is still deterministic).
+constexpr int64_t kLanes = 8;
+template <typename A>
+A Dot(const A* a, const A* b, int64_t n) {
+  A part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[i + l] * b[i + l];
+  A sum = 0;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
 // Output pixels processed together in the GEMM so each kernel row loaded is used this often.
 constexpr int64_t kPixelBlock = 4;
 
@@ -204,7 +220,7 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
   std::fill(dw_global, dw_global + p.batch * p.kernel_size(), A(0));
 
   struct Scratch {
-    std::vector<A> samp, gcol, mod, dyv;
+    std::vector<A> samp, gcol, mod, dyv, cval;
     KeyedPartials<A> dxp, dwp;
   };
   const auto chunks = Chunks(tasks, threads);
@@ -215,6 +231,7 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
     sc.gcol.resize(pixels_per_task * K * C);  // grad_col [pixels][K][C]
     sc.mod.resize(pixels_per_task * G * K);   // modulation [pixels][G][K]
     sc.dyv.resize(Co);
+    sc.cval.resize(Cg);
     const int64_t img0 = chunks[th].first / blocks, img1 = (chunks[th].second - 1) / blocks;
     sc.dxp.Init(img0, img1, image_size);
     sc.dwp.Init(img0 / p.n, img1 / p.n, p.kernel_size());
@@ -224,6 +241,7 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
   ParallelFor(chunks, [&](int64_t t0, int64_t t1, int64_t th) {
     Scratch& sc = scratch[th];
     A *samp = sc.samp.data(), *gcol = sc.gcol.data(), *mod = sc.mod.data(), *dyv = sc.dyv.data();
+    A* cval = sc.cval.data();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t img = t / blocks, b = img / p.n, q0 = (t % blocks) * pixels_per_task;
       const int64_t nq = std::min(P, q0 + pixels_per_task) - q0;
@@ -248,9 +266,7 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
               const int64_t c = f * Cig + ci, row = (k * Cig + ci) * Co + f * Cog;
               const A* wrow = w + row;
               const A* d = dyv + f * Cog;
-              A acc = 0;
-              for (int64_t o = 0; o < Cog; ++o) acc += d[o] * wrow[o];
-              gcol[(q * K + k) * C + c] = acc;
+              gcol[(q * K + k) * C + c] = Dot(d, wrow, Cog);
               const A a = samp[(q * K + k) * C + c] * mod[(q * G + c / Cg) * K + k];
               A* dwrow = dwp + row;
               for (int64_t o = 0; o < Cog; ++o) dwrow[o] += a * d[o];
@@ -265,8 +281,8 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
             const Bilinear<A> bl = s.point(img, q0 + q, g, k, &m);
             const A* gc = gcol + (q * K + k) * C + g * Cg;
             const A* sp = samp + (q * K + k) * C + g * Cg;
-            A gm = 0, gy = 0, gx = 0;
-            for (int64_t c = 0; c < Cg; ++c) gm += gc[c] * sp[c];
+            const A gm = Dot(gc, sp, Cg);
+            A gy = 0, gx = 0;
             if (bl.inside) {
               const A ly = bl.ly, lx = bl.lx;
               // (d sample / dy, d sample / dx) coefficient of each corner, as torchvision.
@@ -275,11 +291,10 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
                 const T* src = s.at(img, bl.y0 + oy, bl.x0 + ox, g);
                 A* dst = dxp + ((bl.y0 + oy) * p.w + (bl.x0 + ox)) * C + g * Cg;
                 const A wm = wgt * m;
-                A dot = 0;
-                for (int64_t c = 0; c < Cg; ++c) {
-                  dot += gc[c] * load_as<A>(src[c]);
-                  dst[c] += wm * gc[c];
-                }
+                A* v = cval;  // the corner's values in the accumulation type
+                for (int64_t c = 0; c < Cg; ++c) v[c] = load_as<A>(src[c]);
+                for (int64_t c = 0; c < Cg; ++c) dst[c] += wm * gc[c];
+                const A dot = Dot(gc, v, Cg);
                 gy += cy * dot;
                 gx += cx * dot;
               };

@@ -11,8 +11,10 @@ are timed side by side in one process. The headline is the ratios xla/deft (spee
 kernel) and deft/conv (what deformability costs over a dense conv).
 
   device time  R iterations inside one jitted program (a while loop whose every iteration feeds a
-               probe of its outputs back into all of its inputs), median over several runs, / R
-  dispatch     wall time of one jitted call minus the device time (the host cost per call)
+               probe of its outputs back into all of its inputs); (t(2R) - t(R)) / R, median over
+               several runs, after compile and warm-up
+  dispatch     host cost per call, apart from the device time: a trivial jitted call, and an
+               eager vs a jitted call of each implementation on a tiny layer
   temp bytes   jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes
   floor        max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the same run
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -96,6 +99,7 @@ SUITE = {
     "S5": Layer("S5", 32, 7, 7, 512, 512),
     "S6": Layer("S6", 32, 56, 56, 64, 128, stride=2),
 }
+DISPATCH_LAYER = Layer("tiny", 1, 8, 8, 8, 8)  # device time negligible next to the host's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,36 +109,37 @@ class Settings:
     runs: int = 5
     iters: int | None = None
     target_s: float = 0.2
+    min_iters: int = 1
     max_iters: int = 200
     copy_mib: int = 256
-    matmul_n: int = 4096
+    matmul_n: int = 8192
 
 
-def quick_settings(on_cpu: bool) -> Settings:
-    """--quick: few short runs; on CPU also a smaller copy and matmul for the machine rates."""
-    if on_cpu:
-        return Settings(runs=3, target_s=0.05, max_iters=50, copy_mib=64, matmul_n=1024)
-    return Settings(runs=3, target_s=0.05)
+def settings_for(quick: bool, on_cpu: bool) -> Settings:
+    """--quick: three short runs, --full: five longer ones. On CPU the machine-rate probes are
+    smaller (an 8192 matmul takes over 10 s on a 2-core CPU)."""
+    settings = Settings(runs=3, target_s=0.05) if quick else Settings()
+    return dataclasses.replace(settings, copy_mib=64, matmul_n=1024) if on_cpu else settings
 
 
 # ----------------------------------------------------------------------------- the timed programs
 
 
-def make_inputs(layer: Layer, dtype, key) -> dict[str, jax.Array]:
+def make_inputs(layer: Layer, dtype, rng: np.random.Generator) -> dict[str, jax.Array]:
     """Fresh random inputs: x ~ N(0,1), offsets ~ N(0, 2^2) px, mask ~ U(0,1), kernel scaled so
-    y ~ N(0,1)-ish, and a N(0,1) cotangent for the backward."""
+    y ~ N(0,1)-ish, and a N(0,1) cotangent for the backward. Drawn by numpy: jax.random would
+    compile threefry for every shape (11 s on this CPU for a tiny layer)."""
     ho, wo = layer.out_hw
     taps = layer.kh * layer.kw
-    kx, ko, km, kk, kc = jax.random.split(key, 5)
+    normal = functools.partial(rng.standard_normal, dtype=np.float32)
     arrays = {
-        "x": jax.random.normal(kx, (layer.n, layer.h, layer.w, layer.cin)),
-        "offset": OFFSET_STD * jax.random.normal(ko, (layer.n, ho, wo, 2 * taps)),
-        "mask": jax.random.uniform(km, (layer.n, ho, wo, taps)),
-        "kernel": jax.random.normal(kk, (layer.kh, layer.kw, layer.cin, layer.cout))
-        / math.sqrt(taps * layer.cin),
-        "cotangent": jax.random.normal(kc, (layer.n, ho, wo, layer.cout)),
+        "x": normal((layer.n, layer.h, layer.w, layer.cin)),
+        "offset": OFFSET_STD * normal((layer.n, ho, wo, 2 * taps)),
+        "mask": rng.random((layer.n, ho, wo, taps), dtype=np.float32),
+        "kernel": normal((layer.kh, layer.kw, layer.cin, layer.cout)) / math.sqrt(taps * layer.cin),
+        "cotangent": normal((layer.n, ho, wo, layer.cout)),
     }
-    return {k: v.astype(dtype) for k, v in arrays.items()}
+    return {k: jax.device_put(v.astype(dtype)) for k, v in arrays.items()}
 
 
 def forward_fn(impl: str, layer: Layer):
@@ -176,84 +181,141 @@ def probe(outputs) -> jax.Array:
     return sum(o.reshape(-1)[0].astype(jnp.float32) for o in jax.tree.leaves(outputs))
 
 
-def nudge(a: jax.Array, p: jax.Array) -> jax.Array:
-    """a with PROBE_SCALE * p added to its first element: O(1) work, in place in a loop carry."""
-    corner = (0,) * a.ndim
-    first = lax.dynamic_slice(a, corner, (1,) * a.ndim)
-    return lax.dynamic_update_slice(a, first + (PROBE_SCALE * p).astype(a.dtype), corner)
+def nudge(a: jax.Array, first: jax.Array, p: jax.Array) -> jax.Array:
+    """a with its first element set to first + PROBE_SCALE * p, where first is a's first element
+    as it was before the loop: O(1) work, in place. (Reading the element from a itself made
+    XLA:GPU copy a whole every iteration: the copy probe read 1.4 TB/s on an H100 instead of 2.7.)
+    """
+    return lax.dynamic_update_slice(a, first + (PROBE_SCALE * p).astype(a.dtype), (0,) * a.ndim)
 
 
-def make_loop(f):
-    """jit(args, iters) -> scalar, running f(*args) `iters` times (iters is traced: one compile).
+def make_loop(f, unroll: bool):
+    """jit(args, iters) -> scalar, running f(*args) `iters` times in one program.
 
     Each iteration's outputs pass an optimization barrier (so XLA neither drops nor slices into
     the computation) and a probe of them nudges every input of the next iteration, so nothing in
-    f is loop-invariant and every iteration really runs.
+    f is loop-invariant and every iteration really runs. (A barrier alone is not enough: XLA:CPU
+    expands barriers before CSE and loop-invariant code motion, which then dropped iterations.)
+    A while loop (iters traced: one compile for every R) unless `unroll`: then iters is static
+    and the R calls are straight-line code (lax.fori_loop(unroll=True) of one iteration still
+    leaves a loop behind).
     """
-    def body(_, args):
+    def body(_, carry):
+        args, firsts = carry
         p = probe(lax.optimization_barrier(f(*args)))
-        return tuple(nudge(a, p) for a in args)
+        return tuple(nudge(a, first, p) for a, first in zip(args, firsts)), firsts
 
-    @jax.jit
     def loop(args, iters):
-        return probe(lax.fori_loop(0, iters, body, tuple(args)))
-    return loop
+        carry = (tuple(args), tuple(a[(slice(0, 1),) * a.ndim] for a in args))
+        if unroll:
+            for i in range(iters):
+                carry = body(i, carry)
+        else:
+            carry = lax.fori_loop(0, iters, body, carry)
+        return probe(carry[0])
+    return jax.jit(loop, static_argnums=1 if unroll else ())
 
 
-def time_loop(f, args, settings: Settings) -> dict:
-    """Device seconds per call of f: median over settings.runs runs of R calls in one program."""
-    loop = make_loop(f)
-    jax.block_until_ready(loop(args, 1))  # compile + warm-up
-    iters = settings.iters
-    if iters is None:
-        t0 = time.perf_counter()
-        jax.block_until_ready(loop(args, 1))
-        once = time.perf_counter() - t0
-        iters = int(min(settings.max_iters, max(2, round(settings.target_s / once))))
-    runs = []
-    for _ in range(settings.runs):
+def time_loop(f, args, settings: Settings, once_s: float, unroll: bool = False) -> dict:
+    """Device seconds per call of f.
+
+    Each run times the whole program at R and at 2R iterations; (t(2R) - t(R)) / R cancels what
+    every execution pays once (copying the inputs into the loop carry, first touch of freshly
+    allocated buffers, dispatch), which would otherwise be charged to the op when R is small, as
+    on CPU. The figure is the median over settings.runs runs, after compile and warm-up;
+    time_min_s, from the fastest run of each length, resists other processes on a shared machine.
+    R is settings.iters, or sized from once_s (a rough time of one call) to last target_s.
+    """
+    loop = make_loop(f, unroll)
+
+    def wall(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(loop(args, iters))
-        runs.append((time.perf_counter() - t0) / iters)
-    return {"time_s": median(runs), "run_times_s": runs, "iters": iters}
+        return time.perf_counter() - t0
+
+    iters = settings.iters or int(min(settings.max_iters,
+                                      max(settings.min_iters, round(settings.target_s / once_s))))
+    wall(iters)  # compile + warm-up
+    if unroll:  # one program per R
+        wall(2 * iters)
+    walls = [(wall(iters), wall(2 * iters)) for _ in range(settings.runs)]
+    per_call = [(t_long - t_short) / iters for t_short, t_long in walls]
+    shortest, longest = (min(w[i] for w in walls) for i in (0, 1))
+    return {"time_s": median(per_call), "run_times_s": per_call, "iters": iters,
+            "time_min_s": (longest - shortest) / iters, "walls_s": walls}
 
 
-def time_call(f, args, runs: int) -> tuple[float, object]:
-    """(median wall seconds of one blocked call of jit(f), its outputs), after a warm-up call."""
-    jitted = jax.jit(f)
-    outputs = jax.block_until_ready(jitted(*args))
-    walls = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(jitted(*args))
-        walls.append(time.perf_counter() - t0)
-    return median(walls), outputs
-
-
-def temp_bytes(f, args) -> int | None:
-    """XLA's temporary buffer bytes for one call of f (None where the backend does not say)."""
-    analysis = jax.jit(f).lower(*args).compile().memory_analysis()
-    return None if analysis is None else int(analysis.temp_size_in_bytes)
+def single_call(f, args) -> tuple[object, float, int | None]:
+    """(outputs of one call of jit(f), its wall seconds after compile, XLA's temporary bytes for it
+    or None where the backend does not report them)."""
+    compiled = jax.jit(f).lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+    t0 = time.perf_counter()
+    outputs = jax.block_until_ready(compiled(*args))
+    return outputs, time.perf_counter() - t0, temp
 
 
 # ----------------------------------------------------------------------------- machine rates
 
 
+def device_seconds(f, args, settings: Settings) -> float:
+    """Device time of one call of f (see time_loop)."""
+    _, once_s, _ = single_call(f, args)
+    return time_loop(f, args, settings, once_s)["time_s"]
+
+
 def measure_machine(dtypes: list[str], settings: Settings) -> dict:
     """Copy bandwidth (read + write of a big array) and matmul rate per dtype, on this device."""
-    settings = dataclasses.replace(settings, iters=None)
-    n_copy = settings.copy_mib * 2**20 // 4
-    big = jax.random.normal(jax.random.key(1), (n_copy,), jnp.float32)
-    copy_s = time_loop(lambda a: a + 1, (big,), settings)["time_s"]
+    # Worth longer runs than the cases get, and R >= 4: the first call, which sizes R, also pays
+    # for first-touching its output (64 MiB copy on CPU: 90 ms first, 17 ms per loop iteration).
+    settings = dataclasses.replace(settings, iters=None, min_iters=4,
+                                   target_s=max(settings.target_s, 0.2))
+    rng = np.random.default_rng(1)
+    big = jax.device_put(rng.standard_normal(settings.copy_mib * 2**20 // 4, dtype=np.float32))
+    copy_s = device_seconds(lambda a: a + 1, (big,), settings)
     rates = {}
     for name in dtypes:
         m = settings.matmul_n
-        a, b = (jax.random.normal(k, (m, m), DTYPES[name]) for k in jax.random.split(jax.random.key(2)))
-        rates[name] = 2 * m**3 / time_loop(jnp.dot, (a, b), settings)["time_s"]
-    trivial, _ = time_call(lambda s: s + 1, (jnp.float32(0),), 50)
+        a, b = (jax.device_put(rng.standard_normal((m, m), dtype=np.float32).astype(DTYPES[name]))
+                for _ in range(2))
+        rates[name] = 2 * m**3 / device_seconds(jnp.dot, (a, b), settings)
     return {"copy_bytes_per_s": 2 * big.nbytes / copy_s, "copy_mib": settings.copy_mib,
             "matmul_flops_per_s": rates, "matmul_n": settings.matmul_n,
-            "trivial_jit_call_us": trivial * 1e6}
+            "dispatch_us": measure_dispatch()}
+
+
+def wall_median(call, n: int = 20) -> float:
+    """Median wall seconds of a blocked call(), after one warm-up call."""
+    jax.block_until_ready(call())
+    walls = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        walls.append(time.perf_counter() - t0)
+    return median(walls)
+
+
+def measure_dispatch() -> dict:
+    """Host cost per call, on a layer so small that its device time is negligible: a trivial
+    jitted call (JAX's dispatch), a jitted forward call of each implementation, and an eager one
+    of deft and conv (eager minus jitted = the op's own Python work per call: validation,
+    custom_vjp, binding; the eager reference would only count its dozens of primitives)."""
+    scalar = jnp.float32(0)
+    trivial = jax.jit(lambda s: s + 1)
+    out = {"trivial_jit_call": wall_median(lambda: trivial(scalar)) * 1e6}
+    inputs = make_inputs(DISPATCH_LAYER, jnp.float32, np.random.default_rng(3))
+    for impl in IMPLS:
+        f, names = forward_fn(impl, DISPATCH_LAYER)
+        args = tuple(inputs[k] for k in names)
+        jitted = jax.jit(f)
+        try:
+            out[f"{impl}_jit_call"] = wall_median(lambda: jitted(*args)) * 1e6
+            if impl != "xla":
+                out[f"{impl}_eager_call"] = wall_median(lambda: f(*args)) * 1e6
+        except Exception:  # noqa: BLE001 - an unavailable native path shows up in the cases
+            out[f"{impl}_jit_call"] = out[f"{impl}_eager_call"] = None
+    return out
 
 
 # ----------------------------------------------------------------------------- one case
@@ -269,11 +331,15 @@ def rel_err(outputs, reference) -> float:
 
 
 def run_case(impl, mode, layer, dtype_name, inputs, machine, settings) -> tuple[dict, object]:
-    """Measure one (implementation, mode) on prepared inputs -> (entry for results.json, outputs)."""
+    """Measure one (implementation, mode) on prepared inputs -> (results.json entry, outputs)."""
     f, names = case_fn(impl, mode, layer)
     args = tuple(inputs[k] for k in names)
-    call_s, outputs = time_call(f, args, settings.runs)
-    timing = time_loop(f, args, settings)
+    outputs, once_s, temp = single_call(f, args)
+    # XLA:CPU leaves the backward convolutions inside a while loop in a form its fast (Eigen)
+    # path does not take: measured 20x slower (310 vs 16 ms fwd+bwd at 1x64x64x64->64), so on
+    # CPU the dense conv's R calls are unrolled instead.
+    unroll = impl == "conv" and jax.default_backend() == "cpu"
+    timing = time_loop(f, args, settings, once_s, unroll)
     moved = sum(a.nbytes for a in args) + sum(o.nbytes for o in jax.tree.leaves(outputs))
     flops = layer.flops * (3 if mode == "fwdbwd" else 1)
     floor_s = max(moved / machine["copy_bytes_per_s"],
@@ -282,10 +348,11 @@ def run_case(impl, mode, layer, dtype_name, inputs, machine, settings) -> tuple[
         "status": "ok",
         "time_us": timing["time_s"] * 1e6,
         "run_times_us": [t * 1e6 for t in timing["run_times_s"]],
+        "time_min_us": timing["time_min_s"] * 1e6,
+        "program_walls_us": [[t * 1e6 for t in pair] for pair in timing["walls_s"]],
         "iters": timing["iters"],
-        "call_us": call_s * 1e6,
-        "dispatch_us": (call_s - timing["time_s"]) * 1e6,
-        "temp_bytes": temp_bytes(f, args),
+        "unrolled": unroll,
+        "temp_bytes": temp,
         "bytes": moved,
         "flops": flops,
         "floor_us": floor_s * 1e6,
@@ -300,16 +367,17 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     The native implementation may be missing on this platform: the op then raises, and its entries
     are marked "unavailable" with the error. Nothing is ever substituted for it.
     """
+    meta = metadata(settings)
     machine = measure_machine(dtypes, settings)
     results = []
-    key = jax.random.key(seed)
-    cases = [(l, d, m, i) for l in layers for d in dtypes for m in MODES for i in ("xla", "deft", "conv")]
+    rng = np.random.default_rng(seed)
+    # The reference runs first in each group: its outputs check deft's.
+    cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
+             for impl in ("xla", "deft", "conv")]
     inputs, reference = None, None
     for layer, dtype_name, mode, impl in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
-        if impl == "xla":  # first of its (layer, dtype, mode) group
-            if mode == MODES[0]:
-                key, sub = jax.random.split(key)
-                inputs = make_inputs(layer, DTYPES[dtype_name], sub)
+        if impl == "xla" and mode == MODES[0]:
+            inputs = make_inputs(layer, DTYPES[dtype_name], rng)
         base = {"shape": layer.name, "layer": dataclasses.asdict(layer), "dtype": dtype_name,
                 "mode": mode, "impl": impl}
         if impl == "deft":
@@ -324,8 +392,8 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
             if impl == "xla":
                 reference = outputs
         results.append(base | entry)
-    return {"meta": metadata(settings), "machine": machine, "results": results,
-            "ratios": ratios(results)}
+    meta["load_average_end"] = os.getloadavg()
+    return {"meta": meta, "machine": machine, "results": results, "ratios": ratios(results)}
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -360,12 +428,17 @@ def metadata(settings: Settings) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "load_average_start": os.getloadavg(),
         "settings": dataclasses.asdict(settings), "offset_std_px": OFFSET_STD,
         "argv": sys.argv[1:],
     }
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+TEMP_NOTE = ("temp MiB counts the buffers XLA allocates; scratch that a native handler allocates "
+             "itself (the CPU handler's per-thread buffers) is not in it.")
 
 
 def _fmt(v, spec="{:.1f}", missing="-") -> str:
@@ -395,7 +468,7 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (shared by the console and the markdown output)."""
     header = ["shape", "layer", "dtype", "mode", "deft us", "xla us", "conv us", "xla/deft",
               "deft/conv", "temp MiB deft", "xla", "conv", "deft/floor", "conv/floor",
-              "dispatch us deft", "deft err"]
+              "deft err"]
     rows = []
     for shape, label, dtype, mode, e, q in _rows(data):
         rows.append([shape, label, dtype, mode, _time(e["deft"]), _time(e["xla"]), _time(e["conv"]),
@@ -403,18 +476,21 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
                      _mb(e["deft"]), _mb(e["xla"]), _mb(e["conv"]),
                      _fmt(e["deft"].get("over_floor"), "{:.1f}"),
                      _fmt(e["conv"].get("over_floor"), "{:.1f}"),
-                     _fmt(e["deft"].get("dispatch_us")),
                      _fmt(e["deft"].get("max_rel_err_vs_xla"), "{:.1e}")])
     return header, rows
 
 
 def machine_line(data: dict) -> str:
     m, meta = data["machine"], data["meta"]
-    rates = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in m["matmul_flops_per_s"].items())
+    rates = ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" if v >= 1e12 else f"{k} {v / 1e9:.1f} GFLOP/s"
+                      for k, v in m["matmul_flops_per_s"].items())
+    dispatch = ", ".join(f"{k.removesuffix('_call')} {_fmt(v)}"
+                         for k, v in m["dispatch_us"].items())
     return (f"{meta['device']} ({meta['platform']}), jax {meta['jax']}, {meta['date_utc']}, "
             f"commit {(meta['git_commit'] or '?')[:10]}{' (dirty)' if meta['git_dirty'] else ''}; "
+            f"load {meta['load_average_start'][0]:.1f} on {meta['cpu_count']} CPUs; "
             f"copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {rates}, "
-            f"trivial jit call {m['trivial_jit_call_us']:.1f} us")
+            f"dispatch (us): {dispatch}")
 
 
 def unavailable_notes(data: dict) -> list[str]:
@@ -433,6 +509,7 @@ def print_table(data: dict) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print(TEMP_NOTE)
     for line in unavailable_notes(data):
         print(line)
 
@@ -447,9 +524,12 @@ def markdown(data: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += [""] + [f"**{line}**" for line in unavailable_notes(data)]
-    lines += ["Times are device time per call (us); `x/y` are time ratios; floor = max(bytes / copy "
-              "bandwidth, FLOPs / matmul rate); dispatch = one jitted call's wall time minus device time; "
-              "deft err = max relative difference to the xla reference over all outputs.", ""]
+    lines += ["Times are device time per call (us); `x/y` are time ratios; floor = "
+              "max(bytes / copy bandwidth, FLOPs / matmul rate); dispatch = host wall time per "
+              "call of a trivial jitted function and of each implementation on a tiny "
+              f"{DISPATCH_LAYER.label()} layer, eager and jitted; "
+              "deft err = max relative difference to the xla reference over all outputs. "
+              + TEMP_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -461,17 +541,19 @@ def plot(data: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, len(MODES), figsize=(14, 4.5), squeeze=False)
     for ax, mode in zip(axes[0], MODES):
-        groups = [(s, d, e) for s, _, d, m, e, _ in _rows(data) if m == mode]
+        groups = [(s, label, d, e) for s, label, d, m, e, _ in _rows(data) if m == mode]
         xs = np.arange(len(groups))
         for k, impl in enumerate(IMPLS):
-            ys = [e[impl]["time_us"] if e[impl]["status"] == "ok" else np.nan for _, _, e in groups]
+            ys = [e[impl]["time_us"] if e[impl]["status"] == "ok" else np.nan
+                  for *_, e in groups]
             ax.bar(xs + (k - 1) * 0.27, ys, 0.27, label=impl)
-        ax.set_xticks(xs, [f"{s}\n{d}" for s, d, _ in groups], fontsize=8)
+        ax.set_xticks(xs, [f"{s} {label}\n{d}" for s, label, d, _ in groups], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("device time per call (us)")
         ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
         ax.legend()
-    fig.suptitle(machine_line(data), fontsize=7)
+    title = filter(None, [machine_line(data), data["meta"].get("note")])
+    fig.suptitle("\n".join(title), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -490,7 +572,7 @@ def write_outputs(data: dict, out_dir: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-CPU_QUICK_SHAPES = ("S1", "S3", "S6")
+CPU_QUICK_SHAPES = ("S3", "S6")
 CPU_QUICK_BATCH = 1
 
 
@@ -501,7 +583,7 @@ def parse_args(argv):
                       help="default: short runs; on CPU batch %d and shapes %s"
                       % (CPU_QUICK_BATCH, ",".join(CPU_QUICK_SHAPES)))
     size.add_argument("--full", action="store_true", help="the whole suite at its real batch sizes")
-    p.add_argument("--shapes", help="comma-separated suite names, e.g. S1,S3 (%s)" % ",".join(SUITE))
+    p.add_argument("--shapes", help="comma-separated suite names (%s)" % ",".join(SUITE))
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     p.add_argument("--batch", type=int, help="override every shape's batch size")
     p.add_argument("--iters", type=int, help="fixed R per run (default: sized to the target time)")
@@ -520,7 +602,7 @@ def main(argv=None) -> dict | None:
         return None
     on_cpu = jax.default_backend() == "cpu"
     quick = not args.full
-    settings = quick_settings(on_cpu) if quick else Settings()
+    settings = settings_for(quick, on_cpu)
     settings = dataclasses.replace(settings, **{k: v for k, v in
                                                 (("iters", args.iters), ("runs", args.runs)) if v})
     names = args.shapes.split(",") if args.shapes else list(

@@ -1,10 +1,12 @@
 # The CUDA module: kernels (no XLA) + FFI handlers + nanobind registrations.
-enable_language(CUDA)
-find_package(CUDAToolkit REQUIRED)
-if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "52")
+# Decided before enable_language(CUDA): afterwards CMake has filled in the compiler's default
+# (sm_75 for nvcc 13), which has no bf16 tensor cores.
+if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
   # SASS for Ampere and Hopper, PTX of sm_90 for newer chips.
   set(CMAKE_CUDA_ARCHITECTURES "80-real;90-real;90-virtual")
 endif()
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
 file(GLOB DEFT_CUDA_KERNELS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/cuda/kernels/*.cu)
 nanobind_add_module(_deft_cuda NB_STATIC cuda/ffi/gpu_ffi.cc ${DEFT_CUDA_KERNELS})
 target_include_directories(_deft_cuda PRIVATE ${DEFT_INCLUDE} ${XLA_FFI_INCLUDE} ${CMAKE_CURRENT_SOURCE_DIR}/cuda)

@@ -5,8 +5,9 @@ handler and, where built, the CUDA kernels are XLA typed-FFI custom calls with a
 ``implementation="xla"`` selects the pure-JAX gather reference. Flax modules: ``deft_jax.linen``.
 """
 
+from . import export, linen, models, reference
 from ._ffi import cuda_available
 from .ops import deform_conv2d
 
 __version__ = "0.1.0"
-__all__ = ["deform_conv2d", "cuda_available", "__version__"]
+__all__ = ["deform_conv2d", "cuda_available", "export", "linen", "models", "reference", "__version__"]

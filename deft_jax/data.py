@@ -76,16 +76,19 @@ class Distortion:
       elastic_grid: the elastic field is Gaussian noise on this many control points per axis,
         bilinearly upsampled (smooth, large-scale warps).
       stroke: (min, max) stroke half-width as a fraction of the glyph box.
+      clutter: up to this many distracting stroke fragments (0.2 to 0.6 of the canvas long,
+        anywhere on it) drawn with the glyph's ink.
       noise: standard deviation of additive pixel noise.
     """
-    max_rotation: float = 25.0
-    scale: tuple[float, float] = (0.6, 0.9)
-    max_shear: float = 0.3
+    max_rotation: float = 35.0
+    scale: tuple[float, float] = (0.55, 0.95)
+    max_shear: float = 0.4
     max_shift: float = 0.12
-    elastic: float = 0.035
+    elastic: float = 0.05
     elastic_grid: int = 4
     stroke: tuple[float, float] = (0.05, 0.09)
-    noise: float = 0.05
+    clutter: int = 3
+    noise: float = 0.08
 
 
 class Dataset(NamedTuple):
@@ -148,10 +151,26 @@ def _render(labels: np.ndarray, image_size: int, channels: int, dist: Distortion
         dist_sq[sel] = np.min((qx - ax - t * dx) ** 2 + (qy - ay - t * dy) ** 2, axis=-1)
     dist_seg = np.sqrt(dist_sq)
 
+    # Clutter: fragments [B, F, 2 ends, (x, y)] on the undistorted canvas, F random per image.
+    starts = rng.uniform(-0.9, 0.9, (b, dist.clutter, 2))
+    angle = rng.uniform(0.0, 2.0 * np.pi, (b, dist.clutter))
+    length = rng.uniform(0.2, 0.6, (b, dist.clutter, 1))
+    ends = starts + length * np.stack([np.cos(angle), np.sin(angle)], -1)
+    present = np.arange(dist.clutter) < rng.integers(0, dist.clutter + 1, (b, 1))   # [B, F]
+    q = grid[None, :, :, None, :]                                                  # [1, S, S, 1, 2]
+    a, d = starts[:, None, None], (ends - starts)[:, None, None]                   # [B, 1, 1, F, 2]
+    t = np.clip(((q - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0.0, 1.0)
+    clutter_dist = np.linalg.norm(q - a - t[..., None] * d, axis=-1)               # [B, S, S, F]
+    clutter_dist = np.where(present[:, None, None], clutter_dist, np.inf).min(-1, initial=np.inf)
+
     # Anti-aliased stroke: coverage ramps over one pixel, measured in glyph units.
     pixel = 1.0 / (s * scale.mean(-1))[:, None, None]
     width = rng.uniform(*dist.stroke, b)[:, None, None]
     ink = np.clip((width - dist_seg) / pixel + 0.5, 0.0, 1.0)[..., None]          # [B, S, S, 1]
+    # Clutter strokes in canvas units ([-1, 1]: a pixel is 2 / S), half the glyph's width.
+    clutter_width = (width * scale.mean(-1)[:, None, None]) * 0.5 * 2.0
+    clutter_ink = np.clip((clutter_width - clutter_dist) * s / 2.0 + 0.5, 0.0, 1.0)[..., None]
+    ink = np.maximum(ink, clutter_ink)
 
     if channels == 1:
         fg = rng.uniform(0.7, 1.0, (b, 1, 1, 1))

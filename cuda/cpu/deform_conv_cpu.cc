@@ -144,7 +144,7 @@ A Dot(const A* a, const A* b, int64_t n) {
 }
 
 // Output pixels processed together in the GEMM so each kernel row loaded is used this often.
-constexpr int64_t kPixelBlock = 4;
+constexpr int64_t kPixelBlock = 16;
 
 }  // namespace
 

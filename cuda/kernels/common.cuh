@@ -46,6 +46,29 @@ template <typename T> struct AtomOf { using type = float; };
 template <> struct AtomOf<double> { using type = double; };
 template <typename T> using Atom = typename AtomOf<T>::type;
 
+// dst[0..N) += v (atomically per element; sm_90 has 16-byte float4 atomics: a quarter of the ops).
+template <int N>
+__device__ __forceinline__ void atomic_add_n(float* dst, const float (&v)[N]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVec4 = N % 4 == 0;
+#else
+  constexpr bool kVec4 = false;
+#endif
+  if constexpr (kVec4) {
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j)
+      atomicAdd(reinterpret_cast<float4*>(dst) + j, make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]));
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) atomicAdd(dst + e, v[e]);
+  }
+}
+template <int N>
+__device__ __forceinline__ void atomic_add_n(double* dst, const double (&v)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) atomicAdd(dst + e, v[e]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Geometry handed to every kernel by value: the problem plus derived constants.
 struct Geo {
@@ -55,6 +78,7 @@ struct Geo {
   int64_t tiles_w, tiles_img;
   int64_t pixels;            // n * h_out * w_out of one problem
   bool vec;                  // every channel count and start is a multiple of the 16-byte vector
+  bool pipeline;             // forward: register-prefetch + double-buffered pipeline (stages=2)
 };
 
 // Channel chunk `q` of feature group `fg`: chunks never straddle an offset group, so one bilinear
@@ -356,7 +380,6 @@ using MmaTile = std::conditional_t<TC, WmmaTile<T, BM, BN, BK, WM, WN, A_COL, B_
 template <typename T> constexpr int kPad = kVec<T>;
 constexpr int kCPad = 4;
 
-template <typename T>
 __host__ __device__ constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 }  // namespace kern

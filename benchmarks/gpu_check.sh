@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build the CUDA module against the preinstalled jax, run every test
+# (GPU + CPU), run compute-sanitizer memcheck on a small fwd+bwd, run the layer benchmark.
+# Logs and results go to $OUT (at most 8 files): build.log, pytest.log, memcheck.log, bench.log,
+# bench/results.json, bench/results.md, bench/bench_layers.png.
+# Phases can be picked: PHASES="build test memcheck sweep bench ncu" (default: build test memcheck
+# bench). sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
+# ncu = Nsight Compute durations of the fwd/bwd kernels (ncu.log).
+# TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+PHASES=${PHASES:-"build test memcheck bench"}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
+if has build; then
+  echo "== build ($(date -u +%T))" | tee -a "$OUT/build.log"
+  DEFT_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps \
+      -e . 2>&1 | tail -n 40 >> "$OUT/build.log" || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
+  "$PY" -c "import deft_jax, jax; print(jax.__version__, jax.devices(), 'cuda module:', deft_jax._ffi.cuda_available())" \
+      2>&1 | tee -a "$OUT/build.log"
+fi
+if has test; then
+  echo "== pytest ($(date -u +%T))"
+  kargs=(); [[ -n "${PYTEST_K:-}" ]] && kargs=(-k "$PYTEST_K")
+  "$PY" -m pytest -q -rf --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \
+      | tee "$OUT/pytest.log" | tail -n 60
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+if has memcheck; then
+  echo "== compute-sanitizer memcheck ($(date -u +%T))"
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 \
+    "$PY" benchmarks/memcheck_small.py > "$OUT/memcheck.log" 2>&1
+  rc=$?
+  tail -n 15 "$OUT/memcheck.log"
+  echo "memcheck rc=$rc"
+  [[ $rc -eq 0 ]] || status=1
+fi
+if has sweep; then
+  echo "== tile sweep ($(date -u +%T))"
+  "$PY" benchmarks/gpu_tile_sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | tail -n 30
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+if has bench; then
+  echo "== bench ($(date -u +%T))"
+  mkdir -p "$OUT/bench"
+  "$PY" benchmarks/bench_layers.py ${BENCH_ARGS:---full} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+if has ncu; then
+  echo "== ncu ($(date -u +%T))"
+  for spec in "S2 float32" "S3 float32" "S2 bfloat16"; do
+    echo "-- $spec" >> "$OUT/ncu.log"
+    timeout 120 ncu --kernel-name regex:deform\|convert --section SpeedOfLight --section LaunchStats \
+      --section Occupancy "$PY" benchmarks/profile_bwd.py $spec >> "$OUT/ncu.log" 2>&1
+  done
+  grep -E "^  [a-z_A-Z].*\(|^-- |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" \
+    "$OUT/ncu.log" | sed 's/void deft::kern:://' | cut -c1-110 | tail -n 80
+fi
+echo "== done ($(date -u +%T)) status=$status"
+exit $status

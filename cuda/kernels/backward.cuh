@@ -1,0 +1,269 @@
+// Backward kernels.
+//  (a) data pass: grad_col[pixels x (tap, C_in chunk)] = dY * W^T as an implicit GEMM on chip, then
+//      each (pixel, channel) scatters its bilinear share into dX (atomics) and the channel sums
+//      dmask = sum grad_col * sample, doffset = sum grad_col * mask * d sample / d(y, x) are reduced
+//      in registers + warp shuffles (one atomic per pixel, tap and chunk).
+//  (b) weight pass: dW[(tap, C_in) x C_out] = cols^T * dY as an implicit GEMM whose A loader
+//      recomputes the samples, split over pixels; partial tiles meet in fp32 (fp64) atomics.
+// Temporaries: fp32 accumulators of dx, doffset, dmask, dkernel for half types only.
+#pragma once
+
+#include "kernels/common.cuh"
+
+namespace deft {
+namespace kern {
+
+// Data pass: BM pixels (spatial tile) x BC input channels of one tap, reduction over C_out/fg.
+struct DataCfg {
+  static constexpr int BM = 64, BC = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
+};
+// Weight pass: BC input channels x BN output channels of one tap, reduction over BK-pixel steps.
+struct WeightCfg {
+  static constexpr int BC = 64, BN = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
+};
+
+template <typename T>
+struct DataLayout {
+  using A = Acc<T>;
+  using C = DataCfg;
+  static constexpr int LDA = C::BK + kPad<T>;  // As[BM][LDA]: dY rows
+  static constexpr int LDB = C::BK + kPad<T>;  // Bs[BC][LDB]: W^T stored column-major (ci rows)
+  static constexpr int LDC = C::BC + kCPad;    // Cs[BM][LDC]: grad_col
+  static constexpr size_t kAB = align_up((size_t(C::BM) * LDA + size_t(C::BC) * LDB) * sizeof(T), 128);
+  static constexpr size_t kC = align_up(size_t(C::BM) * LDC * sizeof(A), 128);
+  static constexpr size_t kMain = kAB > kC ? kAB : kC;
+  static constexpr size_t kBytes = kMain + size_t(C::BM) * sizeof(Rec<A>);
+};
+
+template <typename T>
+struct WeightLayout {
+  using A = Acc<T>;
+  using C = WeightCfg;
+  static constexpr int LDA = C::BC + kPad<T>;  // As[BK pixels][LDA]: samples (column-major A)
+  static constexpr int LDB = C::BN + kPad<T>;  // Bs[BK pixels][LDB]: dY rows
+  static constexpr int LDC = C::BN + kCPad;    // Cs[BC][LDC]
+  static constexpr size_t kAB = align_up((size_t(C::BK) * LDA + size_t(C::BK) * LDB) * sizeof(T), 128);
+  static constexpr size_t kC = align_up(size_t(C::BC) * LDC * sizeof(A), 128);
+  static constexpr size_t kMain = kAB > kC ? kAB : kC;
+  static constexpr size_t kBytes = kMain + size_t(C::BK) * sizeof(Rec<A>);
+};
+
+template <typename T, bool TC>
+__global__ void __launch_bounds__(DataCfg::kThreads)
+    deform_bwd_data_kernel(const Geo g, int64_t maxq, const T* __restrict__ x,
+                           const T* __restrict__ offset, const T* __restrict__ mask,
+                           const T* __restrict__ kernel, const T* __restrict__ dy, Atom<T>* dxa,
+                           Atom<T>* doffa, Atom<T>* dmaska) {
+  using A = Acc<T>;
+  using L = DataLayout<T>;
+  constexpr int BM = DataCfg::BM, BC = DataCfg::BC, BK = DataCfg::BK, NT = DataCfg::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);  // (BM, BK)
+  T* Bs = As + BM * L::LDA;            // (BC, BK)
+  A* Cs = reinterpret_cast<A*>(smem);  // (BM, BC)
+  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);
+
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  const int64_t tile = blockIdx.x % g.tiles_img, img = blockIdx.x / g.tiles_img;
+  const int64_t b = img / p.n;
+  const int64_t th0 = (tile / g.tiles_w) * g.tile_h, tw0 = (tile % g.tiles_w) * g.tile_w;
+  const int64_t q = blockIdx.y % maxq, tap = (blockIdx.y / maxq) % g.K, fg = blockIdx.y / maxq / g.K;
+  int64_t c0, cnt64, og;
+  if (!chunk_of(g, fg, q, BC, &c0, &cnt64, &og)) return;  // uniform over the block
+  const int cnt = static_cast<int>(cnt64);
+  const T* kb = kernel + b * p.kernel_size();
+  const int64_t cbeg = fg * g.Cg;
+
+  for (int r = tid; r < BM; r += NT) {
+    const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+    const bool valid = ho < p.h_out && wo < p.w_out;
+    const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
+    recs[r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, static_cast<int>(tap), og);
+  }
+
+  MmaTile<T, TC, BM, BC, BK, DataCfg::WM, DataCfg::WN, false, true> mma;
+  mma.zero();
+  for (int64_t o = 0; o < g.Cog; o += BK) {
+    const int ocnt = static_cast<int>(g.Cog - o < BK ? g.Cog - o : BK);
+    const int64_t ocol = fg * g.Cog + o;
+    load_rows<T, BM, BK, NT>(
+        As, L::LDA,
+        [&](int r) -> const T* {
+          const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+          if (ho >= p.h_out || wo >= p.w_out) return nullptr;
+          return dy + ((img * p.h_out + ho) * p.w_out + wo) * p.c_out + ocol;
+        },
+        ocnt, g.vec, tid);
+    const T* krow = kb + (tap * g.Cg + (c0 - cbeg)) * p.c_out + ocol;
+    load_rows<T, BC, BK, NT>(
+        Bs, L::LDB, [&](int r) -> const T* { return r < cnt ? krow + r * p.c_out : nullptr; }, ocnt,
+        g.vec, tid);
+    __syncthreads();
+    mma.compute(As, L::LDA, Bs, L::LDB, tid);
+    __syncthreads();
+  }
+  mma.store(Cs, L::LDC, tid);
+  __syncthreads();
+
+  // Scatter + channel reductions: PARTS adjacent lanes share one pixel.
+  constexpr int PARTS = NT / BM;
+  static_assert(PARTS * BM == NT && (PARTS & (PARTS - 1)) == 0 && PARTS <= 32, "parts per pixel");
+  const int r = tid / PARTS, part = tid % PARTS;
+  const Rec<A> rec = recs[r];
+  A s_m = A(0), s_y = A(0), s_x = A(0);
+  if (rec.y0 > -4) {
+    const int H = static_cast<int>(p.h), W = static_cast<int>(p.w);
+    const A ly = rec.ly, lx = rec.lx, hy = A(1) - ly, hx = A(1) - lx;
+    const A wt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+    const A cy[4] = {-hx, -lx, hx, lx};  // d sample / d y per corner
+    const A cx[4] = {-hy, hy, -ly, ly};  // d sample / d x per corner
+    bool ok[4];
+    int64_t at[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int yy = rec.y0 + (k >> 1), xx = rec.x0 + (k & 1);
+      ok[k] = static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
+              static_cast<unsigned>(xx) < static_cast<unsigned>(W);
+      at[k] = rec.xoff + (static_cast<int64_t>(yy) * W + xx) * p.c_in + c0;
+    }
+    const A* grow = Cs + r * L::LDC;
+    auto body = [&](auto vtag, int c) {
+      constexpr int V = decltype(vtag)::value;
+      A v[4][V];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (V == 1) {
+          v[k][0] = ok[k] ? to_acc<A>(x[at[k] + c]) : A(0);
+        } else {
+          if (ok[k]) {
+            load_vec<T, A>(x + at[k] + c, v[k]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[k][e] = A(0);
+          }
+        }
+      }
+      Atom<T> gms[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const A gc = grow[c + e];
+        const A gm = gc * rec.m;
+        A val = A(0), dyv = A(0), dxv = A(0);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          val += wt[k] * v[k][e];
+          dyv += cy[k] * v[k][e];
+          dxv += cx[k] * v[k][e];
+        }
+        s_m += gc * val;
+        s_y += gm * dyv;
+        s_x += gm * dxv;
+        gms[e] = static_cast<Atom<T>>(gm);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (!ok[k]) continue;
+        Atom<T> part[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) part[e] = gms[e] * static_cast<Atom<T>>(wt[k]);
+        atomic_add_n<V>(dxa + at[k] + c, part);
+      }
+    };
+    if (g.vec) {
+      constexpr int V = kVec<T>;
+      for (int c = part * V; c < cnt; c += PARTS * V) body(std::integral_constant<int, V>{}, c);
+    } else {
+      for (int c = part; c < cnt; c += PARTS) body(std::integral_constant<int, 1>{}, c);
+    }
+  }
+#pragma unroll
+  for (int s = PARTS / 2; s > 0; s >>= 1) {
+    s_m += __shfl_xor_sync(0xffffffffu, s_m, s);
+    s_y += __shfl_xor_sync(0xffffffffu, s_y, s);
+    s_x += __shfl_xor_sync(0xffffffffu, s_x, s);
+  }
+  if (part == 0 && rec.y0 > -4) {
+    const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+    const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
+    const int64_t k = og * g.K + tap;
+    atomicAdd(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k, static_cast<Atom<T>>(s_y));
+    atomicAdd(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k + 1, static_cast<Atom<T>>(s_x));
+    if (p.with_mask) atomicAdd(dmaska + pix * (p.offset_groups * g.K) + k, static_cast<Atom<T>>(s_m));
+  }
+}
+
+template <typename T, bool TC>
+__global__ void __launch_bounds__(WeightCfg::kThreads)
+    deform_bwd_weight_kernel(const Geo g, int64_t maxq, int64_t steps_per_split,
+                             const T* __restrict__ x, const T* __restrict__ offset,
+                             const T* __restrict__ mask, const T* __restrict__ dy, Atom<T>* dka) {
+  using A = Acc<T>;
+  using L = WeightLayout<T>;
+  constexpr int BC = WeightCfg::BC, BN = WeightCfg::BN, BK = WeightCfg::BK, NT = WeightCfg::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);  // (BK pixels, BC)
+  T* Bs = As + BK * L::LDA;            // (BK pixels, BN)
+  A* Cs = reinterpret_cast<A*>(smem);  // (BC, BN)
+  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);
+
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  const int64_t nob = (g.Cog + BN - 1) / BN;
+  int64_t t = blockIdx.x;
+  const int64_t ob = t % nob;
+  t /= nob;
+  const int64_t q = t % maxq;
+  t /= maxq;
+  const int64_t tap = t % g.K;
+  t /= g.K;
+  const int64_t fg = t % p.feature_groups, b = t / p.feature_groups;
+  int64_t c0, cnt64, og;
+  if (!chunk_of(g, fg, q, BC, &c0, &cnt64, &og)) return;
+  const int cnt = static_cast<int>(cnt64);
+  const int64_t o0 = fg * g.Cog + ob * BN;
+  const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
+  const int64_t hw = p.h_out * p.w_out;
+  const int64_t step0 = blockIdx.y * steps_per_split;
+  const int64_t steps = (g.pixels + BK - 1) / BK;
+  const int64_t step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
+
+  MmaTile<T, TC, BC, BN, BK, WeightCfg::WM, WeightCfg::WN, true, false> mma;
+  mma.zero();
+  for (int64_t s = step0; s < step1; ++s) {
+    const int64_t p0 = s * BK;
+    for (int r = tid; r < BK; r += NT) {
+      const int64_t pl = p0 + r;
+      const bool valid = pl < g.pixels;
+      const int64_t im = pl / hw, ho = (pl % hw) / p.w_out, wo = pl % p.w_out;
+      recs[r] = make_rec<T, A>(g, offset, mask, valid, b * g.pixels + pl, b * p.n + im, ho, wo,
+                               static_cast<int>(tap), og);
+    }
+    __syncthreads();
+    load_samples<T, BK, BC, NT>(As, L::LDA, recs, x, g, c0, cnt, tid);
+    const T* drow = dy + (b * g.pixels + p0) * p.c_out + o0;
+    load_rows<T, BK, BN, NT>(
+        Bs, L::LDB,
+        [&](int r) -> const T* { return p0 + r < g.pixels ? drow + r * p.c_out : nullptr; }, ocnt,
+        g.vec, tid);
+    __syncthreads();
+    mma.compute(As, L::LDA, Bs, L::LDB, tid);
+    __syncthreads();
+  }
+  mma.store(Cs, L::LDC, tid);
+  __syncthreads();
+  Atom<T>* dst = dka + b * p.kernel_size() + (tap * g.Cg + (c0 - fg * g.Cg)) * p.c_out + o0;
+  for (int idx = tid; idx < BC * BN; idx += NT) {
+    const int r = idx / BN, c = idx % BN;
+    if (r < cnt && c < ocnt) atomicAdd(dst + r * p.c_out + c, static_cast<Atom<T>>(Cs[r * L::LDC + c]));
+  }
+}
+
+template <typename T>
+__global__ void convert_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = from_acc<T>(src[i]);
+}
+
+}  // namespace kern
+}  // namespace deft

@@ -1,0 +1,247 @@
+// Host side of the kernels: derived geometry, the tile configurations that are instantiated, and
+// the per-dtype forward/backward drivers. ops_<dtype>.cu instantiate these once per dtype so the
+// heavy templates compile in parallel; launch.cu is the public entry (launch.h).
+#pragma once
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "kernels/backward.cuh"
+#include "kernels/forward.cuh"
+#include "kernels/launch.h"
+
+namespace deft {
+namespace kern {
+
+template <typename T>
+constexpr bool kIsHalf = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+
+// Spatial tile of the backward passes (BM = 64 pixels there).
+inline void bwd_spatial_tile(const TileConfig& t, int64_t* th, int64_t* tw) {
+  if (t.tile_h * t.tile_w == DataCfg::BM) {
+    *th = t.tile_h;
+    *tw = t.tile_w;
+  } else {
+    *th = 8;
+    *tw = 8;
+  }
+}
+
+template <typename T>
+Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
+  Geo g;
+  g.p = p;
+  g.K = p.kh * p.kw;
+  g.Cg = p.c_in_per_group();
+  g.Cog = p.c_out_per_group();
+  g.Cpog = p.c_per_offset_group();
+  g.tile_h = tile_h;
+  g.tile_w = tile_w;
+  g.tiles_w = (p.w_out + tile_w - 1) / tile_w;
+  g.tiles_img = ((p.h_out + tile_h - 1) / tile_h) * g.tiles_w;
+  g.pixels = p.n * p.h_out * p.w_out;
+  constexpr int64_t V = kVec<T>;
+  g.pipeline = false;
+  g.vec = p.c_in % V == 0 && g.Cg % V == 0 && g.Cpog % V == 0 && p.c_out % V == 0 && g.Cog % V == 0;
+  return g;
+}
+
+// Image extents must fit the int32 corner arithmetic; everything else is 64-bit.
+inline cudaError_t check_extents(const ConvParams& p) {
+  if (p.h > 0x3fffffffLL || p.w > 0x3fffffffLL || p.h * p.w > 0x3fffffffffffLL) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+// Instantiated forward tiles (pixels, tile_n, warps), tile_k = 32. (tile_k = 64 for 16-bit types
+// needed 255 registers with spills on the pipelined path: 4 vectors x 4 corners in flight.)
+// stages: 1 = load, barrier, MMA; 2 = register-prefetch pipeline (tensor-core vector path).
+template <typename T> constexpr int kFwdBK = 32;
+template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2>;
+template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2>;
+template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2>;
+
+template <typename T, typename F>
+cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
+  if (t.tile_k != kFwdBK<T> || t.stages < 1 || t.stages > 2) return cudaErrorInvalidValue;
+  const int64_t px = t.pixels();
+  if (px == 64 && t.tile_n == 64 && t.warps == 4) return f(Fwd64x64<T>{});
+  if constexpr (!std::is_same<T, double>::value) {
+    if (px == 128 && t.tile_n == 64 && t.warps == 4) return f(Fwd128x64<T>{});
+    if (px == 128 && t.tile_n == 128 && t.warps == 8) return f(Fwd128x128<T>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConfig& t, bool allow_tf32,
+                        const void* x, const void* offset, const void* mask, const void* kernel, void* y) {
+  if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
+  Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
+  g.pipeline = t.stages >= 2;
+  const T* xs = static_cast<const T*>(x);
+  const T* os = static_cast<const T*>(offset);
+  const T* ms = static_cast<const T*>(mask);
+  const T* ks = static_cast<const T*>(kernel);
+  T* ys = static_cast<T*>(y);
+  return with_fwd_cfg<T>(t, [&](auto cfg) -> cudaError_t {
+    using Cfg = decltype(cfg);
+    if constexpr (std::is_same<T, double>::value) {
+      return launch_forward<T, false, Cfg>(stream, g, xs, os, ms, ks, ys);
+    } else if constexpr (std::is_same<T, float>::value) {
+      return allow_tf32 ? launch_forward<T, true, Cfg>(stream, g, xs, os, ms, ks, ys)
+                        : launch_forward<T, false, Cfg>(stream, g, xs, os, ms, ks, ys);
+    } else {
+      return launch_forward<T, true, Cfg>(stream, g, xs, os, ms, ks, ys);
+    }
+  });
+}
+
+// Workspace regions (fp32 accumulators of the four cotangents), half types only.
+struct BwdWorkspace {
+  size_t dx, doff, dmask, dk, total;
+};
+
+template <typename T>
+BwdWorkspace bwd_workspace(const ConvParams& p) {
+  BwdWorkspace w{0, 0, 0, 0, 0};
+  if constexpr (kIsHalf<T>) {
+    w.dx = 0;
+    w.doff = w.dx + align_up(sizeof(float) * p.batch * p.x_size(), 256);
+    w.dmask = w.doff + align_up(sizeof(float) * p.batch * p.offset_size(), 256);
+    w.dk = w.dmask + align_up(sizeof(float) * p.batch * p.mask_size(), 256);
+    w.total = w.dk + align_up(sizeof(float) * p.batch * p.kernel_size(), 256);
+  }
+  return w;
+}
+
+template <typename T, bool TC>
+cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
+                            const T* mask, const T* kernel, const T* dy, Atom<T>* dxa, Atom<T>* doffa,
+                            Atom<T>* dmaska, Atom<T>* dka) {
+  const ConvParams& p = g.p;
+  if (g.K == 0 || g.Cg == 0 || g.Cog == 0 || g.pixels == 0) return cudaSuccess;
+  {  // data pass
+    const int64_t maxq = max_chunks(g, DataCfg::BC);
+    const int64_t gx = p.batch * p.n * g.tiles_img, gy = p.feature_groups * g.K * maxq;
+    if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+    using L = DataLayout<T>;
+    auto fn = deform_bwd_data_kernel<T, TC>;
+    if (L::kBytes > 48 * 1024) {
+      if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(L::kBytes));
+          e != cudaSuccess)
+        return e;
+    }
+    fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, L::kBytes, stream>>>(
+        g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  {  // weight pass
+    const int64_t maxq = max_chunks(g, WeightCfg::BC);
+    const int64_t nob = (g.Cog + WeightCfg::BN - 1) / WeightCfg::BN;
+    const int64_t gx = p.batch * p.feature_groups * g.K * maxq * nob;
+    const int64_t steps = (g.pixels + WeightCfg::BK - 1) / WeightCfg::BK;
+    if (gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    int dev = 0, sms = 132;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    // Enough pixel splits for ~8 blocks per SM; each split adds one atomic tile of BC x BN.
+    int64_t splits = std::max<int64_t>(1, (int64_t(sms) * 8 + gx - 1) / gx);
+    splits = std::min<int64_t>({splits, steps, 65535});
+    const int64_t per = (steps + splits - 1) / splits;
+    splits = (steps + per - 1) / per;
+    using L = WeightLayout<T>;
+    auto fn = deform_bwd_weight_kernel<T, TC>;
+    if (L::kBytes > 48 * 1024) {
+      if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(L::kBytes));
+          e != cudaSuccess)
+        return e;
+    }
+    fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), WeightCfg::kThreads, L::kBytes,
+         stream>>>(g, maxq, per, x, offset, mask, dy, dka);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t convert_out(cudaStream_t stream, const float* src, void* dst, int64_t n) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(src, static_cast<T*>(dst), n);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileConfig& t, bool allow_tf32,
+                         const void* x, const void* offset, const void* mask, const void* kernel,
+                         const void* dy, void* dx, void* doffset, void* dmask, void* dkernel,
+                         void* workspace) {
+  if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
+  int64_t th, tw;
+  bwd_spatial_tile(t, &th, &tw);
+  const Geo g = make_geo<T>(p, th, tw);
+  const int64_t nx = p.batch * p.x_size(), no = p.batch * p.offset_size(), nm = p.batch * p.mask_size(),
+                nk = p.batch * p.kernel_size();
+  Atom<T> *dxa, *doffa, *dmaska, *dka;
+  if constexpr (kIsHalf<T>) {
+    const BwdWorkspace w = bwd_workspace<T>(p);
+    if (workspace == nullptr && w.total > 0) return cudaErrorInvalidValue;
+    char* base = static_cast<char*>(workspace);
+    dxa = reinterpret_cast<float*>(base + w.dx);
+    doffa = reinterpret_cast<float*>(base + w.doff);
+    dmaska = reinterpret_cast<float*>(base + w.dmask);
+    dka = reinterpret_cast<float*>(base + w.dk);
+  } else {
+    dxa = static_cast<Atom<T>*>(dx);
+    doffa = static_cast<Atom<T>*>(doffset);
+    dmaska = static_cast<Atom<T>*>(dmask);
+    dka = static_cast<Atom<T>*>(dkernel);
+  }
+  const int64_t counts[4] = {nx, no, nm, nk};
+  Atom<T>* bufs[4] = {dxa, doffa, dmaska, dka};
+  for (int i = 0; i < 4; ++i) {
+    if (counts[i] == 0) continue;
+    if (cudaError_t e = cudaMemsetAsync(bufs[i], 0, sizeof(Atom<T>) * counts[i], stream); e != cudaSuccess)
+      return e;
+  }
+  const T* xs = static_cast<const T*>(x);
+  const T* os = static_cast<const T*>(offset);
+  const T* ms = static_cast<const T*>(mask);
+  const T* ks = static_cast<const T*>(kernel);
+  const T* ds = static_cast<const T*>(dy);
+  cudaError_t e;
+  if constexpr (std::is_same<T, double>::value) {
+    e = launch_backward<T, false>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
+  } else if constexpr (std::is_same<T, float>::value) {
+    e = allow_tf32 ? launch_backward<T, true>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka)
+                   : launch_backward<T, false>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
+  } else {
+    e = launch_backward<T, true>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
+  }
+  if (e != cudaSuccess) return e;
+  if constexpr (kIsHalf<T>) {
+    void* outs[4] = {dx, doffset, dmask, dkernel};
+    for (int i = 0; i < 4; ++i)
+      if ((e = convert_out<T>(stream, bufs[i], outs[i], counts[i])) != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+// Per-dtype drivers, instantiated in ops_<dtype>.cu.
+#define DEFT_DECLARE_DRIVERS(T)                                                                          \
+  extern template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,  \
+                                             const void*, const void*, const void*, const void*, void*); \
+  extern template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, \
+                                              const void*, const void*, const void*, const void*,       \
+                                              const void*, void*, void*, void*, void*, void*);
+#define DEFT_INSTANTIATE_DRIVERS(T)                                                                  \
+  template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,     \
+                                      const void*, const void*, const void*, const void*, void*);   \
+  template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,    \
+                                       const void*, const void*, const void*, const void*,          \
+                                       const void*, void*, void*, void*, void*, void*);
+
+}  // namespace kern
+}  // namespace deft

@@ -1,0 +1,295 @@
+// Forward kernel: implicit GEMM y[pixels x C_out] = cols[pixels x (tap, C_in)] * W, where the
+// columns are never stored: the A-tile loader samples x bilinearly (4 corners, 16-byte vectors
+// along C) straight into shared memory in the MMA input type.
+#pragma once
+
+#include "kernels/common.cuh"
+
+namespace deft {
+namespace kern {
+
+// One block: BM output pixels (a tile_h x tile_w spatial tile of one image) x BN output channels
+// of one feature group; the reduction runs over (tap, chunk of BK input channels).
+template <int BM_, int BN_, int BK_, int WM_, int WN_>
+struct FwdCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, kThreads = WM * WN * 32;
+};
+
+template <typename T, bool TC, typename Cfg>
+struct FwdLayout {
+  using A = Acc<T>;
+  static constexpr int LDA = Cfg::BK + kPad<T>;  // As[BM][LDA]: pixels x channels
+  static constexpr int LDB = Cfg::BN + kPad<T>;  // Bs[BK][LDB]: channels x output channels
+  static constexpr int LDC = Cfg::BN + kCPad;    // Cs[BM][LDC]: accumulators (aliases As/Bs)
+  static constexpr int kBufs = TC ? 2 : 1;       // double-buffered A/B tiles on the pipelined path
+  static constexpr size_t kABElems = size_t(Cfg::BM) * LDA + size_t(Cfg::BK) * LDB;
+  static constexpr size_t kAB = align_up(kBufs * kABElems * sizeof(T), 128);
+  static constexpr size_t kC = align_up(size_t(Cfg::BM) * LDC * sizeof(A), 128);
+  static constexpr size_t kMain = kAB > kC ? kAB : kC;
+  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Rec<A>);
+};
+
+// Walks the reduction of one block: taps, then the offset-group segments of the feature group's
+// channels, then chunks of BK channels; `group` counts (tap, segment) pairs (one bilinear table each).
+struct ChunkWalk {
+  int64_t tap, c0, se, og, cnt, group;
+  int64_t cbeg, cend, Cpog, K, bk;
+  __device__ __forceinline__ void init(const Geo& g, int64_t fg, int64_t bk_) {
+    cbeg = fg * g.Cg, cend = cbeg + g.Cg, Cpog = g.Cpog, K = g.K, bk = bk_;
+    tap = 0, group = 0, is_first = true;
+    start_segment(cbeg);
+  }
+  __device__ __forceinline__ void start_segment(int64_t cs) {
+    c0 = cs;
+    og = cs / Cpog;
+    se = (og + 1) * Cpog < cend ? (og + 1) * Cpog : cend;
+    cnt = se - c0 < bk ? se - c0 : bk;
+  }
+  __device__ __forceinline__ bool valid() const { return tap < K && cbeg < cend; }
+  // (tap, first channel) of the group after the current one; false past the end.
+  __device__ __forceinline__ bool next_group(int64_t* ntap, int64_t* ncs) const {
+    if (se < cend) {
+      *ntap = tap, *ncs = se;
+    } else {
+      *ntap = tap + 1, *ncs = cbeg;
+    }
+    return *ntap < K;
+  }
+  bool is_first = true;  // the chunk opens a new (tap, segment) group
+  __device__ __forceinline__ void next() {
+    is_first = false;
+    if (c0 + bk < se) {
+      c0 += bk;
+      cnt = se - c0 < bk ? se - c0 : bk;
+      return;
+    }
+    ++group;
+    is_first = true;
+    if (se < cend) {
+      start_segment(se);
+    } else {
+      ++tap;
+      start_segment(cbeg);
+    }
+  }
+};
+
+// Pipelined main loop (tensor cores, 16-byte vector path): the global loads of chunk i+1 (four
+// corners per vector, weights tile) are in flight in registers while the MMA of chunk i runs from
+// the other shared-memory buffer; one barrier per chunk. Bilinear tables are built one
+// (tap, segment) group ahead into a double buffer.
+template <typename T, typename Cfg, typename L, typename Mma>
+__device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsigned char* smem,
+                                                   const T* __restrict__ x, const T* __restrict__ offset,
+                                                   const T* __restrict__ mask, const T* __restrict__ kb,
+                                                   int64_t img, int64_t th0, int64_t tw0, int64_t fg,
+                                                   int64_t o0, int ocnt) {
+  using A = Acc<T>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::kThreads, V = kVec<T>;
+  constexpr int VPR = BK / V, RSTEP = NT / VPR, IT = BM / RSTEP;        // A: vectors per thread
+  constexpr int BVPR = BN / V, BRSTEP = NT / BVPR, IB = BK / BRSTEP;    // B: vectors per thread
+  static_assert(NT % VPR == 0 && BM % RSTEP == 0 && NT % BVPR == 0 && BK % BRSTEP == 0, "pipeline split");
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  const int H = static_cast<int>(p.h), W = static_cast<int>(p.w);
+  const int64_t C = p.c_in;
+  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);  // (2, BM)
+  auto As = [&](int b) { return reinterpret_cast<T*>(smem) + b * L::kABElems; };
+  auto Bs = [&](int b) { return reinterpret_cast<T*>(smem) + b * L::kABElems + BM * L::LDA; };
+  const int cv = (tid % VPR) * V, r0 = tid / VPR;
+  const int bc = (tid % BVPR) * V, br0 = tid / BVPR;
+
+  uint4 cr[IT][4];
+  A w[IT][4];
+  uint4 br[IB];
+
+  auto build_recs = [&](int64_t tap, int64_t og, int buf) {
+    for (int r = tid; r < BM; r += NT) {
+      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      const bool valid = ho < p.h_out && wo < p.w_out;
+      const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
+      recs[buf * BM + r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, static_cast<int>(tap), og);
+    }
+  };
+  auto prefetch = [&](const ChunkWalk& ch) {
+    const Rec<A>* rb = recs + (ch.group & 1) * BM;
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const Rec<A> q = rb[r0 + i * RSTEP];
+      const bool ok = cv < ch.cnt && q.y0 > -4;
+      const A hy = A(1) - q.ly, hx = A(1) - q.lx;
+      const A wt[4] = {hy * hx * q.m, hy * q.lx * q.m, q.ly * hx * q.m, q.ly * q.lx * q.m};
+      const T* base = x + q.xoff + ch.c0 + cv;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int yy = q.y0 + (k >> 1), xx = q.x0 + (k & 1);
+        const bool in = ok && static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
+                        static_cast<unsigned>(xx) < static_cast<unsigned>(W);
+        w[i][k] = in ? wt[k] : A(0);
+        cr[i][k] = in ? __ldg(reinterpret_cast<const uint4*>(base + (static_cast<int64_t>(yy) * W + xx) * C))
+                      : make_uint4(0, 0, 0, 0);
+      }
+    }
+    const T* krow = kb + (ch.tap * g.Cg + (ch.c0 - ch.cbeg)) * p.c_out + o0;
+#pragma unroll
+    for (int j = 0; j < IB; ++j) {
+      const int r = br0 + j * BRSTEP;
+      br[j] = (r < ch.cnt && bc < ocnt) ? __ldg(reinterpret_cast<const uint4*>(krow + r * p.c_out + bc))
+                                        : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto store = [&](int buf) {
+    T* as = As(buf);
+    T* bs = Bs(buf);
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      A acc[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = A(0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const T* e4 = reinterpret_cast<const T*>(&cr[i][k]);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] += w[i][k] * to_acc<A>(e4[e]);
+      }
+      store_elems<T, A, V>(as + (r0 + i * RSTEP) * L::LDA + cv, acc);
+    }
+#pragma unroll
+    for (int j = 0; j < IB; ++j) *reinterpret_cast<uint4*>(bs + (br0 + j * BRSTEP) * L::LDB + bc) = br[j];
+  };
+
+  ChunkWalk cur;
+  cur.init(g, fg, BK);
+  if (!cur.valid()) return;
+  build_recs(cur.tap, cur.og, 0);
+  __syncthreads();
+  prefetch(cur);
+  ChunkWalk nxt = cur;
+  nxt.next();
+  int buf = 0;
+  while (true) {
+    if (cur.is_first) {
+      int64_t ntap, ncs;
+      if (cur.next_group(&ntap, &ncs)) build_recs(ntap, ncs / g.Cpog, static_cast<int>((cur.group + 1) & 1));
+    }
+    store(buf);
+    __syncthreads();
+    const bool more = nxt.valid();
+    if (more) prefetch(nxt);
+    mma.compute(As(buf), L::LDA, Bs(buf), L::LDB, tid);
+    if (!more) break;
+    cur = nxt;
+    nxt.next();
+    buf ^= 1;
+  }
+  __syncthreads();  // the accumulator tile aliases the A/B buffers
+}
+
+template <typename T, bool TC, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    deform_fwd_kernel(const Geo g, const T* __restrict__ x, const T* __restrict__ offset,
+                      const T* __restrict__ mask, const T* __restrict__ kernel, T* __restrict__ y) {
+  using A = Acc<T>;
+  using L = FwdLayout<T, TC, Cfg>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);                         // (BM, BK)
+  T* Bs = As + BM * L::LDA;                                   // (BK, BN)
+  A* Cs = reinterpret_cast<A*>(smem);                         // (BM, BN) after the main loop
+  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);  // (BM)
+
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  const int64_t tile = blockIdx.x % g.tiles_img, img = blockIdx.x / g.tiles_img;  // img over batch*n
+  const int64_t b = img / p.n;
+  const int64_t th0 = (tile / g.tiles_w) * g.tile_h, tw0 = (tile % g.tiles_w) * g.tile_w;
+  const int64_t nblk = (g.Cog + BN - 1) / BN;
+  const int64_t fg = blockIdx.y / nblk, ob = blockIdx.y % nblk;
+  const int64_t o0 = fg * g.Cog + ob * BN;
+  const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
+  const T* kb = kernel + b * p.kernel_size();
+  const int64_t cbeg = fg * g.Cg, cend = cbeg + g.Cg;
+
+  MmaTile<T, TC, BM, BN, BK, Cfg::WM, Cfg::WN, false, false> mma;
+  mma.zero();
+
+  bool done = false;
+  if constexpr (TC) {
+    if (g.vec && g.pipeline) {
+      fwd_main_pipelined<T, Cfg, L>(g, mma, smem, x, offset, mask, kb, img, th0, tw0, fg, o0, ocnt);
+      done = true;
+    }
+  }
+  if (!done) {
+    for (int tap = 0; tap < g.K; ++tap) {
+      for (int64_t cs = cbeg; cs < cend;) {
+        const int64_t og = cs / g.Cpog;
+        const int64_t se = (og + 1) * g.Cpog < cend ? (og + 1) * g.Cpog : cend;
+        for (int r = tid; r < BM; r += NT) {
+          const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+          const bool valid = ho < p.h_out && wo < p.w_out;
+          const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
+          recs[r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, tap, og);
+        }
+        __syncthreads();
+        for (int64_t c0 = cs; c0 < se; c0 += BK) {
+          const int cnt = static_cast<int>(se - c0 < BK ? se - c0 : BK);
+          load_samples<T, BM, BK, NT>(As, L::LDA, recs, x, g, c0, cnt, tid);
+          const T* krow = kb + (tap * g.Cg + (c0 - cbeg)) * p.c_out + o0;
+          load_rows<T, BK, BN, NT>(Bs, L::LDB,
+                                   [&](int r) -> const T* { return r < cnt ? krow + r * p.c_out : nullptr; },
+                                   ocnt, g.vec, tid);
+          __syncthreads();
+          mma.compute(As, L::LDA, Bs, L::LDB, tid);
+          __syncthreads();
+        }
+        cs = se;
+      }
+    }
+  }
+
+  mma.store(Cs, L::LDC, tid);
+  __syncthreads();
+  constexpr int V = kVec<T>;
+  if (g.vec) {
+    for (int idx = tid; idx < BM * (BN / V); idx += NT) {
+      const int r = idx / (BN / V), c = (idx % (BN / V)) * V;
+      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      if (ho >= p.h_out || wo >= p.w_out || c >= ocnt) continue;
+      A v[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = Cs[r * L::LDC + c + e];
+      store_elems<T, A, V>(y + ((img * p.h_out + ho) * p.w_out + wo) * p.c_out + o0 + c, v);
+    }
+  } else {
+    for (int idx = tid; idx < BM * BN; idx += NT) {
+      const int r = idx / BN, c = idx % BN;
+      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      if (ho >= p.h_out || wo >= p.w_out || c >= ocnt) continue;
+      y[((img * p.h_out + ho) * p.w_out + wo) * p.c_out + o0 + c] = from_acc<T>(Cs[r * L::LDC + c]);
+    }
+  }
+}
+
+template <typename T, bool TC, typename Cfg>
+cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
+                           const T* mask, const T* kernel, T* y) {
+  using L = FwdLayout<T, TC, Cfg>;
+  const ConvParams& p = g.p;
+  const int64_t gx = p.batch * p.n * g.tiles_img;
+  const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  auto fn = deform_fwd_kernel<T, TC, Cfg>;
+  if (L::kBytes > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(L::kBytes));
+    if (e != cudaSuccess) return e;
+  }
+  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Cfg::kThreads, L::kBytes, stream>>>(
+      g, x, offset, mask, kernel, y);
+  return cudaGetLastError();
+}
+
+}  // namespace kern
+}  // namespace deft

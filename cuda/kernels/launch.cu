@@ -1,0 +1,74 @@
+// Public launchers (launch.h): dtype dispatch onto the per-dtype drivers of ops_<dtype>.cu.
+#include <sstream>
+
+#include "kernels/dispatch.cuh"
+
+namespace deft {
+namespace kern {
+DEFT_DECLARE_DRIVERS(float)
+DEFT_DECLARE_DRIVERS(double)
+DEFT_DECLARE_DRIVERS(__nv_bfloat16)
+DEFT_DECLARE_DRIVERS(__half)
+}  // namespace kern
+
+std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
+  auto ok = [&](auto tag) {
+    return kern::with_fwd_cfg<decltype(tag)>(tile, [](auto) { return cudaSuccess; }) == cudaSuccess;
+  };
+  const bool good = dtype == DType::kF64 ? ok(double{}) : dtype == DType::kF32 ? ok(float{}) : ok(__half{});
+  if (good) return "";
+  std::ostringstream s;
+  s << "GPU tile configuration (tile_h=" << tile.tile_h << ", tile_w=" << tile.tile_w
+    << ", tile_n=" << tile.tile_n << ", tile_k=" << tile.tile_k << ", warps=" << tile.warps
+    << ", stages=" << tile.stages << ") is not instantiated for " << dtype_name(dtype)
+    << "; instantiated: tile_h*tile_w=64, tile_n=64, warps=4"
+    << (dtype == DType::kF64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8")
+    << ", all with tile_k=32"
+    << " and stages 1 or 2";
+  return s.str();
+}
+
+cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
+                                    DType dtype, bool allow_tf32, const void* x, const void* offset,
+                                    const void* mask, const void* kernel, void* y) {
+  switch (dtype) {
+    case DType::kF32: return kern::run_forward<float>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
+    case DType::kF64: return kern::run_forward<double>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
+    case DType::kBF16:
+      return kern::run_forward<__nv_bfloat16>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
+    case DType::kF16: return kern::run_forward<__half>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t DeformConvBackwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype) {
+  (void)tile;
+  switch (dtype) {
+    case DType::kBF16: return kern::bwd_workspace<__nv_bfloat16>(p).total;
+    case DType::kF16: return kern::bwd_workspace<__half>(p).total;
+    default: return 0;
+  }
+}
+
+cudaError_t LaunchDeformConvBackward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
+                                     DType dtype, bool allow_tf32, const void* x, const void* offset,
+                                     const void* mask, const void* kernel, const void* dy, void* dx,
+                                     void* doffset, void* dmask, void* dkernel, void* workspace) {
+  switch (dtype) {
+    case DType::kF32:
+      return kern::run_backward<float>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx, doffset,
+                                       dmask, dkernel, workspace);
+    case DType::kF64:
+      return kern::run_backward<double>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx, doffset,
+                                        dmask, dkernel, workspace);
+    case DType::kBF16:
+      return kern::run_backward<__nv_bfloat16>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx,
+                                               doffset, dmask, dkernel, workspace);
+    case DType::kF16:
+      return kern::run_backward<__half>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx, doffset,
+                                        dmask, dkernel, workspace);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace deft

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "deft/dtype.h"
 #include "deft/geometry.h"
@@ -118,6 +119,26 @@ inline ffi::Error CheckSameShape(const char* name, ffi::Span<const int64_t> got,
   for (size_t i = 0; ok && i < got.size(); ++i) ok = got[i] == want[i];
   if (!ok) return invalid(std::string(name) + " has shape " + dims_str(got) + ", expected " + dims_str(want));
   return ffi::Error::Success();
+}
+
+// Backward: the dtype of x, checked against dy and every cotangent buffer, whose shapes must
+// equal their primal's (dmask is (0,) like the mask placeholder without modulation).
+inline ffi::ErrorOr<deft::DType> CheckBackwardBuffers(
+    const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset, const ffi::AnyBuffer& mask,
+    const ffi::AnyBuffer& kernel, const ffi::AnyBuffer& dy, const ffi::AnyBuffer& dx,
+    const ffi::AnyBuffer& doffset, const ffi::AnyBuffer& dmask, const ffi::AnyBuffer& dkernel) {
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype;
+  for (const ffi::AnyBuffer* b : {&dy, &dx, &doffset, &dmask, &dkernel})
+    if (b->element_type() != x.element_type())
+      return ffi::Unexpected(invalid("dy and the cotangents must have x's dtype"));
+  const char* names[] = {"dx", "doffset", "dmask", "dkernel"};
+  const ffi::AnyBuffer* got[] = {&dx, &doffset, &dmask, &dkernel};
+  const ffi::AnyBuffer* want[] = {&x, &offset, &mask, &kernel};
+  for (int i = 0; i < 4; ++i)
+    if (auto e = CheckSameShape(names[i], got[i]->dimensions(), want[i]->dimensions()); !e.success())
+      return ffi::Unexpected(std::move(e));
+  return dtype;
 }
 
 }  // namespace deft_ffi

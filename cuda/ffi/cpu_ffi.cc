@@ -70,15 +70,8 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer 
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success())
     return err;
-  auto dtype = to_dtype(x.element_type());
+  auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
   if (dtype.has_error()) return dtype.error();
-  for (auto* r : {&dx, &doffset, &dmask, &dkernel})
-    if ((*r)->element_type() != x.element_type()) return invalid("cotangent dtype differs from x's");
-  if (dy.element_type() != x.element_type()) return invalid("dy dtype differs from x's");
-  if (auto e = CheckSameShape("dx", dx->dimensions(), x.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("doffset", doffset->dimensions(), offset.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("dmask", dmask->dimensions(), mask.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("dkernel", dkernel->dimensions(), kernel.dimensions()); !e.success()) return e;
   if (x.element_count() == 0 || dy.element_count() == 0) return ffi::Error::Success();
   const int64_t pixels = tile_of(attrs).pixels();
   return Guarded([&] {

@@ -55,15 +55,8 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
                         ConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success()) return err;
-  auto dtype = to_dtype(x.element_type());
+  auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
   if (dtype.has_error()) return dtype.error();
-  for (auto* r : {&dx, &doffset, &dmask, &dkernel})
-    if ((*r)->element_type() != x.element_type()) return invalid("cotangent dtype differs from x's");
-  if (dy.element_type() != x.element_type()) return invalid("dy dtype differs from x's");
-  if (auto e = CheckSameShape("dx", dx->dimensions(), x.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("doffset", doffset->dimensions(), offset.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("dmask", dmask->dimensions(), mask.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("dkernel", dkernel->dimensions(), kernel.dimensions()); !e.success()) return e;
   if (auto err = CheckTile(attrs, *dtype); !err.success()) return err;
   if (dx->element_count() + doffset->element_count() + dmask->element_count() + dkernel->element_count() == 0)
     return ffi::Error::Success();

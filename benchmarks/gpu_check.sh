@@ -5,7 +5,8 @@
 # bench/results.json, bench/results.md, bench/bench_layers.png.
 # Phases can be picked: PHASES="build test memcheck sweep bench ncu" (default: build test memcheck
 # bench). sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
-# ncu = Nsight Compute durations of the fwd/bwd kernels (ncu.log).
+# ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
+# picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats").
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -55,13 +56,14 @@ if has bench; then
 fi
 if has ncu; then
   echo "== ncu ($(date -u +%T))"
-  for spec in "S2 float32" "S3 float32" "S2 bfloat16"; do
+  IFS=';' read -ra specs <<< "${NCU_SPECS:-S2 float32;S3 float32;S2 bfloat16}"
+  for spec in "${specs[@]}"; do
     echo "-- $spec" >> "$OUT/ncu.log"
-    timeout 120 ncu --kernel-name regex:deform\|convert --section SpeedOfLight --section LaunchStats \
-      --section Occupancy "$PY" benchmarks/profile_bwd.py $spec >> "$OUT/ncu.log" 2>&1
+    timeout 150 ncu --kernel-name regex:deform\|convert --section SpeedOfLight --section LaunchStats \
+      --section Occupancy ${NCU_ARGS:-} "$PY" benchmarks/profile_bwd.py $spec >> "$OUT/ncu.log" 2>&1
   done
-  grep -E "^  [a-z_A-Z].*\(|^-- |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" \
-    "$OUT/ncu.log" | sed 's/void deft::kern:://' | cut -c1-110 | tail -n 80
+  grep -E "^  [a-z_A-Z].*\(|^-- |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|L1/TEX Hit|L2 Hit" \
+    "$OUT/ncu.log" | sed 's/void deft::kern:://' | cut -c1-120 | tail -n 120
 fi
 echo "== done ($(date -u +%T)) status=$status"
 exit $status

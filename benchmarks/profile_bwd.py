@@ -1,5 +1,7 @@
-"""One forward + backward of a suite layer, for Nsight Compute (per-kernel durations).
+"""One backward (or, with a third argument "fwd", one forward) of a suite layer, for Nsight
+Compute (per-kernel durations and stall reasons).
   ncu --kernel-name regex:deft --section SpeedOfLight python benchmarks/profile_bwd.py S2 bfloat16
+  ncu --kernel-name regex:fwd --section WarpStateStats python benchmarks/profile_bwd.py S5 bfloat16 fwd
 """
 import sys
 
@@ -20,5 +22,8 @@ off = (2 * jax.random.normal(k[1], (n, ho, wo, 18))).astype(dt)
 m = jax.random.uniform(k[2], (n, ho, wo, 9)).astype(dt)
 kern = (jax.random.normal(k[3], (3, 3, c, co)) / np.sqrt(9 * c)).astype(dt)
 dy = jax.random.normal(k[4], (n, ho, wo, co), dt)
-f = jax.jit(lambda *a: jax.vjp(lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1), *a)[1](dy))
+if len(sys.argv) > 3 and sys.argv[3] == "fwd":
+    f = jax.jit(lambda *a: deft_jax.deform_conv2d(*a, strides=s, padding=1))
+else:
+    f = jax.jit(lambda *a: jax.vjp(lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1), *a)[1](dy))
 jax.block_until_ready(f(x, off, kern, m))

@@ -23,9 +23,9 @@ SUITE = {
     "S1": (8, 64, 64, 64, 64, 1), "S2": (32, 64, 64, 64, 64, 1), "S3": (32, 28, 28, 128, 128, 1),
     "S4": (32, 14, 14, 256, 256, 1), "S5": (32, 7, 7, 512, 512, 1), "S6": (32, 56, 56, 64, 128, 2),
 }
-CONFIGS = [  # (tile_h, tile_w, tile_n, warps, stages); tile_k = tiling.gpu_tile_k(dtype)
-    (8, 8, 64, 4, 1), (8, 8, 64, 4, 2), (4, 16, 64, 4, 2), (8, 16, 64, 4, 2),
-    (16, 8, 64, 4, 2), (8, 16, 128, 8, 2), (16, 8, 128, 8, 2),
+CONFIGS = [  # (tile_h, tile_w, tile_n, tile_k, warps, stages)
+    (8, 8, 64, 32, 4, 1), (8, 8, 64, 32, 4, 2), (4, 16, 64, 32, 4, 2), (8, 16, 64, 32, 4, 2),
+    (16, 8, 64, 32, 4, 2), (8, 16, 128, 32, 8, 2), (16, 8, 128, 32, 8, 2),
 ]
 
 
@@ -70,8 +70,7 @@ def main():
             t_conv = device_time(conv, (x, off, kern, m))
             res = {"shape": name, "dtype": dt, "conv_us": t_conv, "fwd_us": {}}
             for cfg in CONFIGS:
-                th, tw, tn, warps, stages = cfg
-                tc = tiling.TileConfig(th, tw, tn, tiling.gpu_tile_k(dt), warps, stages)
+                tc = tiling.TileConfig(*cfg)
                 tiling.choose_tiling = lambda *args, tc=tc, **kw: tc
                 f = lambda x, off, kern, m: deft_jax.deform_conv2d(x, off, kern, m, strides=s, padding=1)
                 try:

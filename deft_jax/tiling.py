@@ -59,43 +59,36 @@ def _cpu_tiling(s: LayerShape) -> TileConfig:
     return TileConfig(tile_h=1, tile_w=pixels, tile_n=s.c_out, tile_k=s.c_in, warps=1, stages=1)
 
 
-def gpu_tile_k(dtype: str) -> int:
-    """Reduction chunk (input channels) of the CUDA forward: 32 for every dtype. 16 for float32
-    (fewer registers) and 64 for 16-bit types were measured slower (NOTES.md, forward v2/v3)."""
-    del dtype
-    return 32
-
-
 def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in benchmarks/NOTES.md, "tile sweep").
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
-    {(64, 64, 4), (128, 64, 4), (128, 128, 8)}, pixels = tile_h * tile_w, tile_k =
-    gpu_tile_k(dtype), stages 1 or 2 (2 = register prefetch + double-buffered shared memory on
-    the tensor-core path); float64 (exact SIMT path): (64, 64, 4) only. The backward passes use
-    the spatial tile when it has 64 pixels, else 8 x 8.
+    {(64, 64, 4), (128, 64, 4), (128, 128, 8)}, pixels = tile_h * tile_w, tile_k = 32, stages 1 or
+    2 (2 = register prefetch + double-buffered shared memory on the tensor-core path); float64
+    (exact SIMT path): (64, 64, 4) only. The backward passes use the spatial tile when it has 64
+    pixels, else 8 x 8.
     """
     del sm_count  # the suite's grids already fill 132 SMs with these tiles; see NOTES.md
     pixels_per_image = s.h_out * s.w_out
     c_out_per_group = s.c_out // s.feature_groups
-    bk = gpu_tile_k(s.dtype)
     if s.dtype == "float64":
-        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=bk, warps=4, stages=2)
+        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
-        # channel block re-samples its pixels). v2 measured bf16 S3 218 -> 145 us, S4 243 -> 128,
+        # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
         # S6 138 -> 90; fp32 S3 367 -> 287, S4 347 -> 262, S6 219 -> 176 (vs 8x8x64).
-        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=bk, warps=8, stages=2)
+        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2)
     if pixels_per_image >= 128 and s.dtype in ("bfloat16", "float16"):
-        # S1/S2 (64 output channels): 128 pixels per block, v2 bf16 S2 250 -> 217 us, S1 86 -> 62.
-        return TileConfig(tile_h=8, tile_w=16, tile_n=64, tile_k=bk, warps=4, stages=2)
+        # S1/S2 (64 output channels): 128 pixels per block, bf16 S2 250 -> 217 us, S1 86 -> 62;
+        # for fp32 the same tile is slower (437 -> 525 us: 255 registers, spills), so 8x8 there.
+        return TileConfig(tile_h=8, tile_w=16, tile_n=64, tile_k=32, warps=4, stages=2)
     # S5 (7x7 outputs: 128-pixel tiles would be 62% padding) and fp32 with <= 64 channels.
     # stages=2 vs 1: S5 bf16 420 -> 211 us, S2 bf16 379 -> 250, fp32 S2 547 -> 437.
-    return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=bk, warps=4, stages=2)
+    return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
 
 
 # (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
-# tile_k is gpu_tile_k(dtype) and stages 1 or 2 for all; float64 has the first only.
+# tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8))
 
 
@@ -104,10 +97,9 @@ def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
     CheckGpuTileConfig, so a bad configuration is caught at trace time, before any kernel)."""
     allowed = _GPU_TILES[:1] if dtype == "float64" else _GPU_TILES
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps)
-    bk = gpu_tile_k(dtype)
-    if key not in allowed or tile.tile_k != bk or tile.stages not in (1, 2):
+    if key not in allowed or tile.tile_k != 32 or tile.stages not in (1, 2):
         raise ValueError(f"GPU tile configuration {tile} is not instantiated for {dtype}; "
-                         f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k={bk}, "
+                         f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
                          "stages 1 or 2")
 
 

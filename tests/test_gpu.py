@@ -257,16 +257,16 @@ def test_large_index_over_2_31():
 def test_every_instantiated_tile(rng, monkeypatch):
     """Each GPU tile configuration the kernels instantiate, both pipeline depths, vector + scalar paths."""
     from deft_jax import tiling
-    configs = [(8, 8, 64, 4, 1), (8, 8, 64, 4, 2), (4, 16, 64, 4, 2), (8, 16, 64, 4, 1),
-               (16, 8, 64, 4, 2), (8, 16, 128, 8, 2), (2, 64, 128, 8, 1)]  # (h, w, n, warps, stages)
+    configs = [(8, 8, 64, 32, 4, 1), (8, 8, 64, 32, 4, 2), (4, 16, 64, 32, 4, 2), (8, 16, 64, 32, 4, 1),
+               (16, 8, 64, 32, 4, 2), (8, 16, 128, 32, 8, 2), (2, 64, 128, 32, 8, 1)]
     cases = [Case(n=2, h=13, w=11, c_in=72, c_out=136, offset_groups=2),
              Case(n=1, h=9, w=10, c_in=6, c_out=9, feature_groups=3, offset_groups=2)]
-    for th, tw, tn, warps, stages in configs:
-        for dtype, kw in ((jnp.bfloat16, {}), (jnp.float32, dict(precision=None, tol_key="float32-tf32"))):
-            tc = tiling.TileConfig(th, tw, tn, tiling.gpu_tile_k(jnp.dtype(dtype).name), warps, stages)
-            monkeypatch.setattr(tiling, "choose_tiling", lambda *a, tc=tc, **k: tc)
-            for case in cases:
-                _compare(case, rng, dtype, **kw)
+    for cfg in configs:
+        tc = tiling.TileConfig(*cfg)
+        monkeypatch.setattr(tiling, "choose_tiling", lambda *a, tc=tc, **k: tc)
+        for case in cases:
+            _compare(case, rng, jnp.bfloat16)
+            _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
 
 
 @pytest.mark.xfail(strict=False, reason=(

@@ -284,9 +284,7 @@ struct WmmaTile {
 
   __device__ __forceinline__ void compute(const T* As, int lda, const T* Bs, int ldb, int tid) {
     const int warp = tid / 32, wm = warp / WN, wn = warp % WN;
-    // One k step's fragments at a time: unrolling would hoist every step's fragment loads and
-    // the pipelined forward keeps a chunk of raw corners live across this call.
-#pragma unroll 1
+#pragma unroll
     for (int k = 0; k < BK; k += KK) {
       wmma::fragment<wmma::matrix_a, 16, 16, KK, AT, LA> a[FM];
       wmma::fragment<wmma::matrix_b, 16, 16, KK, AT, LB> b[FN];

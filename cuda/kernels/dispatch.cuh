@@ -28,29 +28,6 @@ inline void bwd_spatial_tile(const TileConfig& t, int64_t* th, int64_t* tw) {
   }
 }
 
-// dx window of the data pass: a tile's base sampling region (+1 row and column for the second
-// bilinear corner) plus DataCfg::kMargin on each side, the margin shrunk until the window fits
-// DataWinCap<T> positions (and the region clipped, centred, if even that does not fit). Corners
-// outside the window take global atomics, so every window is correct; its size is only speed.
-template <typename T>
-DataWin data_window(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
-  const int64_t rh = (tile_h - 1) * p.stride_h + (p.kh - 1) * p.dil_h + 2;
-  const int64_t rw = (tile_w - 1) * p.stride_w + (p.kw - 1) * p.dil_w + 2;
-  const int64_t cap = DataWinCap<T>;
-  int64_t wh = 0, ww = 0;
-  for (int64_t m = DataCfg::kMargin; m >= 0 && wh == 0; --m) {
-    if (rh + 2 * m <= cap && rw + 2 * m <= cap && (rh + 2 * m) * (rw + 2 * m) <= cap) {
-      wh = rh + 2 * m;
-      ww = rw + 2 * m;
-    }
-  }
-  if (wh == 0) {
-    ww = std::max<int64_t>(1, std::min(rw, cap));
-    wh = std::max<int64_t>(1, std::min(rh, cap / ww));
-  }
-  return DataWin{static_cast<int>(wh), static_cast<int>(ww), (wh - rh) / 2, (ww - rw) / 2};
-}
-
 template <typename T>
 Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
   Geo g;
@@ -77,13 +54,12 @@ inline cudaError_t check_extents(const ConvParams& p) {
 }
 
 // Instantiated forward tiles (pixels, tile_n, warps), tile_k = 32. (tile_k = 64 for 16-bit types
-// needed 255 registers with spills on the pipelined path: 4 vectors x 4 corners in flight; 8-warp
-// 128-pixel tiles and tile_k = 16 for fp32 were slower: NOTES.md, forward v3.)
+// needed 255 registers with spills on the pipelined path: 4 vectors x 4 corners in flight.)
 // stages: 1 = load, barrier, MMA; 2 = register-prefetch pipeline (tensor-core vector path).
 template <typename T> constexpr int kFwdBK = 32;
-template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2, 1>;
-template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2, 1>;
-template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2, 1>;
+template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2>;
+template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2>;
+template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2>;
 
 template <typename T, typename F>
 cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
@@ -102,8 +78,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
                         const void* x, const void* offset, const void* mask, const void* kernel, void* y) {
   if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
   Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
-  // The pipelined path addresses corners with 32-bit offsets into one image.
-  g.pipeline = t.stages >= 2 && p.h * p.w * p.c_in < (int64_t(1) << 31);
+  g.pipeline = t.stages >= 2;
   const T* xs = static_cast<const T*>(x);
   const T* os = static_cast<const T*>(offset);
   const T* ms = static_cast<const T*>(mask);
@@ -146,22 +121,20 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
                             Atom<T>* dmaska, Atom<T>* dka) {
   const ConvParams& p = g.p;
   if (g.K == 0 || g.Cg == 0 || g.Cog == 0 || g.pixels == 0) return cudaSuccess;
-  {  // data pass: one block per (spatial tile, feature group, channel chunk), all taps inside
+  {  // data pass
     const int64_t maxq = max_chunks(g, DataCfg::BC);
-    const int64_t gx = p.batch * p.n * g.tiles_img, gy = p.feature_groups * maxq;
+    const int64_t gx = p.batch * p.n * g.tiles_img, gy = p.feature_groups * g.K * maxq;
     if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
     using L = DataLayout<T>;
-    const DataWin win = data_window<T>(p, g.tile_h, g.tile_w);
-    const size_t bytes = L::bytes(int64_t(win.wh) * win.ww);
     auto fn = deform_bwd_data_kernel<T, TC>;
-    if (bytes > 48 * 1024) {
+    if (L::kBytes > 48 * 1024) {
       if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(bytes));
+                                               static_cast<int>(L::kBytes));
           e != cudaSuccess)
         return e;
     }
-    fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, bytes, stream>>>(
-        g, win, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
+    fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, L::kBytes, stream>>>(
+        g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   {  // weight pass

@@ -29,6 +29,8 @@ fi
 if has test; then
   echo "== pytest ($(date -u +%T))"
   kargs=(); [[ -n "${PYTEST_K:-}" ]] && kargs=(-k "$PYTEST_K")
+  # No up-front 75% reservation: lets PYTEST_ARGS="-n 4" run four workers on one GPU.
+  XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false} \
   "$PY" -m pytest -q -rf --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 60
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1

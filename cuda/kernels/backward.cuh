@@ -45,7 +45,7 @@ struct WeightLayout {
   static constexpr size_t kAB = align_up((size_t(C::BK) * LDA + size_t(C::BK) * LDB) * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(C::BC) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
-  static constexpr size_t kBytes = kMain + size_t(C::BK) * sizeof(Rec<A>);
+  static constexpr size_t kBytes = kMain + size_t(C::BK) * sizeof(Samp<A>);
 };
 
 template <typename T, bool TC>
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(WeightCfg::kThreads)
   T* As = reinterpret_cast<T*>(smem);  // (BK pixels, BC)
   T* Bs = As + BK * L::LDA;            // (BK pixels, BN)
   A* Cs = reinterpret_cast<A*>(smem);  // (BC, BN)
-  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);
+  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::kMain);
 
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
@@ -236,11 +236,11 @@ __global__ void __launch_bounds__(WeightCfg::kThreads)
       const int64_t pl = p0 + r;
       const bool valid = pl < g.pixels;
       const int64_t im = pl / hw, ho = (pl % hw) / p.w_out, wo = pl % p.w_out;
-      recs[r] = make_rec<T, A>(g, offset, mask, valid, b * g.pixels + pl, b * p.n + im, ho, wo,
+      recs[r] = make_samp<T, A>(g, offset, mask, valid, b * g.pixels + pl, b * p.n + im, ho, wo,
                                static_cast<int>(tap), og);
     }
     __syncthreads();
-    load_samples<T, BK, BC, NT>(As, L::LDA, recs, x, g, c0, cnt, tid);
+    load_samples<T, BK, BC, NT>(As, L::LDA, recs, x, g.vec, c0, cnt, tid);
     const T* drow = dy + (b * g.pixels + p0) * p.c_out + o0;
     load_rows<T, BK, BN, NT>(
         Bs, L::LDB,

@@ -10,6 +10,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "deft/geometry.h"
@@ -149,13 +150,75 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
   return r;
 }
 
-// 16-byte vector of T as accumulators.
+// One bilinear sample as the loaders consume it: each corner's element offset into x (channel 0
+// of that pixel, image offset included) and its weight with the mask folded in. Computed once per
+// (pixel, tap, offset group) so the per-chunk loaders do no index arithmetic beyond one add per
+// corner. off = -1: the corner is outside the image (or the sample contributes nothing).
+template <typename A>
+struct alignas(16) Samp {
+  int64_t off[4];
+  A w[4];
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ Samp<A> make_samp(const Geo& g, const T* __restrict__ offset,
+                                             const T* __restrict__ mask, bool valid, int64_t pix,
+                                             int64_t img, int64_t ho, int64_t wo, int tap, int64_t og) {
+  const ConvParams& p = g.p;
+  Samp<A> s;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) s.off[k] = -1, s.w[k] = A(0);
+  if (!valid) return s;
+  const int kw = static_cast<int>(p.kw);  // 32-bit: a 64-bit division is a ~70-instruction call
+  const int i = tap / kw, j = tap - i * kw;
+  const T* o = offset + pix * (p.offset_groups * g.K * 2) + (og * g.K + tap) * 2;
+  const A dy = to_acc<A>(o[0]), dx = to_acc<A>(o[1]);
+  const A m = p.with_mask ? to_acc<A>(mask[pix * (p.offset_groups * g.K) + og * g.K + tap]) : A(1);
+  const Bilinear<A> b = make_bilinear<A>(A(p.base_y(ho, i)) + dy, A(p.base_x(wo, j)) + dx, p.h, p.w);
+  if (!b.inside) return s;
+  const A hy = A(1) - b.ly, hx = A(1) - b.lx;
+  const A wt[4] = {hy * hx * m, hy * b.lx * m, b.ly * hx * m, b.ly * b.lx * m};
+  const bool ok[4] = {b.v00, b.v01, b.v10, b.v11};
+  const int64_t px0 = (img * p.h + b.y0) * p.w + b.x0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (!ok[k]) continue;
+    s.off[k] = (px0 + (k >> 1) * p.w + (k & 1)) * p.c_in;
+    s.w[k] = wt[k];
+  }
+  return s;
+}
+
+// A 16-byte vector of T as kVec<T> accumulators. bf16 -> fp32 is a shift or a mask of the 32-bit
+// word (one instruction per element, where the generic conversion takes two).
+template <typename T, typename A>
+__device__ __forceinline__ void unpack_vec(const uint4& raw, A (&v)[kVec<T>]) {
+  const unsigned u[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && std::is_same<A, float>::value) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[2 * j] = __uint_as_float(u[j] << 16);
+      v[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same<T, __half>::value && std::is_same<A, float>::value) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      __half2 h;
+      memcpy(&h, &u[j], sizeof(h));
+      const float2 f = __half22float2(h);
+      v[2 * j] = f.x;
+      v[2 * j + 1] = f.y;
+    }
+  } else {
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) v[k] = to_acc<A>(e[k]);
+  }
+}
+
 template <typename T, typename A>
 __device__ __forceinline__ void load_vec(const T* __restrict__ src, A (&v)[kVec<T>]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < kVec<T>; ++k) v[k] = to_acc<A>(e[k]);
+  unpack_vec<T, A>(__ldg(reinterpret_cast<const uint4*>(src)), v);
 }
 
 template <typename T, typename A, int N>
@@ -172,16 +235,14 @@ __device__ __forceinline__ void store_elems(T* dst, const A (&v)[N]) {
   }
 }
 
-// Sampled tile: dst[r * ld + c] = mask * bilinear(x, rec r)[c0 + c] for c < cnt, 0 elsewhere
-// (ROWS x COLS). The four corners are fetched as 16-byte vectors along C when `vec`.
+// Sampled tile: dst[r * ld + c] = sample(recs[r])[c0 + c] for c < cnt, 0 elsewhere (ROWS x COLS).
+// The four corners are fetched as 16-byte vectors along C when `vec`.
 template <typename T, int ROWS, int COLS, int THREADS>
-__device__ __forceinline__ void load_samples(T* dst, int ld, const Rec<Acc<T>>* recs,
-                                             const T* __restrict__ x, const Geo& g, int64_t c0,
-                                             int cnt, int tid) {
+__device__ __forceinline__ void load_samples(T* dst, int ld, const Samp<Acc<T>>* recs,
+                                             const T* __restrict__ x, bool vec, int64_t c0, int cnt,
+                                             int tid) {
   using A = Acc<T>;
-  const int H = static_cast<int>(g.p.h), W = static_cast<int>(g.p.w);
-  const int64_t C = g.p.c_in;
-  if (g.vec) {
+  if (vec) {
     constexpr int V = kVec<T>, VPR = COLS / V;
     static_assert(COLS % V == 0, "tile columns must hold whole vectors");
 #pragma unroll 2
@@ -189,28 +250,17 @@ __device__ __forceinline__ void load_samples(T* dst, int ld, const Rec<Acc<T>>* 
       const int r = idx / VPR, c = (idx - r * VPR) * V;
       A acc[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] = A(0);
-      const Rec<A> q = recs[r];
-      if (c < cnt && q.y0 > -4) {
-        const A hy = A(1) - q.ly, hx = A(1) - q.lx;
-        const A wt[4] = {hy * hx * q.m, hy * q.lx * q.m, q.ly * hx * q.m, q.ly * q.lx * q.m};
-        const T* base = x + q.xoff + c0 + c;
-        A v[4][V];
+      for (int e = 0; e < V; ++e) acc[e] = A(0);
+      if (c < cnt) {
+        const Samp<A>& q = recs[r];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          const int yy = q.y0 + (k >> 1), xx = q.x0 + (k & 1);
-          if (static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
-              static_cast<unsigned>(xx) < static_cast<unsigned>(W)) {
-            load_vec<T, A>(base + (static_cast<int64_t>(yy) * W + xx) * C, v[k]);
-          } else {
+          if (q.off[k] < 0) continue;
+          A v[V];
+          load_vec<T, A>(x + q.off[k] + c0 + c, v);
 #pragma unroll
-            for (int e = 0; e < V; ++e) v[k][e] = A(0);
-          }
+          for (int e = 0; e < V; ++e) acc[e] += q.w[k] * v[e];
         }
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[e] += wt[k] * v[k][e];
       }
       store_elems<T, A, V>(dst + r * ld + c, acc);
     }
@@ -218,19 +268,11 @@ __device__ __forceinline__ void load_samples(T* dst, int ld, const Rec<Acc<T>>* 
     for (int idx = tid; idx < ROWS * COLS; idx += THREADS) {
       const int r = idx / COLS, c = idx - r * COLS;
       A acc = A(0);
-      const Rec<A> q = recs[r];
-      if (c < cnt && q.y0 > -4) {
-        const A hy = A(1) - q.ly, hx = A(1) - q.lx;
-        const A wt[4] = {hy * hx, hy * q.lx, q.ly * hx, q.ly * q.lx};
-        const T* base = x + q.xoff + c0 + c;
+      if (c < cnt) {
+        const Samp<A>& q = recs[r];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int yy = q.y0 + (k >> 1), xx = q.x0 + (k & 1);
-          if (static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
-              static_cast<unsigned>(xx) < static_cast<unsigned>(W))
-            acc += wt[k] * to_acc<A>(base[(static_cast<int64_t>(yy) * W + xx) * C]);
-        }
-        acc *= q.m;
+        for (int k = 0; k < 4; ++k)
+          if (q.off[k] >= 0) acc += q.w[k] * to_acc<A>(x[q.off[k] + c0 + c]);
       }
       dst[r * ld + c] = from_acc<T>(acc);
     }

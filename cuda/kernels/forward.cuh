@@ -26,20 +26,23 @@ struct FwdLayout {
   static constexpr size_t kAB = align_up(kBufs * kABElems * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(Cfg::BM) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
-  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Rec<A>);
+  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Samp<A>);
 };
 
 // Walks the reduction of one block: taps, then the offset-group segments of the feature group's
-// channels, then chunks of BK channels; `group` counts (tap, segment) pairs (one bilinear table each).
+// channels, then chunks of BK channels; `group` counts (tap, segment) pairs (one bilinear table
+// each). 32-bit: channel counts and tap counts fit in int.
 struct ChunkWalk {
-  int64_t tap, c0, se, og, cnt, group;
-  int64_t cbeg, cend, Cpog, K, bk;
-  __device__ __forceinline__ void init(const Geo& g, int64_t fg, int64_t bk_) {
-    cbeg = fg * g.Cg, cend = cbeg + g.Cg, Cpog = g.Cpog, K = g.K, bk = bk_;
+  int tap, c0, se, og, cnt, group;
+  int cbeg, cend, Cpog, K, bk;
+  bool is_first;  // the chunk opens a new (tap, segment) group
+  __device__ __forceinline__ void init(const Geo& g, int fg, int bk_) {
+    cbeg = fg * static_cast<int>(g.Cg), cend = cbeg + static_cast<int>(g.Cg);
+    Cpog = static_cast<int>(g.Cpog), K = static_cast<int>(g.K), bk = bk_;
     tap = 0, group = 0, is_first = true;
     start_segment(cbeg);
   }
-  __device__ __forceinline__ void start_segment(int64_t cs) {
+  __device__ __forceinline__ void start_segment(int cs) {
     c0 = cs;
     og = cs / Cpog;
     se = (og + 1) * Cpog < cend ? (og + 1) * Cpog : cend;
@@ -47,7 +50,7 @@ struct ChunkWalk {
   }
   __device__ __forceinline__ bool valid() const { return tap < K && cbeg < cend; }
   // (tap, first channel) of the group after the current one; false past the end.
-  __device__ __forceinline__ bool next_group(int64_t* ntap, int64_t* ncs) const {
+  __device__ __forceinline__ bool next_group(int* ntap, int* ncs) const {
     if (se < cend) {
       *ntap = tap, *ncs = se;
     } else {
@@ -55,7 +58,6 @@ struct ChunkWalk {
     }
     return *ntap < K;
   }
-  bool is_first = true;  // the chunk opens a new (tap, segment) group
   __device__ __forceinline__ void next() {
     is_first = false;
     if (c0 + bk < se) {
@@ -74,15 +76,27 @@ struct ChunkWalk {
   }
 };
 
+// The block's output pixel `r` (row of the A tile): its linear index over (batch*n, h_out, w_out),
+// or -1 when the tile overhangs the image.
+__device__ __forceinline__ int64_t tile_pixel(const Geo& g, int64_t img, int64_t th0, int64_t tw0, int r,
+                                              int64_t* ho, int64_t* wo) {
+  const int tw = static_cast<int>(g.tile_w);
+  *ho = th0 + r / tw;
+  *wo = tw0 + r % tw;
+  if (*ho >= g.p.h_out || *wo >= g.p.w_out) return -1;
+  return (img * g.p.h_out + *ho) * g.p.w_out + *wo;
+}
+
 // Pipelined main loop (tensor cores, 16-byte vector path): the global loads of chunk i+1 (four
 // corners per vector, weights tile) are in flight in registers while the MMA of chunk i runs from
-// the other shared-memory buffer; one barrier per chunk. Bilinear tables are built one
-// (tap, segment) group ahead into a double buffer.
+// the other shared-memory buffer; one barrier per chunk. Bilinear tables (Samp: corner offsets
+// and weights, so the loader only adds the chunk's channel) are built one (tap, segment) group
+// ahead into a double buffer.
 template <typename T, typename Cfg, typename L, typename Mma>
 __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsigned char* smem,
                                                    const T* __restrict__ x, const T* __restrict__ offset,
                                                    const T* __restrict__ mask, const T* __restrict__ kb,
-                                                   int64_t img, int64_t th0, int64_t tw0, int64_t fg,
+                                                   int64_t img, int64_t th0, int64_t tw0, int fg,
                                                    int64_t o0, int ocnt) {
   using A = Acc<T>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::kThreads, V = kVec<T>;
@@ -91,68 +105,66 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   static_assert(NT % VPR == 0 && BM % RSTEP == 0 && NT % BVPR == 0 && BK % BRSTEP == 0, "pipeline split");
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
-  const int H = static_cast<int>(p.h), W = static_cast<int>(p.w);
-  const int64_t C = p.c_in;
-  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);  // (2, BM)
+  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::kMain);  // (2, BM)
   auto As = [&](int b) { return reinterpret_cast<T*>(smem) + b * L::kABElems; };
   auto Bs = [&](int b) { return reinterpret_cast<T*>(smem) + b * L::kABElems + BM * L::LDA; };
   const int cv = (tid % VPR) * V, r0 = tid / VPR;
   const int bc = (tid % BVPR) * V, br0 = tid / BVPR;
+  // The output pixel whose bilinear records this thread builds (one per thread, BM <= NT).
+  static_assert(BM <= NT, "one record per thread");
+  int64_t my_ho = 0, my_wo = 0;
+  const int64_t my_pix = tid < BM ? tile_pixel(g, img, th0, tw0, tid, &my_ho, &my_wo) : -1;
+  const int64_t ldo = p.c_out;
 
   uint4 cr[IT][4];
-  A w[IT][4];
   uint4 br[IB];
 
-  auto build_recs = [&](int64_t tap, int64_t og, int buf) {
-    for (int r = tid; r < BM; r += NT) {
-      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
-      const bool valid = ho < p.h_out && wo < p.w_out;
-      const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
-      recs[buf * BM + r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, static_cast<int>(tap), og);
-    }
+  auto build_recs = [&](int tap, int og, int buf) {
+    if (tid < BM)
+      recs[buf * BM + tid] = make_samp<T, A>(g, offset, mask, my_pix >= 0, my_pix, img, my_ho, my_wo, tap, og);
   };
   auto prefetch = [&](const ChunkWalk& ch) {
-    const Rec<A>* rb = recs + (ch.group & 1) * BM;
+    const Samp<A>* rb = recs + (ch.group & 1) * BM;
+    const bool cok = cv < ch.cnt;
+    const T* xc = x + (ch.c0 + cv);
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
-      const Rec<A> q = rb[r0 + i * RSTEP];
-      const bool ok = cv < ch.cnt && q.y0 > -4;
-      const A hy = A(1) - q.ly, hx = A(1) - q.lx;
-      const A wt[4] = {hy * hx * q.m, hy * q.lx * q.m, q.ly * hx * q.m, q.ly * q.lx * q.m};
-      const T* base = x + q.xoff + ch.c0 + cv;
+      const Samp<A>& q = rb[r0 + i * RSTEP];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int yy = q.y0 + (k >> 1), xx = q.x0 + (k & 1);
-        const bool in = ok && static_cast<unsigned>(yy) < static_cast<unsigned>(H) &&
-                        static_cast<unsigned>(xx) < static_cast<unsigned>(W);
-        w[i][k] = in ? wt[k] : A(0);
-        cr[i][k] = in ? __ldg(reinterpret_cast<const uint4*>(base + (static_cast<int64_t>(yy) * W + xx) * C))
-                      : make_uint4(0, 0, 0, 0);
+        const int64_t o = q.off[k];
+        cr[i][k] = (cok && o >= 0) ? __ldg(reinterpret_cast<const uint4*>(xc + o)) : make_uint4(0, 0, 0, 0);
       }
     }
-    const T* krow = kb + (ch.tap * g.Cg + (ch.c0 - ch.cbeg)) * p.c_out + o0;
+    const T* krow = kb + static_cast<int64_t>(ch.tap * static_cast<int>(g.Cg) + (ch.c0 - ch.cbeg)) * ldo + o0 + bc;
 #pragma unroll
     for (int j = 0; j < IB; ++j) {
       const int r = br0 + j * BRSTEP;
-      br[j] = (r < ch.cnt && bc < ocnt) ? __ldg(reinterpret_cast<const uint4*>(krow + r * p.c_out + bc))
+      br[j] = (r < ch.cnt && bc < ocnt) ? __ldg(reinterpret_cast<const uint4*>(krow + r * ldo))
                                         : make_uint4(0, 0, 0, 0);
     }
   };
-  auto store = [&](int buf) {
+  // Blend the prefetched corners of `ch` (weights re-read from its table, which stays intact
+  // until the barrier after this store) into A tile `buf`, and stage the weights rows.
+  auto store = [&](const ChunkWalk& ch, int buf) {
+    const Samp<A>* rb = recs + (ch.group & 1) * BM;
     T* as = As(buf);
     T* bs = Bs(buf);
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
+      const int r = r0 + i * RSTEP;
+      A wq[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) wq[k] = rb[r].w[k];
       A acc[V];
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = A(0);
-#pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const T* e4 = reinterpret_cast<const T*>(&cr[i][k]);
+        A v[V];
+        unpack_vec<T, A>(cr[i][k], v);
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += w[i][k] * to_acc<A>(e4[e]);
+        for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
       }
-      store_elems<T, A, V>(as + (r0 + i * RSTEP) * L::LDA + cv, acc);
+      store_elems<T, A, V>(as + r * L::LDA + cv, acc);
     }
 #pragma unroll
     for (int j = 0; j < IB; ++j) *reinterpret_cast<uint4*>(bs + (br0 + j * BRSTEP) * L::LDB + bc) = br[j];
@@ -169,10 +181,10 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   int buf = 0;
   while (true) {
     if (cur.is_first) {
-      int64_t ntap, ncs;
-      if (cur.next_group(&ntap, &ncs)) build_recs(ntap, ncs / g.Cpog, static_cast<int>((cur.group + 1) & 1));
+      int ntap, ncs;
+      if (cur.next_group(&ntap, &ncs)) build_recs(ntap, ncs / cur.Cpog, (cur.group + 1) & 1);
     }
-    store(buf);
+    store(cur, buf);
     __syncthreads();
     const bool more = nxt.valid();
     if (more) prefetch(nxt);
@@ -196,7 +208,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   T* As = reinterpret_cast<T*>(smem);                         // (BM, BK)
   T* Bs = As + BM * L::LDA;                                   // (BK, BN)
   A* Cs = reinterpret_cast<A*>(smem);                         // (BM, BN) after the main loop
-  Rec<A>* recs = reinterpret_cast<Rec<A>*>(smem + L::kMain);  // (BM)
+  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::kMain);  // (BM)
 
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
@@ -204,7 +216,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int64_t b = img / p.n;
   const int64_t th0 = (tile / g.tiles_w) * g.tile_h, tw0 = (tile % g.tiles_w) * g.tile_w;
   const int64_t nblk = (g.Cog + BN - 1) / BN;
-  const int64_t fg = blockIdx.y / nblk, ob = blockIdx.y % nblk;
+  const int fg = static_cast<int>(blockIdx.y / nblk);
+  const int64_t ob = blockIdx.y % nblk;
   const int64_t o0 = fg * g.Cog + ob * BN;
   const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
   const T* kb = kernel + b * p.kernel_size();
@@ -226,15 +239,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const int64_t og = cs / g.Cpog;
         const int64_t se = (og + 1) * g.Cpog < cend ? (og + 1) * g.Cpog : cend;
         for (int r = tid; r < BM; r += NT) {
-          const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
-          const bool valid = ho < p.h_out && wo < p.w_out;
-          const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
-          recs[r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, tap, og);
+          int64_t ho, wo;
+          const int64_t pix = tile_pixel(g, img, th0, tw0, r, &ho, &wo);
+          recs[r] = make_samp<T, A>(g, offset, mask, pix >= 0, pix, img, ho, wo, tap, og);
         }
         __syncthreads();
         for (int64_t c0 = cs; c0 < se; c0 += BK) {
           const int cnt = static_cast<int>(se - c0 < BK ? se - c0 : BK);
-          load_samples<T, BM, BK, NT>(As, L::LDA, recs, x, g, c0, cnt, tid);
+          load_samples<T, BM, BK, NT>(As, L::LDA, recs, x, g.vec, c0, cnt, tid);
           const T* krow = kb + (tap * g.Cg + (c0 - cbeg)) * p.c_out + o0;
           load_rows<T, BK, BN, NT>(Bs, L::LDB,
                                    [&](int r) -> const T* { return r < cnt ? krow + r * p.c_out : nullptr; },

@@ -7,6 +7,8 @@
 # bench). sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
 # picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats").
+# ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
+# arguments, default every suite shape x fp32/bf16 backward) in one process (ktime.log).
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -61,11 +63,20 @@ if has ncu; then
   IFS=';' read -ra specs <<< "${NCU_SPECS:-S2 float32;S3 float32;S2 bfloat16}"
   for spec in "${specs[@]}"; do
     echo "-- $spec" >> "$OUT/ncu.log"
-    timeout 150 ncu --kernel-name regex:deform\|convert --section SpeedOfLight --section LaunchStats \
+    timeout 150 ncu --clock-control none --kernel-name regex:deform\|convert --section SpeedOfLight --section LaunchStats \
       --section Occupancy ${NCU_ARGS:-} "$PY" benchmarks/profile_bwd.py $spec >> "$OUT/ncu.log" 2>&1
   done
   grep -E "^  [a-z_A-Z].*\(|^-- |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|L1/TEX Hit|L2 Hit" \
     "$OUT/ncu.log" | sed 's/void deft::kern:://' | cut -c1-120 | tail -n 120
+fi
+if has ktime; then
+  echo "== ktime ($(date -u +%T))"
+  specs=${KTIME_SPECS:-"S1,float32 S2,float32 S3,float32 S4,float32 S5,float32 S6,float32 S1,bfloat16 S2,bfloat16 S3,bfloat16 S4,bfloat16 S5,bfloat16 S6,bfloat16"}
+  # Warm-up launches happen at compile time only; the profiled launches follow the runs in order.
+  timeout 300 ncu --clock-control none --kernel-name regex:deform\|convert --metrics gpu__time_duration.sum --csv --print-units base \
+    "$PY" benchmarks/profile_bwd.py $specs > "$OUT/ktime.log" 2>&1
+  [[ $? -eq 0 ]] || status=1
+  "$PY" benchmarks/ktime_table.py "$OUT/ktime.log" $specs | tee "$OUT/ktime.md"
 fi
 echo "== done ($(date -u +%T)) status=$status"
 exit $status

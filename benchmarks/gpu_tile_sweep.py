@@ -51,6 +51,9 @@ def main():
     ap.add_argument("--shapes", default=",".join(SUITE))
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--bwd", action="store_true", help="also time fwd+bwd with the chosen config")
+    ap.add_argument("--per-config-bwd", action="store_true",
+                    help="also time fwd+bwd for every config (the backward follows the tile's stages)")
+    ap.add_argument("--configs", help="';'-separated subset of CONFIGS, e.g. '8,8,64,32,4,2;8,16,64,32,8,2'")
     ap.add_argument("--out")
     a = ap.parse_args()
     rows = []
@@ -68,8 +71,10 @@ def main():
             conv = lambda x, off, kern, m: lax.conv_general_dilated(
                 x, kern, (s, s), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
             t_conv = device_time(conv, (x, off, kern, m))
-            res = {"shape": name, "dtype": dt, "conv_us": t_conv, "fwd_us": {}}
-            for cfg in CONFIGS:
+            res = {"shape": name, "dtype": dt, "conv_us": t_conv, "fwd_us": {}, "cfg_fwdbwd_us": {}}
+            configs = CONFIGS if not a.configs else [
+                tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")]
+            for cfg in configs:
                 tc = tiling.TileConfig(*cfg)
                 tiling.choose_tiling = lambda *args, tc=tc, **kw: tc
                 f = lambda x, off, kern, m: deft_jax.deform_conv2d(x, off, kern, m, strides=s, padding=1)
@@ -77,6 +82,12 @@ def main():
                     res["fwd_us"][str(cfg)] = device_time(f, (x, off, kern, m))
                 except Exception as e:  # noqa: BLE001 - a config the kernels reject
                     res["fwd_us"][str(cfg)] = f"error: {str(e)[:80]}"
+                if a.per_config_bwd and isinstance(res["fwd_us"][str(cfg)], float):
+                    def fbc(x, off, kern, m):
+                        y, vjp = jax.vjp(lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1),
+                                         x, off, kern, m)
+                        return vjp(y)[0]
+                    res["cfg_fwdbwd_us"][str(cfg)] = device_time(fbc, (x, off, kern, m), r=5)
             tiling.choose_tiling = orig
             if a.bwd:
                 def fb(x, off, kern, m):
@@ -87,7 +98,8 @@ def main():
             print(f"{name} {dt:9s} conv {t_conv:8.1f} us | " + " ".join(
                 f"{k}:{v:.0f}" if isinstance(v, float) else f"{k}:ERR" for k, v in res["fwd_us"].items())
                 + f" | best {best[1]} {best[0]:.1f} us ({best[0] / t_conv:.2f}x conv)"
-                + (f" | fwdbwd {res['fwdbwd_us']:.0f} us" if a.bwd else ""), flush=True)
+                + (f" | fwdbwd {res['fwdbwd_us']:.0f} us" if a.bwd else "")
+                + "".join(f" | fwdbwd {k}:{v:.0f}" for k, v in res["cfg_fwdbwd_us"].items()), flush=True)
             rows.append(res)
     if a.out:
         with open(a.out, "w") as fh:

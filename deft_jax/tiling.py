@@ -78,11 +78,10 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
         # S6 138 -> 90; fp32 S3 367 -> 287, S4 347 -> 262, S6 219 -> 176 (vs 8x8x64).
         return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2)
-    if pixels_per_image >= 128 and s.dtype in ("bfloat16", "float16"):
-        # S1/S2 (64 output channels): 128 pixels per block, bf16 S2 250 -> 217 us, S1 86 -> 62;
-        # for fp32 the same tile is slower (437 -> 525 us: 255 registers, spills), so 8x8 there.
-        return TileConfig(tile_h=8, tile_w=16, tile_n=64, tile_k=32, warps=4, stages=2)
-    # S5 (7x7 outputs: 128-pixel tiles would be 62% padding) and fp32 with <= 64 channels.
+    # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
+    # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM
+    # (128-register cap), which beat the 128-pixel tile at S1/S2 (bf16 S2 184 vs 191 us, S5 175 vs
+    # 264; NOTES.md "forward v4"); fp32's 128-pixel tile spills (437 -> 525 us at S2).
     # stages=2 vs 1: S5 bf16 420 -> 211 us, S2 bf16 379 -> 250, fp32 S2 547 -> 437.
     return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
 

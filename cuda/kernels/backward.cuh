@@ -22,40 +22,48 @@ struct WeightCfg {
   static constexpr int BC = 64, BN = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
 };
 
-template <typename T>
+// Pipelined variants (tensor cores, 16-byte vector path): the data pass streams dY and W^T tiles
+// through kDataStages shared-memory stages by cp.async; the weight pass double-buffers its tiles
+// with the sampled corners prefetched in registers (as the forward) and dY rows by cp.async.
+constexpr int kDataStages = 3;
+
+template <typename T, int STAGES>
 struct DataLayout {
   using A = Acc<T>;
   using C = DataCfg;
   static constexpr int LDA = C::BK + kPad<T>;  // As[BM][LDA]: dY rows
   static constexpr int LDB = C::BK + kPad<T>;  // Bs[BC][LDB]: W^T stored column-major (ci rows)
   static constexpr int LDC = C::BC + kCPad;    // Cs[BM][LDC]: grad_col
-  static constexpr size_t kAB = align_up((size_t(C::BM) * LDA + size_t(C::BC) * LDB) * sizeof(T), 128);
+  static constexpr size_t kABElems = size_t(C::BM) * LDA + size_t(C::BC) * LDB;  // one stage
+  static constexpr size_t kAB = align_up(STAGES * kABElems * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(C::BM) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
   static constexpr size_t kBytes = kMain + size_t(C::BM) * sizeof(Rec<A>);
 };
 
-template <typename T>
+template <typename T, int BUFS>
 struct WeightLayout {
   using A = Acc<T>;
   using C = WeightCfg;
   static constexpr int LDA = C::BC + kPad<T>;  // As[BK pixels][LDA]: samples (column-major A)
   static constexpr int LDB = C::BN + kPad<T>;  // Bs[BK pixels][LDB]: dY rows
   static constexpr int LDC = C::BN + kCPad;    // Cs[BC][LDC]
-  static constexpr size_t kAB = align_up((size_t(C::BK) * LDA + size_t(C::BK) * LDB) * sizeof(T), 128);
+  static constexpr size_t kABElems = size_t(C::BK) * LDA + size_t(C::BK) * LDB;  // one buffer
+  static constexpr size_t kAB = align_up(BUFS * kABElems * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(C::BC) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
-  static constexpr size_t kBytes = kMain + size_t(C::BK) * sizeof(Samp<A>);
+  static constexpr size_t kBytes = kMain + BUFS * size_t(C::BK) * sizeof(Samp<A>);
 };
 
-template <typename T, bool TC>
+template <typename T, bool TC, bool PIPE>
 __global__ void __launch_bounds__(DataCfg::kThreads)
     deform_bwd_data_kernel(const Geo g, int64_t maxq, const T* __restrict__ x,
                            const T* __restrict__ offset, const T* __restrict__ mask,
                            const T* __restrict__ kernel, const T* __restrict__ dy, Atom<T>* dxa,
                            Atom<T>* doffa, Atom<T>* dmaska) {
   using A = Acc<T>;
-  using L = DataLayout<T>;
+  constexpr int S = PIPE ? kDataStages : 1;
+  using L = DataLayout<T, S>;
   constexpr int BM = DataCfg::BM, BC = DataCfg::BC, BK = DataCfg::BK, NT = DataCfg::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);  // (BM, BK)
@@ -75,34 +83,65 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
   const T* kb = kernel + b * p.kernel_size();
   const int64_t cbeg = fg * g.Cg;
 
-  for (int r = tid; r < BM; r += NT) {
-    const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
-    const bool valid = ho < p.h_out && wo < p.w_out;
-    const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
-    recs[r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, static_cast<int>(tap), og);
-  }
+  auto build_recs = [&]() {
+    for (int r = tid; r < BM; r += NT) {
+      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      const bool valid = ho < p.h_out && wo < p.w_out;
+      const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
+      recs[r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, static_cast<int>(tap), og);
+    }
+  };
+  // dY row of tile pixel r (nullptr past the image), W^T row of chunk channel r.
+  auto dy_row = [&](int64_t ocol) {
+    return [=, &g](int r) -> const T* {
+      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      if (ho >= g.p.h_out || wo >= g.p.w_out) return nullptr;
+      return dy + ((img * g.p.h_out + ho) * g.p.w_out + wo) * g.p.c_out + ocol;
+    };
+  };
+  auto w_row = [&](int64_t ocol) {
+    const T* krow = kb + (tap * g.Cg + (c0 - cbeg)) * p.c_out + ocol;
+    return [=, &p](int r) -> const T* { return r < cnt ? krow + r * p.c_out : nullptr; };
+  };
 
   MmaTile<T, TC, BM, BC, BK, DataCfg::WM, DataCfg::WN, false, true> mma;
   mma.zero();
-  for (int64_t o = 0; o < g.Cog; o += BK) {
-    const int ocnt = static_cast<int>(g.Cog - o < BK ? g.Cog - o : BK);
-    const int64_t ocol = fg * g.Cog + o;
-    load_rows<T, BM, BK, NT>(
-        As, L::LDA,
-        [&](int r) -> const T* {
-          const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
-          if (ho >= p.h_out || wo >= p.w_out) return nullptr;
-          return dy + ((img * p.h_out + ho) * p.w_out + wo) * p.c_out + ocol;
-        },
-        ocnt, g.vec, tid);
-    const T* krow = kb + (tap * g.Cg + (c0 - cbeg)) * p.c_out + ocol;
-    load_rows<T, BC, BK, NT>(
-        Bs, L::LDB, [&](int r) -> const T* { return r < cnt ? krow + r * p.c_out : nullptr; }, ocnt,
-        g.vec, tid);
-    __syncthreads();
-    mma.compute(As, L::LDA, Bs, L::LDB, tid);
-    __syncthreads();
+  const int nk = static_cast<int>((g.Cog + BK - 1) / BK);
+  if constexpr (PIPE) {
+    auto As = [&](int st) { return reinterpret_cast<T*>(smem) + st * L::kABElems; };
+    auto issue = [&](int i) {  // chunk i of C_out into stage i % S (an empty group past the end)
+      if (i < nk) {
+        const int64_t o = int64_t(i) * BK, ocol = fg * g.Cog + o;
+        const int ocnt = static_cast<int>(g.Cog - o < BK ? g.Cog - o : BK);
+        T* as = As(i % S);
+        load_rows_async<T, BM, BK, NT>(as, L::LDA, dy_row(ocol), ocnt, dy, tid);
+        load_rows_async<T, BC, BK, NT>(as + BM * L::LDA, L::LDB, w_row(ocol), ocnt, dy, tid);
+      }
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(i);
+    build_recs();  // its offset loads overlap the first copies
+    for (int i = 0; i < nk; ++i) {
+      cp_async_wait<S - 2>();  // chunk i has landed (this thread's copies) ...
+      __syncthreads();         // ... everyone's, and stage (i - 1) % S is free again
+      issue(i + S - 1);
+      mma.compute(As(i % S), L::LDA, As(i % S) + BM * L::LDA, L::LDB, tid);
+    }
+    cp_async_wait<0>();
+  } else {
+    build_recs();
+    for (int i = 0; i < nk; ++i) {
+      const int64_t o = int64_t(i) * BK, ocol = fg * g.Cog + o;
+      const int ocnt = static_cast<int>(g.Cog - o < BK ? g.Cog - o : BK);
+      load_rows<T, BM, BK, NT>(As, L::LDA, dy_row(ocol), ocnt, g.vec, tid);
+      load_rows<T, BC, BK, NT>(Bs, L::LDB, w_row(ocol), ocnt, g.vec, tid);
+      __syncthreads();
+      mma.compute(As, L::LDA, Bs, L::LDB, tid);
+      __syncthreads();
+    }
   }
+  __syncthreads();  // the grad_col tile aliases the A/B stages
   mma.store(Cs, L::LDC, tid);
   __syncthreads();
 
@@ -193,13 +232,118 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
   }
 }
 
-template <typename T, bool TC>
+// Pipelined weight-pass loop over pixel steps [step0, step1) (tensor cores, 16-byte vectors):
+// while the MMA of step s runs, the corners of step s+1 are in flight in registers and its dY rows
+// by cp.async; the Samp table of step s+1 is built at the top of step s from offsets loaded one
+// step earlier, so no global load sits between two barriers unhidden. One barrier per step.
+template <typename T, typename L, typename Mma>
+__device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, unsigned char* smem,
+                                                      const T* __restrict__ x, const T* __restrict__ offset,
+                                                      const T* __restrict__ mask, const T* __restrict__ dy,
+                                                      int64_t b, int tap, int64_t og, int64_t c0, int cnt,
+                                                      int64_t o0, int ocnt, int64_t step0, int64_t step1) {
+  using A = Acc<T>;
+  constexpr int BC = WeightCfg::BC, BN = WeightCfg::BN, BK = WeightCfg::BK, NT = WeightCfg::kThreads;
+  constexpr int V = kVec<T>, VPR = BC / V, RSTEP = NT / VPR, IT = BK / RSTEP;
+  static_assert(NT % VPR == 0 && BK % RSTEP == 0 && BK <= NT, "weight pipeline split");
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::kMain);  // (2, BK)
+  auto As = [&](int buf) { return reinterpret_cast<T*>(smem) + buf * L::kABElems; };
+  auto Bs = [&](int buf) { return As(buf) + BK * L::LDA; };
+  const int cv = (tid % VPR) * V, r0 = tid / VPR;
+  const int64_t hw = p.h_out * p.w_out;
+  uint4 cr[IT][4];
+
+  auto load_in = [&](int64_t s) {  // this thread's pixel of step s
+    const int64_t pl = s * BK + tid;
+    const bool valid = tid < BK && s < step1 && pl < g.pixels;
+    return load_samp_in<T, A>(g, offset, mask, valid, b * g.pixels + pl, tap, og);
+  };
+  auto build = [&](int64_t s, const SampIn<A>& in, int buf) {
+    if (tid >= BK) return;
+    const int64_t pl = s * BK + tid;
+    const bool valid = pl < g.pixels;
+    const int64_t im = pl / hw, rem = pl - im * hw, ho = rem / p.w_out, wo = rem - ho * p.w_out;
+    recs[buf * BK + tid] = build_samp<A>(g, in, valid, b * p.n + im, ho, wo, tap);
+  };
+  auto prefetch = [&](int buf) {
+    const Samp<A>* rb = recs + buf * BK;
+    const bool cok = cv < cnt;
+    const T* xc = x + (c0 + cv);
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const Samp<A>& q = rb[r0 + i * RSTEP];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t o = q.off[k];
+        cr[i][k] = (cok && o >= 0) ? __ldg(reinterpret_cast<const uint4*>(xc + o)) : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto store = [&](int buf) {  // blend the prefetched corners into A tile `buf`
+    const Samp<A>* rb = recs + buf * BK;
+    T* as = As(buf);
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const int r = r0 + i * RSTEP;
+      A wq[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) wq[k] = rb[r].w[k];
+      A acc[V];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        A v[V];
+        unpack_vec<T, A>(cr[i][k], v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
+      }
+      store_elems<T, A, V>(as + r * L::LDA + cv, acc);
+    }
+  };
+  auto issue_dy = [&](int64_t s, int buf) {
+    const int64_t p0 = s * BK;
+    const T* drow = dy + (b * g.pixels + p0) * p.c_out + o0;
+    load_rows_async<T, BK, BN, NT>(
+        Bs(buf), L::LDB, [&](int r) -> const T* { return p0 + r < g.pixels ? drow + r * p.c_out : nullptr; },
+        ocnt, dy, tid);
+    cp_async_commit();
+  };
+
+  if (step0 >= step1) return;
+  build(step0, load_in(step0), 0);
+  SampIn<A> nin = load_in(step0 + 1);
+  issue_dy(step0, 0);
+  __syncthreads();
+  prefetch(0);
+  int buf = 0;
+  for (int64_t s = step0;; ++s) {
+    const bool more = s + 1 < step1;
+    if (more) {
+      build(s + 1, nin, buf ^ 1);
+      nin = load_in(s + 2);
+    }
+    store(buf);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (more) {
+      prefetch(buf ^ 1);
+      issue_dy(s + 1, buf ^ 1);
+    }
+    mma.compute(As(buf), L::LDA, Bs(buf), L::LDB, tid);
+    if (!more) break;
+    buf ^= 1;
+  }
+  __syncthreads();  // the accumulator tile aliases the A/B buffers
+}
+
+template <typename T, bool TC, bool PIPE>
 __global__ void __launch_bounds__(WeightCfg::kThreads)
     deform_bwd_weight_kernel(const Geo g, int64_t maxq, int64_t steps_per_split,
                              const T* __restrict__ x, const T* __restrict__ offset,
                              const T* __restrict__ mask, const T* __restrict__ dy, Atom<T>* dka) {
   using A = Acc<T>;
-  using L = WeightLayout<T>;
+  using L = WeightLayout<T, PIPE ? 2 : 1>;
   constexpr int BC = WeightCfg::BC, BN = WeightCfg::BN, BK = WeightCfg::BK, NT = WeightCfg::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);  // (BK pixels, BC)
@@ -230,25 +374,30 @@ __global__ void __launch_bounds__(WeightCfg::kThreads)
 
   MmaTile<T, TC, BC, BN, BK, WeightCfg::WM, WeightCfg::WN, true, false> mma;
   mma.zero();
-  for (int64_t s = step0; s < step1; ++s) {
-    const int64_t p0 = s * BK;
-    for (int r = tid; r < BK; r += NT) {
-      const int64_t pl = p0 + r;
-      const bool valid = pl < g.pixels;
-      const int64_t im = pl / hw, ho = (pl % hw) / p.w_out, wo = pl % p.w_out;
-      recs[r] = make_samp<T, A>(g, offset, mask, valid, b * g.pixels + pl, b * p.n + im, ho, wo,
-                               static_cast<int>(tap), og);
+  if constexpr (PIPE) {
+    weight_main_pipelined<T, L>(g, mma, smem, x, offset, mask, dy, b, static_cast<int>(tap), og, c0, cnt, o0,
+                                ocnt, step0, step1);
+  } else {
+    for (int64_t s = step0; s < step1; ++s) {
+      const int64_t p0 = s * BK;
+      for (int r = tid; r < BK; r += NT) {
+        const int64_t pl = p0 + r;
+        const bool valid = pl < g.pixels;
+        const int64_t im = pl / hw, ho = (pl % hw) / p.w_out, wo = pl % p.w_out;
+        recs[r] = make_samp<T, A>(g, offset, mask, valid, b * g.pixels + pl, b * p.n + im, ho, wo,
+                                 static_cast<int>(tap), og);
+      }
+      __syncthreads();
+      load_samples<T, BK, BC, NT>(As, L::LDA, recs, x, g.vec, c0, cnt, tid);
+      const T* drow = dy + (b * g.pixels + p0) * p.c_out + o0;
+      load_rows<T, BK, BN, NT>(
+          Bs, L::LDB,
+          [&](int r) -> const T* { return p0 + r < g.pixels ? drow + r * p.c_out : nullptr; }, ocnt,
+          g.vec, tid);
+      __syncthreads();
+      mma.compute(As, L::LDA, Bs, L::LDB, tid);
+      __syncthreads();
     }
-    __syncthreads();
-    load_samples<T, BK, BC, NT>(As, L::LDA, recs, x, g.vec, c0, cnt, tid);
-    const T* drow = dy + (b * g.pixels + p0) * p.c_out + o0;
-    load_rows<T, BK, BN, NT>(
-        Bs, L::LDB,
-        [&](int r) -> const T* { return p0 + r < g.pixels ? drow + r * p.c_out : nullptr; }, ocnt,
-        g.vec, tid);
-    __syncthreads();
-    mma.compute(As, L::LDA, Bs, L::LDB, tid);
-    __syncthreads();
   }
   mma.store(Cs, L::LDC, tid);
   __syncthreads();

@@ -160,10 +160,30 @@ struct alignas(16) Samp {
   A w[4];
 };
 
+// The raw inputs of one sample (offset pair, mask), loaded apart from building the Samp so a
+// pipelined loop can have them in flight a step ahead.
+template <typename A>
+struct SampIn {
+  A dy, dx, m;
+};
+
 template <typename T, typename A>
-__device__ __forceinline__ Samp<A> make_samp(const Geo& g, const T* __restrict__ offset,
-                                             const T* __restrict__ mask, bool valid, int64_t pix,
-                                             int64_t img, int64_t ho, int64_t wo, int tap, int64_t og) {
+__device__ __forceinline__ SampIn<A> load_samp_in(const Geo& g, const T* __restrict__ offset,
+                                                  const T* __restrict__ mask, bool valid, int64_t pix,
+                                                  int tap, int64_t og) {
+  const ConvParams& p = g.p;
+  SampIn<A> in{A(0), A(0), A(1)};
+  if (!valid) return in;
+  const T* o = offset + pix * (p.offset_groups * g.K * 2) + (og * g.K + tap) * 2;
+  in.dy = to_acc<A>(o[0]);
+  in.dx = to_acc<A>(o[1]);
+  if (p.with_mask) in.m = to_acc<A>(mask[pix * (p.offset_groups * g.K) + og * g.K + tap]);
+  return in;
+}
+
+template <typename A>
+__device__ __forceinline__ Samp<A> build_samp(const Geo& g, const SampIn<A>& in, bool valid, int64_t img,
+                                              int64_t ho, int64_t wo, int tap) {
   const ConvParams& p = g.p;
   Samp<A> s;
 #pragma unroll
@@ -171,12 +191,9 @@ __device__ __forceinline__ Samp<A> make_samp(const Geo& g, const T* __restrict__
   if (!valid) return s;
   const int kw = static_cast<int>(p.kw);  // 32-bit: a 64-bit division is a ~70-instruction call
   const int i = tap / kw, j = tap - i * kw;
-  const T* o = offset + pix * (p.offset_groups * g.K * 2) + (og * g.K + tap) * 2;
-  const A dy = to_acc<A>(o[0]), dx = to_acc<A>(o[1]);
-  const A m = p.with_mask ? to_acc<A>(mask[pix * (p.offset_groups * g.K) + og * g.K + tap]) : A(1);
-  const Bilinear<A> b = make_bilinear<A>(A(p.base_y(ho, i)) + dy, A(p.base_x(wo, j)) + dx, p.h, p.w);
+  const Bilinear<A> b = make_bilinear<A>(A(p.base_y(ho, i)) + in.dy, A(p.base_x(wo, j)) + in.dx, p.h, p.w);
   if (!b.inside) return s;
-  const A hy = A(1) - b.ly, hx = A(1) - b.lx;
+  const A hy = A(1) - b.ly, hx = A(1) - b.lx, m = in.m;
   const A wt[4] = {hy * hx * m, hy * b.lx * m, b.ly * hx * m, b.ly * b.lx * m};
   const bool ok[4] = {b.v00, b.v01, b.v10, b.v11};
   const int64_t px0 = (img * p.h + b.y0) * p.w + b.x0;
@@ -187,6 +204,13 @@ __device__ __forceinline__ Samp<A> make_samp(const Geo& g, const T* __restrict__
     s.w[k] = wt[k];
   }
   return s;
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ Samp<A> make_samp(const Geo& g, const T* __restrict__ offset,
+                                             const T* __restrict__ mask, bool valid, int64_t pix,
+                                             int64_t img, int64_t ho, int64_t wo, int tap, int64_t og) {
+  return build_samp<A>(g, load_samp_in<T, A>(g, offset, mask, valid, pix, tap, og), valid, img, ho, wo, tap);
 }
 
 // A 16-byte vector of T as kVec<T> accumulators. bf16 -> fp32 is a shift or a mask of the 32-bit
@@ -299,6 +323,31 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, RowPtr row, int cnt, b
       const T* src = row(r);
       dst[r * ld + c] = (src != nullptr && c < cnt) ? src[c] : from_acc<T>(Acc<T>(0));
     }
+  }
+}
+
+// Asynchronous 16-byte global -> shared copies (sm_80 cp.async, L2 only: the rows are read once per
+// block). ok = false zero-fills the destination without reading `src` (any valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// load_rows by cp.async (16-byte vector path only: every row start and `cnt` multiples of kVec).
+template <typename T, int ROWS, int COLS, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_rows_async(T* dst, int ld, RowPtr row, int cnt, const T* any, int tid) {
+  constexpr int V = kVec<T>, VPR = COLS / V;
+  static_assert(COLS % V == 0, "tile columns must hold whole vectors");
+#pragma unroll
+  for (int idx = tid; idx < ROWS * VPR; idx += THREADS) {
+    const int r = idx / VPR, c = (idx - r * VPR) * V;
+    const T* src = row(r);
+    const bool ok = src != nullptr && c < cnt;
+    cp_async16(dst + r * ld + c, ok ? src + c : any, ok);
   }
 }
 

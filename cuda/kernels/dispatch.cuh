@@ -56,10 +56,15 @@ inline cudaError_t check_extents(const ConvParams& p) {
 // Instantiated forward tiles (pixels, tile_n, warps), tile_k = 32. (tile_k = 64 for 16-bit types
 // needed 255 registers with spills on the pipelined path: 4 vectors x 4 corners in flight.)
 // stages: 1 = load, barrier, MMA; 2 = register-prefetch pipeline (tensor-core vector path).
+// The last template argument is the blocks per SM the registers must allow: 4 x 4 warps caps a
+// 16-bit-type thread of the 64-pixel tile at 128 registers (16 warps per SM instead of 8: the
+// loop is latency-bound; measured in NOTES.md "forward v4"). fp32 holds twice the corner vectors
+// per element and spills at 128, and a 128-register cap on the 128-pixel tiles spilled (slower),
+// so those keep the allocation they were measured with.
 template <typename T> constexpr int kFwdBK = 32;
-template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2>;
-template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2>;
-template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2>;
+template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2, kIsHalf<T> ? 4 : sizeof(T) == 4 ? 2 : 1>;
+template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2, 2>;
+template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2, 1>;
 
 template <typename T, typename F>
 cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
@@ -121,21 +126,33 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
                             Atom<T>* dmaska, Atom<T>* dka) {
   const ConvParams& p = g.p;
   if (g.K == 0 || g.Cg == 0 || g.Cog == 0 || g.pixels == 0) return cudaSuccess;
+  // stages >= 2 (g.pipeline) on the tensor-core vector path: the pipelined instantiations.
+  const bool pipe = TC && g.vec && g.pipeline;
   {  // data pass
     const int64_t maxq = max_chunks(g, DataCfg::BC);
     const int64_t gx = p.batch * p.n * g.tiles_img, gy = p.feature_groups * g.K * maxq;
     if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
-    using L = DataLayout<T>;
-    auto fn = deform_bwd_data_kernel<T, TC>;
-    if (L::kBytes > 48 * 1024) {
-      if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(L::kBytes));
-          e != cudaSuccess)
-        return e;
+    auto launch = [&](auto pipe_tag) {
+      constexpr bool PIPE = decltype(pipe_tag)::value;
+      using L = DataLayout<T, PIPE ? kDataStages : 1>;
+      auto fn = deform_bwd_data_kernel<T, TC, PIPE>;
+      if (L::kBytes > 48 * 1024) {
+        if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(L::kBytes));
+            e != cudaSuccess)
+          return e;
+      }
+      fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, L::kBytes, stream>>>(
+          g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
+      return cudaGetLastError();
+    };
+    cudaError_t e;
+    if constexpr (TC) {
+      e = pipe ? launch(std::true_type{}) : launch(std::false_type{});
+    } else {
+      e = launch(std::false_type{});
     }
-    fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, L::kBytes, stream>>>(
-        g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    if (e != cudaSuccess) return e;
   }
   {  // weight pass
     const int64_t maxq = max_chunks(g, WeightCfg::BC);
@@ -150,17 +167,27 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
     splits = std::min<int64_t>({splits, steps, 65535});
     const int64_t per = (steps + splits - 1) / splits;
     splits = (steps + per - 1) / per;
-    using L = WeightLayout<T>;
-    auto fn = deform_bwd_weight_kernel<T, TC>;
-    if (L::kBytes > 48 * 1024) {
-      if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(L::kBytes));
-          e != cudaSuccess)
-        return e;
+    auto launch = [&](auto pipe_tag) {
+      constexpr bool PIPE = decltype(pipe_tag)::value;
+      using L = WeightLayout<T, PIPE ? 2 : 1>;
+      auto fn = deform_bwd_weight_kernel<T, TC, PIPE>;
+      if (L::kBytes > 48 * 1024) {
+        if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(L::kBytes));
+            e != cudaSuccess)
+          return e;
+      }
+      fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), WeightCfg::kThreads, L::kBytes,
+           stream>>>(g, maxq, per, x, offset, mask, dy, dka);
+      return cudaGetLastError();
+    };
+    cudaError_t e;
+    if constexpr (TC) {
+      e = pipe ? launch(std::true_type{}) : launch(std::false_type{});
+    } else {
+      e = launch(std::false_type{});
     }
-    fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), WeightCfg::kThreads, L::kBytes,
-         stream>>>(g, maxq, per, x, offset, mask, dy, dka);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
@@ -181,7 +208,8 @@ cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileCon
   if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
   int64_t th, tw;
   bwd_spatial_tile(t, &th, &tw);
-  const Geo g = make_geo<T>(p, th, tw);
+  Geo g = make_geo<T>(p, th, tw);
+  g.pipeline = t.stages >= 2;  // the backward follows the tile's stages too
   const int64_t nx = p.batch * p.x_size(), no = p.batch * p.offset_size(), nm = p.batch * p.mask_size(),
                 nk = p.batch * p.kernel_size();
   Atom<T> *dxa, *doffa, *dmaska, *dka;

@@ -9,10 +9,13 @@ namespace deft {
 namespace kern {
 
 // One block: BM output pixels (a tile_h x tile_w spatial tile of one image) x BN output channels
-// of one feature group; the reduction runs over (tap, chunk of BK input channels).
-template <int BM_, int BN_, int BK_, int WM_, int WN_>
+// of one feature group; the reduction runs over (tap, chunk of BK input channels). MINB: blocks
+// per SM the register allocation must allow (__launch_bounds__): the loop is latency-bound, so
+// warps per SM matter more than registers per thread (NOTES.md, "forward v4").
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int MINB_>
 struct FwdCfg {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, kThreads = WM * WN * 32;
+  static constexpr int kMinBlocks = MINB_;
 };
 
 template <typename T, bool TC, typename Cfg>
@@ -197,8 +200,10 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   __syncthreads();  // the accumulator tile aliases the A/B buffers
 }
 
-template <typename T, bool TC, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
+// PIPE: the pipelined loop (tensor cores, 16-byte vectors, stages=2) is its own instantiation so
+// the simple loop's registers do not count against it.
+template <typename T, bool TC, bool PIPE, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     deform_fwd_kernel(const Geo g, const T* __restrict__ x, const T* __restrict__ offset,
                       const T* __restrict__ mask, const T* __restrict__ kernel, T* __restrict__ y) {
   using A = Acc<T>;
@@ -226,14 +231,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   MmaTile<T, TC, BM, BN, BK, Cfg::WM, Cfg::WN, false, false> mma;
   mma.zero();
 
-  bool done = false;
-  if constexpr (TC) {
-    if (g.vec && g.pipeline) {
-      fwd_main_pipelined<T, Cfg, L>(g, mma, smem, x, offset, mask, kb, img, th0, tw0, fg, o0, ocnt);
-      done = true;
-    }
-  }
-  if (!done) {
+  if constexpr (PIPE) {
+    fwd_main_pipelined<T, Cfg, L>(g, mma, smem, x, offset, mask, kb, img, th0, tw0, fg, o0, ocnt);
+  } else {
     for (int tap = 0; tap < g.K; ++tap) {
       for (int64_t cs = cbeg; cs < cend;) {
         const int64_t og = cs / g.Cpog;
@@ -292,7 +292,10 @@ cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const 
   const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
   if (gx == 0 || gy == 0) return cudaSuccess;
   if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
-  auto fn = deform_fwd_kernel<T, TC, Cfg>;
+  auto fn = deform_fwd_kernel<T, TC, false, Cfg>;
+  if constexpr (TC) {
+    if (g.vec && g.pipeline) fn = deform_fwd_kernel<T, TC, true, Cfg>;
+  }
   if (L::kBytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(L::kBytes));

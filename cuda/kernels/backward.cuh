@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
           v[k][0] = ok[k] ? to_acc<A>(x[at[k] + c]) : A(0);
         } else {
           if (ok[k]) {
-            load_vec<T, A>(x + at[k] + c, v[k]);
+            load_n<T, A, V>(x + at[k] + c, v[k]);
           } else {
 #pragma unroll
             for (int e = 0; e < V; ++e) v[k][e] = A(0);
@@ -210,7 +210,11 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
       }
     };
     if (g.vec) {
-      constexpr int V = kVec<T>;
+      // One 16-byte atomic per lane and corner: adjacent lanes (same pixel) then cover one 32-byte
+      // sector per instruction. (Eight 16-bit channels per lane split each lane's 32 bytes over
+      // two instructions, so every instruction touched two half-used sectors: twice the L2
+      // atomic operations of fp32; NOTES.md "backward v3".)
+      constexpr int V = 16 / static_cast<int>(sizeof(Atom<T>));
       for (int c = part * V; c < cnt; c += PARTS * V) body(std::integral_constant<int, V>{}, c);
     } else {
       for (int c = part; c < cnt; c += PARTS) body(std::integral_constant<int, 1>{}, c);

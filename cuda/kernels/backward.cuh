@@ -406,9 +406,21 @@ __global__ void __launch_bounds__(WeightCfg::kThreads)
   mma.store(Cs, L::LDC, tid);
   __syncthreads();
   Atom<T>* dst = dka + b * p.kernel_size() + (tap * g.Cg + (c0 - fg * g.Cg)) * p.c_out + o0;
-  for (int idx = tid; idx < BC * BN; idx += NT) {
-    const int r = idx / BN, c = idx % BN;
-    if (r < cnt && c < ocnt) atomicAdd(dst + r * p.c_out + c, static_cast<Atom<T>>(Cs[r * L::LDC + c]));
+  if (g.vec) {  // c_out, o0 and ocnt are multiples of 4 here: 16-byte atomics (sm_90)
+    constexpr int AV = 16 / static_cast<int>(sizeof(Atom<T>));
+    for (int idx = tid; idx < BC * (BN / AV); idx += NT) {
+      const int r = idx / (BN / AV), c = (idx % (BN / AV)) * AV;
+      if (r >= cnt || c >= ocnt) continue;
+      Atom<T> v[AV];
+#pragma unroll
+      for (int e = 0; e < AV; ++e) v[e] = static_cast<Atom<T>>(Cs[r * L::LDC + c + e]);
+      atomic_add_n<AV>(dst + r * p.c_out + c, v);
+    }
+  } else {
+    for (int idx = tid; idx < BC * BN; idx += NT) {
+      const int r = idx / BN, c = idx % BN;
+      if (r < cnt && c < ocnt) atomicAdd(dst + r * p.c_out + c, static_cast<Atom<T>>(Cs[r * L::LDC + c]));
+    }
   }
 }
 

@@ -120,6 +120,34 @@ BwdWorkspace bwd_workspace(const ConvParams& p) {
   return w;
 }
 
+// Blocks of `fn` resident on the whole device at once (occupancy x SMs); a guess if the runtime
+// cannot say.
+template <typename F>
+int64_t resident_blocks(F* fn, int threads, size_t smem) {
+  int dev = 0, sms = 132, occ = 4;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, threads, smem) != cudaSuccess || occ < 1) occ = 4;
+  return int64_t(sms) * occ;
+}
+
+// Pixel splits of the weight pass. Its blocks are uniform: each reduces `per` steps of pixels and
+// flushes one tile with atomics (about one step's work), so the time goes as
+// rounds x (per + 1) with rounds = ceil(blocks / resident). Pick the split count that minimises
+// it (ties: fewer splits, fewer atomics). Replaces "~8 blocks per SM", which at S2 gave 2.01
+// rounds of resident blocks = 3 rounds, the last one nearly empty (NOTES.md "backward v3").
+inline int64_t weight_splits(int64_t gx, int64_t steps, int64_t resident) {
+  resident = std::max<int64_t>(resident, 1);
+  const int64_t max_s = std::min<int64_t>({steps, 65535, 4 * resident / std::max<int64_t>(gx, 1) + 1});
+  int64_t best = 1, best_cost = -1;
+  for (int64_t s = 1; s <= max_s; ++s) {
+    const int64_t per = (steps + s - 1) / s;
+    if ((steps + per - 1) / per != s) continue;  // same per as a smaller split count
+    const int64_t cost = ((gx * s + resident - 1) / resident) * (per + 1);
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = s;
+  }
+  return best;
+}
+
 template <typename T, bool TC>
 cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
                             const T* mask, const T* kernel, const T* dy, Atom<T>* dxa, Atom<T>* doffa,
@@ -160,13 +188,6 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
     const int64_t gx = p.batch * p.feature_groups * g.K * maxq * nob;
     const int64_t steps = (g.pixels + WeightCfg::BK - 1) / WeightCfg::BK;
     if (gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-    int dev = 0, sms = 132;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    // Enough pixel splits for ~8 blocks per SM; each split adds one atomic tile of BC x BN.
-    int64_t splits = std::max<int64_t>(1, (int64_t(sms) * 8 + gx - 1) / gx);
-    splits = std::min<int64_t>({splits, steps, 65535});
-    const int64_t per = (steps + splits - 1) / splits;
-    splits = (steps + per - 1) / per;
     auto launch = [&](auto pipe_tag) {
       constexpr bool PIPE = decltype(pipe_tag)::value;
       using L = WeightLayout<T, PIPE ? 2 : 1>;
@@ -177,6 +198,8 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
             e != cudaSuccess)
           return e;
       }
+      const int64_t splits = weight_splits(gx, steps, resident_blocks(fn, WeightCfg::kThreads, L::kBytes));
+      const int64_t per = (steps + splits - 1) / splits;
       fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), WeightCfg::kThreads, L::kBytes,
            stream>>>(g, maxq, per, x, offset, mask, dy, dka);
       return cudaGetLastError();

@@ -37,6 +37,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from statistics import median
 
@@ -547,13 +548,16 @@ def plot(data: dict, path: str) -> None:
             ys = [e[impl]["time_us"] if e[impl]["status"] == "ok" else np.nan
                   for *_, e in groups]
             ax.bar(xs + (k - 1) * 0.27, ys, 0.27, label=impl)
-        ax.set_xticks(xs, [f"{s} {label}\n{d}" for s, label, d, _ in groups], fontsize=7)
+        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+        ax.set_xticks(xs, [f"{s}\n{short.get(d, d)}" for s, _, d, _ in groups], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("device time per call (us)")
         ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
         ax.legend()
-    title = filter(None, [machine_line(data), data["meta"].get("note")])
-    fig.suptitle("\n".join(title), fontsize=7)
+    layers = dict((s, label) for s, label, *_ in _rows(data))
+    title = [textwrap.fill(machine_line(data), 190), data["meta"].get("note"),
+             "  ".join(f"{s}: {label}" for s, label in layers.items())]
+    fig.suptitle("\n".join(filter(None, title)), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -591,6 +595,8 @@ def parse_args(argv):
     p.add_argument("--out", help="directory for results.json, results.md and bench_layers.png")
     p.add_argument("--markdown", metavar="RESULTS_JSON",
                    help="print an existing results.json as markdown and exit")
+    p.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"),
+                   help="draw an existing results.json as a bar chart and exit")
     return p.parse_args(argv)
 
 
@@ -599,6 +605,10 @@ def main(argv=None) -> dict | None:
     if args.markdown:
         with open(args.markdown) as fh:
             print(markdown(json.load(fh)))
+        return None
+    if args.plot:
+        with open(args.plot[0]) as fh:
+            plot(json.load(fh), args.plot[1])
         return None
     on_cpu = jax.default_backend() == "cpu"
     quick = not args.full

@@ -66,7 +66,8 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     {(64, 64, 4), (128, 64, 4), (128, 128, 8)}, pixels = tile_h * tile_w, tile_k = 32, stages 1 or
     2 (2 = register prefetch + double-buffered shared memory on the tensor-core path); float64
     (exact SIMT path): (64, 64, 4) only. The backward passes use the spatial tile when it has 64
-    pixels, else 8 x 8.
+    pixels, else 8 x 8, and follow ``stages`` too: 2 = the pipelined data pass (3 cp.async stages)
+    and weight pass (double-buffered) on the tensor-core vector path (NOTES.md "Backward v4").
     """
     del sm_count  # the suite's grids already fill 132 SMs with these tiles; see NOTES.md
     pixels_per_image = s.h_out * s.w_out

@@ -276,14 +276,7 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
     const bool cok = cv < cnt;
     const T* xc = x + (c0 + cv);
 #pragma unroll
-    for (int i = 0; i < IT; ++i) {
-      const Samp<A>& q = rb[r0 + i * RSTEP];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t o = q.off[k];
-        cr[i][k] = (cok && o >= 0) ? __ldg(reinterpret_cast<const uint4*>(xc + o)) : make_uint4(0, 0, 0, 0);
-      }
-    }
+    for (int i = 0; i < IT; ++i) fetch_corners<T, A>(cr[i], xc, rb[r0 + i * RSTEP], cok);
   };
   auto store = [&](int buf) {  // blend the prefetched corners into A tile `buf`
     const Samp<A>* rb = recs + buf * BK;
@@ -291,18 +284,7 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int r = r0 + i * RSTEP;
-      A wq[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) wq[k] = rb[r].w[k];
-      A acc[V];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        A v[V];
-        unpack_vec<T, A>(cr[i][k], v);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
-      }
-      store_elems<T, A, V>(as + r * L::LDA + cv, acc);
+      blend_store<T, A>(as + r * L::LDA + cv, cr[i], rb[r]);
     }
   };
   auto issue_dy = [&](int64_t s, int buf) {

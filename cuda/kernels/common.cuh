@@ -276,6 +276,36 @@ __device__ __forceinline__ void store_elems(T* dst, const A (&v)[N]) {
   }
 }
 
+// The pipelined loaders' two halves: fetch the four corner vectors of one sample at channels
+// xc[0, kVec) into registers (zeros where a corner is outside or `ok` is false) ...
+template <typename T, typename A>
+__device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restrict__ xc, const Samp<A>& q,
+                                              bool ok) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t o = q.off[k];
+    cr[k] = (ok && o >= 0) ? __ldg(reinterpret_cast<const uint4*>(xc + o)) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// ... and, a pipeline stage later, blend them with the sample's weights into kVec elements at dst.
+template <typename T, typename A>
+__device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A>& q) {
+  constexpr int V = kVec<T>;
+  A wq[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) wq[k] = q.w[k];
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    A v[V];
+    unpack_vec<T, A>(cr[k], v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
+  }
+  store_elems<T, A, V>(dst, acc);
+}
+
 // Sampled tile: dst[r * ld + c] = sample(recs[r])[c0 + c] for c < cnt, 0 elsewhere (ROWS x COLS).
 // The four corners are fetched as 16-byte vectors along C when `vec`.
 template <typename T, int ROWS, int COLS, int THREADS>
@@ -487,6 +517,13 @@ using MmaTile = std::conditional_t<TC, WmmaTile<T, BM, BN, BK, WM, WN, A_COL, B_
 // Shared-memory row padding: one 16-byte vector (keeps vector stores aligned, staggers banks).
 template <typename T> constexpr int kPad = kVec<T>;
 constexpr int kCPad = 4;
+
+// Host: opt a kernel into more than the default 48 KB of dynamic shared memory when it needs it.
+template <typename F>
+inline cudaError_t allow_smem(F* fn, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
 
 __host__ __device__ constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 

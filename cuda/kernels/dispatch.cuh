@@ -148,6 +148,16 @@ inline int64_t weight_splits(int64_t gx, int64_t steps, int64_t resident) {
   return best;
 }
 
+// launch(std::true_type) runs the pipelined instantiation, launch(std::false_type) the simple
+// one; only tensor-core paths have a pipelined instantiation.
+template <bool TC, typename F>
+cudaError_t with_pipe(bool pipe, F&& launch) {
+  if constexpr (TC) {
+    if (pipe) return launch(std::true_type{});
+  }
+  return launch(std::false_type{});
+}
+
 template <typename T, bool TC>
 cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
                             const T* mask, const T* kernel, const T* dy, Atom<T>* dxa, Atom<T>* doffa,
@@ -164,23 +174,12 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
       constexpr bool PIPE = decltype(pipe_tag)::value;
       using L = DataLayout<T, PIPE ? kDataStages : 1>;
       auto fn = deform_bwd_data_kernel<T, TC, PIPE>;
-      if (L::kBytes > 48 * 1024) {
-        if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(L::kBytes));
-            e != cudaSuccess)
-          return e;
-      }
+      if (cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
       fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, L::kBytes, stream>>>(
           g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
       return cudaGetLastError();
     };
-    cudaError_t e;
-    if constexpr (TC) {
-      e = pipe ? launch(std::true_type{}) : launch(std::false_type{});
-    } else {
-      e = launch(std::false_type{});
-    }
-    if (e != cudaSuccess) return e;
+    if (cudaError_t e = with_pipe<TC>(pipe, launch); e != cudaSuccess) return e;
   }
   {  // weight pass
     const int64_t maxq = max_chunks(g, WeightCfg::BC);
@@ -192,25 +191,14 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
       constexpr bool PIPE = decltype(pipe_tag)::value;
       using L = WeightLayout<T, PIPE ? 2 : 1>;
       auto fn = deform_bwd_weight_kernel<T, TC, PIPE>;
-      if (L::kBytes > 48 * 1024) {
-        if (cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(L::kBytes));
-            e != cudaSuccess)
-          return e;
-      }
+      if (cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
       const int64_t splits = weight_splits(gx, steps, resident_blocks(fn, WeightCfg::kThreads, L::kBytes));
       const int64_t per = (steps + splits - 1) / splits;
       fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), WeightCfg::kThreads, L::kBytes,
            stream>>>(g, maxq, per, x, offset, mask, dy, dka);
       return cudaGetLastError();
     };
-    cudaError_t e;
-    if constexpr (TC) {
-      e = pipe ? launch(std::true_type{}) : launch(std::false_type{});
-    } else {
-      e = launch(std::false_type{});
-    }
-    if (e != cudaSuccess) return e;
+    if (cudaError_t e = with_pipe<TC>(pipe, launch); e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }

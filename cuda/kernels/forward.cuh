@@ -131,14 +131,7 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
     const bool cok = cv < ch.cnt;
     const T* xc = x + (ch.c0 + cv);
 #pragma unroll
-    for (int i = 0; i < IT; ++i) {
-      const Samp<A>& q = rb[r0 + i * RSTEP];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t o = q.off[k];
-        cr[i][k] = (cok && o >= 0) ? __ldg(reinterpret_cast<const uint4*>(xc + o)) : make_uint4(0, 0, 0, 0);
-      }
-    }
+    for (int i = 0; i < IT; ++i) fetch_corners<T, A>(cr[i], xc, rb[r0 + i * RSTEP], cok);
     const T* krow = kb + static_cast<int64_t>(ch.tap * static_cast<int>(g.Cg) + (ch.c0 - ch.cbeg)) * ldo + o0 + bc;
 #pragma unroll
     for (int j = 0; j < IB; ++j) {
@@ -156,18 +149,7 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int r = r0 + i * RSTEP;
-      A wq[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) wq[k] = rb[r].w[k];
-      A acc[V];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        A v[V];
-        unpack_vec<T, A>(cr[i][k], v);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
-      }
-      store_elems<T, A, V>(as + r * L::LDA + cv, acc);
+      blend_store<T, A>(as + r * L::LDA + cv, cr[i], rb[r]);
     }
 #pragma unroll
     for (int j = 0; j < IB; ++j) *reinterpret_cast<uint4*>(bs + (br0 + j * BRSTEP) * L::LDB + bc) = br[j];
@@ -296,11 +278,7 @@ cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const 
   if constexpr (TC) {
     if (g.vec && g.pipeline) fn = deform_fwd_kernel<T, TC, true, Cfg>;
   }
-  if (L::kBytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(L::kBytes));
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
   fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Cfg::kThreads, L::kBytes, stream>>>(
       g, x, offset, mask, kernel, y);
   return cudaGetLastError();

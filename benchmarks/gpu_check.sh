@@ -8,6 +8,7 @@
 # memcheck bench). Nsight Compute always runs with --clock-control none (GPU clocks untouched). sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
 # picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats").
+# micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16 backward) in one process (ktime.log).
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
@@ -57,6 +58,12 @@ if has bench; then
   echo "== bench ($(date -u +%T))"
   mkdir -p "$OUT/bench"
   "$PY" benchmarks/bench_layers.py ${BENCH_ARGS:---full} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+if has micro; then
+  echo "== micro ($(date -u +%T))"
+  nvcc -O3 -arch=sm_90 -std=c++17 benchmarks/micro/scatter_atomics.cu -o "$OUT/../scatter_atomics" 2>&1 | tee "$OUT/micro.log"
+  "$OUT/../scatter_atomics" 2>&1 | tee -a "$OUT/micro.log"
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
 if has ncu; then

@@ -1,0 +1,201 @@
+// Microbenchmark behind the data pass's dx design (NOTES.md "dx through cluster shared memory"):
+// the S2 scatter pattern (32 x 64 x 64 x 64 fp32 dx, 8x8 tiles, 9 taps, offsets ~ N(0, 2^2),
+// 4 corners x 64 channels per (pixel, tap)) done three ways, with only the scatter (no GEMM):
+//   global : one block per (tile, tap), 16-byte REDG atomics straight into dx (today's kernel);
+//   dsmem  : one 9-block cluster per tile (block = tap); corners land by scalar atomics in a
+//            24x24-position window spread over the 9 blocks' shared memory, then each block
+//            flushes its part of the window with 16-byte global atomics (zero vectors skipped);
+//   dsmem4 : as dsmem with 16-byte atomics into distributed shared memory.
+// Prints median times (cudaEvent, 20 reps) and each variant's max |difference| from `global`.
+// Build/run: nvcc -O3 -arch=sm_90 -std=c++17 scatter_atomics.cu -o sa && ./sa
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace cg = cooperative_groups;
+
+constexpr int N = 32, H = 64, W = 64, C = 64, TAPS = 9, T = 8, WIN = 24, MARGIN = 8;
+constexpr int TILES = (H / T) * (W / T);
+constexpr int WPOS = WIN * WIN, PER_BLOCK = WPOS / TAPS;  // 64 window positions per cluster block
+
+#define CK(x)                                                                             \
+  do {                                                                                    \
+    cudaError_t e_ = (x);                                                                 \
+    if (e_ != cudaSuccess) {                                                              \
+      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                       \
+    }                                                                                     \
+  } while (0)
+
+struct Corner {
+  int y0, x0;
+  float ly, lx;
+};
+
+// Sample position of tile pixel r at tap k (3x3, padding 1) from the offsets (N, H, W, 18).
+__device__ __forceinline__ Corner sample(const float* off, int n, int ty0, int tx0, int r, int k) {
+  const int ho = ty0 + r / T, wo = tx0 + r % T;
+  const float* o = off + ((size_t(n) * H + ho) * W + wo) * 18 + 2 * k;
+  const float y = ho - 1 + k / 3 + o[0], x = wo - 1 + k % 3 + o[1];
+  Corner c;
+  c.y0 = int(floorf(y));
+  c.x0 = int(floorf(x));
+  c.ly = y - c.y0;
+  c.lx = x - c.x0;
+  return c;
+}
+
+__device__ __forceinline__ float payload(int r, int ch) { return 0.001f * (ch + 1) + 0.01f * r; }
+
+__device__ __forceinline__ void red4(float* p, float4 v) { atomicAdd(reinterpret_cast<float4*>(p), v); }
+
+// Today's pattern: two lanes per pixel, 4 channels per lane and instruction.
+__global__ void __launch_bounds__(128) scatter_global(const float* off, float* dx) {
+  const int tile = blockIdx.x % TILES, n = blockIdx.x / TILES, k = blockIdx.y;
+  const int ty0 = (tile / (W / T)) * T, tx0 = (tile % (W / T)) * T;
+  const int r = threadIdx.x / 2, part = threadIdx.x % 2;
+  const Corner s = sample(off, n, ty0, tx0, r, k);
+  const float wt[4] = {(1 - s.ly) * (1 - s.lx), (1 - s.ly) * s.lx, s.ly * (1 - s.lx), s.ly * s.lx};
+  for (int c = part * 4; c < C; c += 8) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int yy = s.y0 + (q >> 1), xx = s.x0 + (q & 1);
+      if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+      float4 v = make_float4(payload(r, c) * wt[q], payload(r, c + 1) * wt[q], payload(r, c + 2) * wt[q],
+                             payload(r, c + 3) * wt[q]);
+      red4(dx + ((size_t(n) * H + yy) * W + xx) * C + c, v);
+    }
+  }
+}
+
+// Cluster of 9 blocks = the 9 taps of one tile; the window (WIN x WIN positions x C) is spread
+// over the blocks, PER_BLOCK positions each.
+template <bool VEC>
+__global__ void __launch_bounds__(128) scatter_dsmem(const float* off, float* dx) {
+  __shared__ __align__(16) float win[PER_BLOCK * C];  // 16 KiB
+  cg::cluster_group cl = cg::this_cluster();
+  const int k = cl.block_rank();
+  const int cid = blockIdx.x / TAPS, tile = cid % TILES, n = cid / TILES;
+  const int ty0 = (tile / (W / T)) * T, tx0 = (tile % (W / T)) * T;
+  const int wy0 = ty0 - MARGIN, wx0 = tx0 - MARGIN;
+  for (int i = threadIdx.x; i < PER_BLOCK * C; i += 128) win[i] = 0.f;
+  cl.sync();
+  const int r = threadIdx.x / 2, part = threadIdx.x % 2;
+  const Corner s = sample(off, n, ty0, tx0, r, k);
+  const float wt[4] = {(1 - s.ly) * (1 - s.lx), (1 - s.ly) * s.lx, s.ly * (1 - s.lx), s.ly * s.lx};
+  float* dst[4];
+  bool inwin[4], ok[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int yy = s.y0 + (q >> 1), xx = s.x0 + (q & 1);
+    ok[q] = yy >= 0 && yy < H && xx >= 0 && xx < W;
+    const int wy = yy - wy0, wx = xx - wx0;
+    inwin[q] = wy >= 0 && wy < WIN && wx >= 0 && wx < WIN;
+    if (inwin[q]) {
+      const int pos = wy * WIN + wx;
+      dst[q] = cl.map_shared_rank(win, pos / PER_BLOCK) + (pos % PER_BLOCK) * C;
+    } else {
+      dst[q] = dx + ((size_t(n) * H + yy) * W + xx) * C;
+    }
+  }
+  for (int c = part * 4; c < C; c += 8) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (!ok[q]) continue;
+      float4 v = make_float4(payload(r, c) * wt[q], payload(r, c + 1) * wt[q], payload(r, c + 2) * wt[q],
+                             payload(r, c + 3) * wt[q]);
+      if (!inwin[q] || VEC) {
+        red4(dst[q] + c, v);
+      } else {
+        atomicAdd(dst[q] + c, v.x);
+        atomicAdd(dst[q] + c + 1, v.y);
+        atomicAdd(dst[q] + c + 2, v.z);
+        atomicAdd(dst[q] + c + 3, v.w);
+      }
+    }
+  }
+  cl.sync();
+  for (int i = threadIdx.x; i < PER_BLOCK * C / 4; i += 128) {
+    const int pos = k * PER_BLOCK + (i * 4) / C, c = (i * 4) % C;
+    const int yy = wy0 + pos / WIN, xx = wx0 + pos % WIN;
+    const float4 v = reinterpret_cast<const float4*>(win)[i];
+    if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+    if (v.x == 0.f && v.y == 0.f && v.z == 0.f && v.w == 0.f) continue;
+    red4(dx + ((size_t(n) * H + yy) * W + xx) * C + c, v);
+  }
+}
+
+template <typename F>
+float median_ms(F&& launch, float* dx, size_t bytes) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int rep = 0; rep < 23; ++rep) {
+    CK(cudaMemset(dx, 0, bytes));
+    CK(cudaEventRecord(a));
+    launch();
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    if (rep >= 3) t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int main() {
+  const size_t nx = size_t(N) * H * W * C, no = size_t(N) * H * W * 18;
+  std::vector<float> hoff(no);
+  std::mt19937 rng(0);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  for (auto& v : hoff) v = nd(rng);
+  float *off, *dx;
+  CK(cudaMalloc(&off, no * 4));
+  CK(cudaMalloc(&dx, nx * 4));
+  CK(cudaMemcpy(off, hoff.data(), no * 4, cudaMemcpyHostToDevice));
+  std::vector<float> ref(nx), got(nx);
+
+  auto g = [&] { scatter_global<<<dim3(N * TILES, TAPS), 128>>>(off, dx); };
+  const float tg = median_ms(g, dx, nx * 4);
+  CK(cudaGetLastError());
+  CK(cudaMemcpy(ref.data(), dx, nx * 4, cudaMemcpyDeviceToHost));
+  double amax = 0;
+  for (float v : ref) amax = std::max<double>(amax, std::fabs(v));
+  std::printf("global  : %8.1f us  (%d blocks, max|dx| %.3g)\n", tg * 1e3, N * TILES * TAPS, amax);
+
+  auto cluster_launch = [&](auto kern) {
+    CK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    return [=] {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(N * TILES * TAPS);
+      cfg.blockDim = dim3(128);
+      cudaLaunchAttribute at[1];
+      at[0].id = cudaLaunchAttributeClusterDimension;
+      at[0].val.clusterDim.x = TAPS;
+      at[0].val.clusterDim.y = 1;
+      at[0].val.clusterDim.z = 1;
+      cfg.attrs = at;
+      cfg.numAttrs = 1;
+      CK(cudaLaunchKernelEx(&cfg, kern, (const float*)off, dx));
+    };
+  };
+  const char* names[2] = {"dsmem   ", "dsmem4  "};
+  for (int v = 0; v < 2; ++v) {
+    auto launch = v == 0 ? cluster_launch(scatter_dsmem<false>) : cluster_launch(scatter_dsmem<true>);
+    const float t = median_ms(launch, dx, nx * 4);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(got.data(), dx, nx * 4, cudaMemcpyDeviceToHost));
+    double d = 0;
+    for (size_t i = 0; i < nx; ++i) d = std::max<double>(d, std::fabs(got[i] - ref[i]));
+    std::printf("%s: %8.1f us  (%.2fx of global; max|diff| %.3g)\n", names[v], t * 1e3, tg / t, d);
+  }
+  return 0;
+}

@@ -62,8 +62,8 @@ if has bench; then
 fi
 if has micro; then
   echo "== micro ($(date -u +%T))"
-  nvcc -O3 -arch=sm_90 -std=c++17 benchmarks/micro/scatter_atomics.cu -o "$OUT/../scatter_atomics" 2>&1 | tee "$OUT/micro.log"
-  "$OUT/../scatter_atomics" 2>&1 | tee -a "$OUT/micro.log"
+  nvcc -O3 -arch=sm_90 -std=c++17 benchmarks/micro/scatter_atomics.cu -o /tmp/scatter_atomics 2>&1 | tee "$OUT/micro.log"
+  /tmp/scatter_atomics 2>&1 | tee -a "$OUT/micro.log"
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
 if has ncu; then

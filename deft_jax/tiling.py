@@ -18,7 +18,8 @@ import numpy as np
 class TileConfig:
     """A tile choice. GPU: a block computes tile_h x tile_w output pixels x tile_n output channels,
     reducing over input channels tile_k at a time, with ``warps`` warps and ``stages`` pipeline
-    stages. CPU: one task processes tile_h x tile_w output pixels (the rest is unused)."""
+    stages (tile_k > 32: the split forward, where a block keeps tile_k sampled input channels of
+    one tap resident and walks all output channels). CPU: one task processes tile_h x tile_w output pixels (the rest is unused)."""
 
     tile_h: int
     tile_w: int
@@ -65,7 +66,8 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
     {(64, 64, 4), (128, 64, 4), (128, 128, 8)}, pixels = tile_h * tile_w, tile_k = 32, stages 1 or
     2 (2 = register prefetch + double-buffered shared memory on the tensor-core path); float64
-    (exact SIMT path): (64, 64, 4) only. The backward passes use the spatial tile when it has 64
+    (exact SIMT path): (64, 64, 4) only. Split forward (not float64): (64, 64, 4), stages 2,
+    tile_k in {128, 256, 512}. The backward passes use the spatial tile when it has 64
     pixels, else 8 x 8, and follow ``stages`` too: 2 = the pipelined data pass (3 cp.async stages)
     and weight pass (double-buffered) on the tensor-core vector path (NOTES.md "Backward v4").
     """
@@ -74,6 +76,13 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
+    if (c_out_per_group >= 256 and pixels_per_image <= 256 and _vector_channels(s)):
+        # S4/S5: many output channels, few pixels. The streaming kernels re-sample x once per
+        # output-channel block (2x at S4 with 128-wide blocks, 8x at S5) and fill few blocks per
+        # SM; the split forward samples each (pixel, tap, channel) once and meets over taps in
+        # fp32 atomics (NOTES.md "split forward").
+        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K[s.dtype == "float32"], warps=4,
+                          stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
@@ -90,6 +99,20 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 # (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8))
+# The split forward (forward.cuh, deform_fwd_split_kernel; not float64): 64 pixels x 64 output
+# channels, 4 warps, stages 2, tile_k = input channels resident per block.
+_SPLIT_TILE_K = (128, 256, 512)
+# tile_k of the split forward per dtype class (index: is float32): the resident segment is 32 KiB
+# (plus pipeline buffers), so three blocks fit per SM.
+_SPLIT_K = (256, 128)
+
+
+def _vector_channels(s: LayerShape) -> bool:
+    """Every channel count is a multiple of the 16-byte vector (the split loader's requirement;
+    mirrors make_geo's `vec` in dispatch.cuh)."""
+    v = 16 // {"float64": 8, "float32": 4}.get(s.dtype, 2)
+    cg, cog, cpog = s.c_in // s.feature_groups, s.c_out // s.feature_groups, s.c_in // s.offset_groups
+    return all(c % v == 0 for c in (s.c_in, cg, cpog, s.c_out, cog))
 
 
 def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
@@ -97,10 +120,16 @@ def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
     CheckGpuTileConfig, so a bad configuration is caught at trace time, before any kernel)."""
     allowed = _GPU_TILES[:1] if dtype == "float64" else _GPU_TILES
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps)
-    if key not in allowed or tile.tile_k != 32 or tile.stages not in (1, 2):
-        raise ValueError(f"GPU tile configuration {tile} is not instantiated for {dtype}; "
-                         f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
-                         "stages 1 or 2")
+    if key in allowed and tile.tile_k == 32 and tile.stages in (1, 2):
+        return
+    if (dtype != "float64" and key == _GPU_TILES[0] and tile.tile_k in _SPLIT_TILE_K
+            and tile.stages == 2):
+        return
+    raise ValueError(f"GPU tile configuration {tile} is not instantiated for {dtype}; "
+                     f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
+                     "stages 1 or 2" + ("" if dtype == "float64" else
+                                        f"; or the split forward: (64, 64, 4), tile_k in "
+                                        f"{_SPLIT_TILE_K}, stages 2"))
 
 
 @functools.lru_cache(maxsize=4096)

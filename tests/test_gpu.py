@@ -269,6 +269,39 @@ def test_every_instantiated_tile(rng, monkeypatch):
             _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
 
 
+SPLIT_CASES = [
+    # Two offset groups x two feature groups: segments end at offset-group borders (80 channels,
+    # a partial last k chunk), 104 output channels per group (a partial output block).
+    Case(n=2, h=9, w=7, c_in=160, c_out=208, offset_groups=2, feature_groups=2),
+    # 272 input channels: a short last segment for every tile_k; stride + partial 8x8 tiles.
+    Case(n=1, h=11, w=10, c_in=272, c_out=96, strides=(2, 1), padding=((1, 0), (2, 1))),
+    # Channels that are not whole 16-byte vectors: the streaming kernel of the same tile runs.
+    Case(n=1, h=6, w=5, c_in=12, c_out=10, offset_groups=2),
+]
+
+
+@pytest.mark.parametrize("tile_k", [128, 256, 512])
+def test_split_forward(tile_k, rng, monkeypatch):
+    """The split forward (tile_k > 32): every dtype / precision, forward and all cotangents (the
+    backward runs its usual kernels), vmap with a kernel per problem."""
+    from deft_jax import tiling
+    tc = tiling.TileConfig(8, 8, 64, tile_k, 4, 2)
+    monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
+    for case in SPLIT_CASES:
+        _compare(case, rng, jnp.float32, precision=lax.Precision.HIGHEST, tol_key="float32-highest")
+        _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
+        _compare(case, rng, jnp.bfloat16)
+        _compare(case, rng, jnp.float16)
+    case = SPLIT_CASES[0]
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    f = _op(case, None, lax.Precision.HIGHEST)
+    xs, offs = jnp.stack([x, -x]), jnp.stack([off, off * 0.5])
+    ks, ms = jnp.stack([kernel, kernel * 2.0]), jnp.stack([mask, 1 - mask])
+    yv = jax.jit(jax.vmap(f))(xs, offs, ks, ms)
+    for i in range(2):
+        assert rel_err(yv[i], f(xs[i], offs[i], ks[i], ms[i])) < 1e-6
+
+
 @pytest.mark.xfail(strict=False, reason=(
     "seen 2026-11-22 on H100 / jax 0.11.2: the handler returns ffi::Error (kInvalidArgument, "
     "'not instantiated') but the process dies with SIGSEGV inside XLA "

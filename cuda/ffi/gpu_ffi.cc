@@ -31,7 +31,17 @@ ffi::Error CheckTile(const ConvAttrs& attrs, deft::DType dtype) {
   return why.empty() ? ffi::Error::Success() : invalid(why);
 }
 
-ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+// Scratch from XLA's allocator (nullptr when none is needed).
+ffi::ErrorOr<void*> Workspace(ffi::ScratchAllocator& scratch, size_t bytes, const char* what) {
+  if (bytes == 0) return static_cast<void*>(nullptr);
+  auto got = scratch.Allocate(bytes, 16);  // XLA caps the requested alignment at 16; its allocator gives 256
+  if (!got.has_value())
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                                      "deft_jax: could not allocate " + std::to_string(bytes) + " bytes of " + what));
+  return *got;
+}
+
+ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
                        ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success()) return err;
@@ -40,10 +50,13 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer off
   if (y->element_type() != x.element_type()) return invalid("output dtype differs from x's");
   if (auto err = CheckTile(attrs, *dtype); !err.success()) return err;
   if (y->element_count() == 0) return ffi::Error::Success();
-  const cudaError_t e = deft::LaunchDeformConvForward(stream, p, tile_of(attrs), *dtype, attrs.allow_tf32 != 0,
+  const deft::TileConfig tile = tile_of(attrs);
+  auto ws = Workspace(scratch, deft::DeformConvForwardWorkspaceBytes(p, tile, *dtype), "forward workspace");
+  if (ws.has_error()) return ws.error();
+  const cudaError_t e = deft::LaunchDeformConvForward(stream, p, tile, *dtype, attrs.allow_tf32 != 0,
                                                       x.untyped_data(), offset.untyped_data(),
                                                       mask.untyped_data(), kernel.untyped_data(),
-                                                      y->untyped_data());
+                                                      y->untyped_data(), *ws);
   if (e != cudaSuccess) return cuda_error("forward launch", e, p);
   return ffi::Error::Success();
 }
@@ -61,19 +74,12 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   if (dx->element_count() + doffset->element_count() + dmask->element_count() + dkernel->element_count() == 0)
     return ffi::Error::Success();
   const deft::TileConfig tile = tile_of(attrs);
-  const size_t ws_bytes = deft::DeformConvBackwardWorkspaceBytes(p, tile, *dtype);
-  void* ws = nullptr;
-  if (ws_bytes > 0) {
-    auto got = scratch.Allocate(ws_bytes, 16);
-    if (!got.has_value())
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                        "deft_jax: could not allocate " + std::to_string(ws_bytes) + " bytes of backward workspace");
-    ws = *got;  // XLA caps the requested alignment at 16 bytes; its allocator gives 256
-  }
+  auto ws = Workspace(scratch, deft::DeformConvBackwardWorkspaceBytes(p, tile, *dtype), "backward workspace");
+  if (ws.has_error()) return ws.error();
   const cudaError_t e = deft::LaunchDeformConvBackward(
       stream, p, tile, *dtype, attrs.allow_tf32 != 0, x.untyped_data(), offset.untyped_data(),
       mask.untyped_data(), kernel.untyped_data(), dy.untyped_data(), dx->untyped_data(),
-      doffset->untyped_data(), dmask->untyped_data(), dkernel->untyped_data(), ws);
+      doffset->untyped_data(), dmask->untyped_data(), dkernel->untyped_data(), *ws);
   if (e != cudaSuccess) return cuda_error("backward launch", e, p);
   return ffi::Error::Success();
 }
@@ -84,6 +90,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask

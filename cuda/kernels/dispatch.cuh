@@ -78,17 +78,65 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Split-forward tiles (forward.cuh, deform_fwd_split_kernel): tile_k input channels resident per
+// block, on the 64-pixel x 64-channel tile with 4 warps and the cp.async weight pipeline.
+inline bool is_split_tile(const TileConfig& t) {
+  return (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.pixels() == SplitCfg::BM &&
+         t.tile_n == SplitCfg::BN && t.warps * 32 == SplitCfg::kThreads && t.stages == 2;
+}
+
+// Forward workspace: the split forward's fp32 accumulator of y for 16-bit types.
+template <typename T>
+size_t fwd_workspace(const ConvParams& p, const TileConfig& t) {
+  if constexpr (kIsHalf<T>) {
+    if (is_split_tile(t)) return align_up(sizeof(float) * p.batch * p.y_size(), 256);
+  }
+  (void)p, (void)t;
+  return 0;
+}
+
+template <typename T>
+cudaError_t convert_out(cudaStream_t stream, const float* src, void* dst, int64_t n);
+
 template <typename T>
 cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConfig& t, bool allow_tf32,
-                        const void* x, const void* offset, const void* mask, const void* kernel, void* y) {
+                        const void* x, const void* offset, const void* mask, const void* kernel, void* y,
+                        void* workspace) {
   if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
-  Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
-  g.pipeline = t.stages >= 2;
   const T* xs = static_cast<const T*>(x);
   const T* os = static_cast<const T*>(offset);
   const T* ms = static_cast<const T*>(mask);
   const T* ks = static_cast<const T*>(kernel);
   T* ys = static_cast<T*>(y);
+  if constexpr (!std::is_same<T, double>::value) {
+    if (is_split_tile(t)) {
+      Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
+      // The split loader fetches 16-byte vectors only; other channel counts take the streaming
+      // kernel of the same 64 x 64 tile (same result up to summation order).
+      if (g.vec) {
+        const int64_t ny = p.batch * p.y_size();
+        Atom<T>* acc = static_cast<Atom<T>*>(kIsHalf<T> ? workspace : y);
+        if (acc == nullptr) return cudaErrorInvalidValue;
+        if (cudaError_t e = cudaMemsetAsync(acc, 0, sizeof(Atom<T>) * ny, stream); e != cudaSuccess) return e;
+        const int kc = static_cast<int>(t.tile_k);
+        cudaError_t e;
+        if constexpr (std::is_same<T, float>::value) {
+          e = allow_tf32 ? launch_forward_split<T, true>(stream, g, kc, xs, os, ms, ks, acc)
+                         : launch_forward_split<T, false>(stream, g, kc, xs, os, ms, ks, acc);
+        } else {
+          e = launch_forward_split<T, true>(stream, g, kc, xs, os, ms, ks, acc);
+        }
+        if (e != cudaSuccess) return e;
+        if constexpr (kIsHalf<T>) return convert_out<T>(stream, acc, y, ny);
+        return cudaSuccess;
+      }
+      TileConfig streaming = t;
+      streaming.tile_k = kFwdBK<T>;
+      return run_forward<T>(stream, p, streaming, allow_tf32, x, offset, mask, kernel, y, workspace);
+    }
+  }
+  Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
+  g.pipeline = t.stages >= 2;
   return with_fwd_cfg<T>(t, [&](auto cfg) -> cudaError_t {
     using Cfg = decltype(cfg);
     if constexpr (std::is_same<T, double>::value) {
@@ -271,13 +319,15 @@ cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileCon
 // Per-dtype drivers, instantiated in ops_<dtype>.cu.
 #define DEFT_DECLARE_DRIVERS(T)                                                                          \
   extern template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,  \
-                                             const void*, const void*, const void*, const void*, void*); \
+                                             const void*, const void*, const void*, const void*, void*,  \
+                                             void*);                                                     \
   extern template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, \
                                               const void*, const void*, const void*, const void*,       \
                                               const void*, void*, void*, void*, void*, void*);
 #define DEFT_INSTANTIATE_DRIVERS(T)                                                                  \
   template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,     \
-                                      const void*, const void*, const void*, const void*, void*);   \
+                                      const void*, const void*, const void*, const void*, void*,    \
+                                      void*);                                                       \
   template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,    \
                                        const void*, const void*, const void*, const void*,          \
                                        const void*, void*, void*, void*, void*, void*);

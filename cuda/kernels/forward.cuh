@@ -265,6 +265,148 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Split forward (tile_k > 32): one block = BM pixels x one tap x one segment of `ks` input
+// channels (inside one offset group). The segment's sampled A tile stays in shared memory while
+// the block walks every BN block of the output channels, so x is sampled once per (pixel, tap,
+// channel) instead of once per output-channel block (8x at S5's 512 channels); the partial sums
+// over (tap, segment) meet in fp32 atomics: y itself for fp32, a workspace for 16-bit types.
+// Pays where output channels are many and pixels few (NOTES.md "split forward").
+struct SplitCfg {
+  static constexpr int BM = 64, BN = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
+  static constexpr int kStages = 2;     // weight tiles double-buffered by cp.async
+  static constexpr int kMinBlocks = 3;  // registers for 12 warps per SM (shared memory decides the rest)
+};
+
+template <typename T>
+struct SplitLayout {
+  using A = Acc<T>;
+  using C = SplitCfg;
+  static constexpr int LDB = C::BN + kPad<T>;  // Bs[stage][BK][LDB]: weight rows
+  static constexpr int LDC = C::BN + kCPad;    // Cs[BM][LDC]: one output block's partial sums
+  static constexpr size_t kB = align_up(size_t(C::kStages) * C::BK * LDB * sizeof(T), 128);
+  static constexpr size_t kC = align_up(size_t(C::BM) * LDC * sizeof(A), 128);
+  __host__ __device__ static constexpr int lda(int ks) { return ks + kPad<T>; }  // As[BM][lda]
+  __host__ __device__ static constexpr size_t a_bytes(int ks) { return align_up(size_t(C::BM) * lda(ks) * sizeof(T), 128); }
+  __host__ __device__ static constexpr size_t bytes(int ks) { return a_bytes(ks) + kB + kC + C::BM * sizeof(Samp<A>); }
+};
+
+template <typename T, bool TC>
+__global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
+    deform_fwd_split_kernel(const Geo g, int ks, int64_t maxq, const T* __restrict__ x,
+                            const T* __restrict__ offset, const T* __restrict__ mask,
+                            const T* __restrict__ kernel, Atom<T>* yacc) {
+  using A = Acc<T>;
+  using C = SplitCfg;
+  using L = SplitLayout<T>;
+  constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::kThreads, S = C::kStages, V = kVec<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lda = L::lda(ks);
+  T* As = reinterpret_cast<T*>(smem);  // (BM, ks): the sampled segment
+  auto Bs = [&](int st) { return reinterpret_cast<T*>(smem + L::a_bytes(ks)) + st * BK * L::LDB; };
+  A* Cs = reinterpret_cast<A*>(smem + L::a_bytes(ks) + L::kB);
+  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::a_bytes(ks) + L::kB + L::kC);
+
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  const int64_t tile = blockIdx.x % g.tiles_img, img = blockIdx.x / g.tiles_img;
+  const int64_t b = img / p.n;
+  const int64_t th0 = (tile / g.tiles_w) * g.tile_h, tw0 = (tile % g.tiles_w) * g.tile_w;
+  const int64_t q = blockIdx.y % maxq, tap = (blockIdx.y / maxq) % g.K, fg = blockIdx.y / maxq / g.K;
+  int64_t c0, cnt64, og;
+  if (!chunk_of(g, fg, q, ks, &c0, &cnt64, &og)) return;  // uniform over the block
+  const int cnt = static_cast<int>(cnt64);
+  const T* kb = kernel + b * p.kernel_size();
+  const int64_t krow0 = tap * g.Cg + (c0 - fg * g.Cg);  // the segment's first weight row
+
+  if (tid < BM) {
+    int64_t ho, wo;
+    const int64_t pix = tile_pixel(g, img, th0, tw0, tid, &ho, &wo);
+    recs[tid] = make_samp<T, A>(g, offset, mask, pix >= 0, pix, img, ho, wo, static_cast<int>(tap), og);
+  }
+  __syncthreads();
+  {  // Sample the segment once (zeros past cnt); U vectors' corners in flight per thread.
+    constexpr int U = 4;
+    const int vpr = ks / V;
+    const T* xc = x + c0;
+    for (int base = tid; base < BM * vpr; base += NT * U) {
+      uint4 cr[U][4];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int idx = base + u * NT, r = idx / vpr, c = (idx - r * vpr) * V;
+        if (idx < BM * vpr) fetch_corners<T, A>(cr[u], xc + c, recs[r], c < cnt);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int idx = base + u * NT, r = idx / vpr, c = (idx - r * vpr) * V;
+        if (idx < BM * vpr) blend_store<T, A>(As + r * lda + c, cr[u], recs[r]);
+      }
+    }
+  }
+
+  // Every output block of the feature group against the resident segment: (ob, k chunk) steps,
+  // weight tiles by cp.async S stages ahead, one barrier per step (it also publishes As).
+  const int nob = static_cast<int>((g.Cog + BN - 1) / BN), nk = (cnt + BK - 1) / BK, total = nob * nk;
+  auto issue = [&](int i) {
+    if (i < total) {
+      const int ob = i / nk, k0 = (i - ob * nk) * BK;
+      const int kcnt = cnt - k0 < BK ? cnt - k0 : BK;
+      const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
+      const T* krow = kb + (krow0 + k0) * p.c_out + fg * g.Cog + ob * BN;
+      load_rows_async<T, BK, BN, NT>(
+          Bs(i % S), L::LDB, [&](int r) -> const T* { return r < kcnt ? krow + r * p.c_out : nullptr; }, ocnt, kb,
+          tid);
+    }
+    cp_async_commit();
+  };
+  MmaTile<T, TC, BM, BN, BK, C::WM, C::WN, false, false> mma;
+  mma.zero();
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) issue(i);
+  for (int i = 0; i < total; ++i) {
+    cp_async_wait<S - 2>();
+    __syncthreads();
+    issue(i + S - 1);
+    const int ob = i / nk, kc = i - ob * nk;
+    mma.compute(As + kc * BK, lda, Bs(i % S), L::LDB, tid);
+    if (kc != nk - 1) continue;
+    // Output block done: its partial sums into y (the next write of Cs is a barrier away).
+    mma.store(Cs, L::LDC, tid);
+    __syncthreads();
+    const int64_t o0 = fg * g.Cog + int64_t(ob) * BN;
+    const int ocnt = static_cast<int>(g.Cog - int64_t(ob) * BN < BN ? g.Cog - int64_t(ob) * BN : BN);
+    constexpr int AV = 16 / static_cast<int>(sizeof(Atom<T>));
+    for (int idx = tid; idx < BM * (BN / AV); idx += NT) {
+      const int r = idx / (BN / AV), c = (idx % (BN / AV)) * AV;
+      int64_t ho, wo;
+      const int64_t pix = tile_pixel(g, img, th0, tw0, r, &ho, &wo);
+      if (pix < 0 || c >= ocnt) continue;
+      Atom<T> v[AV];
+#pragma unroll
+      for (int e = 0; e < AV; ++e) v[e] = static_cast<Atom<T>>(Cs[r * L::LDC + c + e]);
+      atomic_add_n<AV>(yacc + pix * p.c_out + o0 + c, v);
+    }
+    mma.zero();
+  }
+  cp_async_wait<0>();
+}
+
+template <typename T, bool TC>
+cudaError_t launch_forward_split(cudaStream_t stream, const Geo& g, int ks, const T* x, const T* offset,
+                                 const T* mask, const T* kernel, Atom<T>* yacc) {
+  const ConvParams& p = g.p;
+  const int64_t maxq = max_chunks(g, ks);
+  const int64_t gx = p.batch * p.n * g.tiles_img, gy = p.feature_groups * g.K * maxq;
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  const size_t bytes = SplitLayout<T>::bytes(ks);
+  auto fn = deform_fwd_split_kernel<T, TC>;
+  if (const cudaError_t e = allow_smem(fn, bytes); e != cudaSuccess) return e;
+  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), SplitCfg::kThreads, bytes, stream>>>(
+      g, ks, maxq, x, offset, mask, kernel, yacc);
+  return cudaGetLastError();
+}
+
 template <typename T, bool TC, typename Cfg>
 cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
                            const T* mask, const T* kernel, T* y) {

@@ -15,7 +15,8 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
   auto ok = [&](auto tag) {
     return kern::with_fwd_cfg<decltype(tag)>(tile, [](auto) { return cudaSuccess; }) == cudaSuccess;
   };
-  const bool good = dtype == DType::kF64 ? ok(double{}) : dtype == DType::kF32 ? ok(float{}) : ok(__half{});
+  const bool good = dtype == DType::kF64 ? ok(double{})
+                    : kern::is_split_tile(tile) || (dtype == DType::kF32 ? ok(float{}) : ok(__half{}));
   if (good) return "";
   std::ostringstream s;
   s << "GPU tile configuration (tile_h=" << tile.tile_h << ", tile_w=" << tile.tile_w
@@ -24,19 +25,32 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
     << "; instantiated: tile_h*tile_w=64, tile_n=64, warps=4"
     << (dtype == DType::kF64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8")
     << ", all with tile_k=32"
-    << " and stages 1 or 2";
+    << " and stages 1 or 2"
+    << (dtype == DType::kF64 ? "" : "; or the split forward: tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "
+                                    "tile_k in {128, 256, 512}");
   return s.str();
+}
+
+size_t DeformConvForwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype) {
+  switch (dtype) {
+    case DType::kBF16: return kern::fwd_workspace<__nv_bfloat16>(p, tile);
+    case DType::kF16: return kern::fwd_workspace<__half>(p, tile);
+    default: return 0;
+  }
 }
 
 cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
                                     DType dtype, bool allow_tf32, const void* x, const void* offset,
-                                    const void* mask, const void* kernel, void* y) {
+                                    const void* mask, const void* kernel, void* y, void* workspace) {
   switch (dtype) {
-    case DType::kF32: return kern::run_forward<float>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
-    case DType::kF64: return kern::run_forward<double>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
+    case DType::kF32:
+      return kern::run_forward<float>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
+    case DType::kF64:
+      return kern::run_forward<double>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
     case DType::kBF16:
-      return kern::run_forward<__nv_bfloat16>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
-    case DType::kF16: return kern::run_forward<__half>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y);
+      return kern::run_forward<__nv_bfloat16>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
+    case DType::kF16:
+      return kern::run_forward<__half>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
   }
   return cudaErrorInvalidValue;
 }

@@ -16,12 +16,16 @@ namespace deft {
 // Empty string if `tile` is a configuration the kernels instantiate for `dtype`, else the reason.
 std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype);
 
+// Scratch bytes LaunchDeformConvForward needs (the split forward's fp32 accumulator of y for
+// 16-bit types; 0 otherwise).
+size_t DeformConvForwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype);
+
 // y = deform_conv2d(x, offset, mask, kernel). `mask` is ignored when !p.with_mask.
 cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
                                     DType dtype, bool allow_tf32, const void* x, const void* offset,
-                                    const void* mask, const void* kernel, void* y);
+                                    const void* mask, const void* kernel, void* y, void* workspace);
 
-// Scratch bytes LaunchDeformConvBackward needs (fp32 accumulators for half types, split-K partials).
+// Scratch bytes LaunchDeformConvBackward needs (fp32 accumulators for half types).
 size_t DeformConvBackwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype);
 
 // Cotangents of x, offset, mask (skipped when !p.with_mask) and kernel, given dy.

@@ -1,0 +1,59 @@
+"""deft_jax.tiling: the GPU rules are pure functions of the shape, and every choice is a
+configuration the CUDA kernels instantiate (so check_gpu_tile, the trace-time guard, accepts it)."""
+
+import itertools
+
+import pytest
+
+from deft_jax import tiling
+
+SUITE = {  # n, h_out, w_out, c_in, c_out (benchmarks/bench_layers.py)
+    "S1": (8, 64, 64, 64, 64), "S2": (32, 64, 64, 64, 64), "S3": (32, 28, 28, 128, 128),
+    "S4": (32, 14, 14, 256, 256), "S5": (32, 7, 7, 512, 512), "S6": (32, 28, 28, 64, 128),
+}
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def _shape(name, dtype, **kw):
+    n, h, w, c, co = SUITE[name]
+    args = dict(n=n, h_out=h, w_out=w, c_in=c, c_out=co, taps=9, offset_groups=1, feature_groups=1,
+                dtype=dtype)
+    args.update(kw)
+    return tiling.LayerShape(**args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_choice_is_instantiated(dtype):
+    grid = itertools.product((1, 7, 14, 64), (3, 64, 128, 512), (5, 256), (1, 2), (1, 4))
+    for hw, c_in, c_out, fg, og in grid:
+        if c_in % fg or c_out % fg or c_in % og:
+            continue
+        s = tiling.LayerShape(2, hw, hw, c_in, c_out, 9, og, fg, dtype)
+        tiling.check_gpu_tile(tiling.choose_tiling("cuda", s), dtype)
+
+
+def test_split_forward_where_output_channels_dominate():
+    for dt in ("float32", "bfloat16", "float16"):
+        for name in ("S4", "S5"):
+            assert tiling.choose_tiling("cuda", _shape(name, dt)).tile_k > 32, (name, dt)
+        for name in ("S1", "S2", "S3", "S6"):
+            assert tiling.choose_tiling("cuda", _shape(name, dt)).tile_k == 32, (name, dt)
+    # Not for float64 (no split instantiation) nor channels that are not whole 16-byte vectors.
+    assert tiling.choose_tiling("cuda", _shape("S5", "float64")).tile_k == 32
+    assert tiling.choose_tiling("cuda", _shape("S5", "bfloat16", c_in=508, offset_groups=2)).tile_k == 32
+
+
+def test_distinct_shapes_get_distinct_tiles():
+    tiles = {tiling.choose_tiling("cuda", _shape(n, "bfloat16")) for n in SUITE}
+    assert len(tiles) >= 3
+
+
+def test_rejects_what_is_not_instantiated():
+    bad = [tiling.TileConfig(8, 8, 48, 32, 4, 2), tiling.TileConfig(8, 8, 64, 64, 4, 2),
+           tiling.TileConfig(8, 8, 64, 256, 4, 1), tiling.TileConfig(8, 16, 64, 256, 4, 2)]
+    for t in bad:
+        with pytest.raises(ValueError, match="not instantiated"):
+            tiling.check_gpu_tile(t, "bfloat16")
+    with pytest.raises(ValueError, match="not instantiated"):
+        tiling.check_gpu_tile(tiling.TileConfig(8, 8, 64, 256, 4, 2), "float64")
+    tiling.check_gpu_tile(tiling.TileConfig(8, 8, 64, 256, 4, 2), "float32")

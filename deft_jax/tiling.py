@@ -76,11 +76,14 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
-    if (c_out_per_group >= 256 and pixels_per_image <= 256 and _vector_channels(s)):
-        # S4/S5: many output channels, few pixels. The streaming kernels re-sample x once per
-        # output-channel block (2x at S4 with 128-wide blocks, 8x at S5) and fill few blocks per
-        # SM; the split forward samples each (pixel, tap, channel) once and meets over taps in
-        # fp32 atomics (NOTES.md "split forward").
+    if c_out_per_group >= 256 and pixels_per_image <= 64 and _vector_channels(s):
+        # S5: images of at most one 8x8 tile (a 128-pixel tile would be mostly padding) with many
+        # output channels: the streaming kernel re-samples x once per 64-channel output block
+        # (8x at S5); the split forward samples each (pixel, tap, channel) once and meets over
+        # taps in fp32 atomics. Measured (H200, 2 weight stages) S5 bf16 192 -> 152 us, fp32
+        # 313 -> 264 (tile_k 256 / 128; 512 was slower: 225 / 486). At S4 (196 pixels, the
+        # 8x16 x 128 tile re-samples 2x) it lost: bf16 123 -> 143, fp32 247 -> 276
+        # (NOTES.md "split forward").
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K[s.dtype == "float32"], warps=4,
                           stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:
@@ -102,8 +105,8 @@ _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8))
 # The split forward (forward.cuh, deform_fwd_split_kernel; not float64): 64 pixels x 64 output
 # channels, 4 warps, stages 2, tile_k = input channels resident per block.
 _SPLIT_TILE_K = (128, 256, 512)
-# tile_k of the split forward per dtype class (index: is float32): the resident segment is 32 KiB
-# (plus pipeline buffers), so three blocks fit per SM.
+# tile_k of the split forward per dtype class (index: is float32): a 32 KiB resident segment
+# (fp32 with 256 channels, 64 KiB, measured slower at S5: 319 vs 264 us).
 _SPLIT_K = (256, 128)
 
 

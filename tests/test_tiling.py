@@ -33,10 +33,10 @@ def test_every_choice_is_instantiated(dtype):
 
 
 def test_split_forward_where_output_channels_dominate():
+    """S5-like layers only (measured; NOTES.md \"split forward\")."""
     for dt in ("float32", "bfloat16", "float16"):
-        for name in ("S4", "S5"):
-            assert tiling.choose_tiling("cuda", _shape(name, dt)).tile_k > 32, (name, dt)
-        for name in ("S1", "S2", "S3", "S6"):
+        assert tiling.choose_tiling("cuda", _shape("S5", dt)).tile_k > 32, dt
+        for name in ("S1", "S2", "S3", "S4", "S6"):
             assert tiling.choose_tiling("cuda", _shape(name, dt)).tile_k == 32, (name, dt)
     # Not for float64 (no split instantiation) nor channels that are not whole 16-byte vectors.
     assert tiling.choose_tiling("cuda", _shape("S5", "float64")).tile_k == 32

@@ -274,9 +274,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 // Pays where output channels are many and pixels few (NOTES.md "split forward").
 struct SplitCfg {
   static constexpr int BM = 64, BN = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
-  // Weight tiles by cp.async, kStages - 1 in flight: with 2 stages each step waited one L2
-  // round trip for its weight tile (S5 bf16 152 us; NOTES.md "split forward").
-  static constexpr int kStages = 4;
+  // Weight tiles double-buffered by cp.async. 4 stages measured no faster for bf16 (S5 152 -> 149
+  // us) and slower for fp32 (264 -> 314: 89 KiB of shared memory leaves 2 blocks per SM, not 3):
+  // the loop is not waiting on its weight loads (NOTES.md "split forward").
+  static constexpr int kStages = 2;
   static constexpr int kMinBlocks = 3;  // registers for 12 warps per SM (shared memory decides the rest)
 };
 

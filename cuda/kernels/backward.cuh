@@ -109,13 +109,40 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
   const int nk = static_cast<int>((g.Cog + BK - 1) / BK);
   if constexpr (PIPE) {
     auto As = [&](int st) { return reinterpret_cast<T*>(smem) + st * L::kABElems; };
+    // This thread's copy slots (row, column) of the dY and W^T tiles are the same for every
+    // chunk: their row pointers are resolved once, so a chunk costs one add per slot.
+    constexpr int V = kVec<T>, VPR = BK / V, SLOTS = BM * VPR / NT;
+    static_assert(SLOTS * NT == BM * VPR && BC == BM, "data pass copy slots");
+    const T* arow[SLOTS];
+    const T* brow[SLOTS];
+    int soff_a[SLOTS], soff_b[SLOTS], scol[SLOTS];
+    {
+      const int64_t ocol0 = fg * g.Cog;
+      auto a_of = dy_row(ocol0);
+      auto b_of = w_row(ocol0);
+#pragma unroll
+      for (int j = 0; j < SLOTS; ++j) {
+        const int idx = tid + j * NT, r = idx / VPR, c = (idx - r * VPR) * V;
+        arow[j] = a_of(r);
+        brow[j] = b_of(r);
+        if (arow[j] != nullptr) arow[j] += c;
+        if (brow[j] != nullptr) brow[j] += c;
+        soff_a[j] = r * L::LDA + c;
+        soff_b[j] = BM * L::LDA + r * L::LDB + c;
+        scol[j] = c;
+      }
+    }
     auto issue = [&](int i) {  // chunk i of C_out into stage i % S (an empty group past the end)
       if (i < nk) {
-        const int64_t o = int64_t(i) * BK, ocol = fg * g.Cog + o;
+        const int o = i * BK;
         const int ocnt = static_cast<int>(g.Cog - o < BK ? g.Cog - o : BK);
         T* as = As(i % S);
-        load_rows_async<T, BM, BK, NT>(as, L::LDA, dy_row(ocol), ocnt, dy, tid);
-        load_rows_async<T, BC, BK, NT>(as + BM * L::LDA, L::LDB, w_row(ocol), ocnt, dy, tid);
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j) {
+          const bool oka = arow[j] != nullptr && scol[j] < ocnt, okb = brow[j] != nullptr && scol[j] < ocnt;
+          cp_async16(as + soff_a[j], oka ? arow[j] + o : dy, oka);
+          cp_async16(as + soff_b[j], okb ? brow[j] + o : dy, okb);
+        }
       }
       cp_async_commit();
     };

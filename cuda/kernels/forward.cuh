@@ -291,7 +291,9 @@ struct SplitLayout {
   static constexpr size_t kC = align_up(size_t(C::BM) * LDC * sizeof(A), 128);
   __host__ __device__ static constexpr int lda(int ks) { return ks + kPad<T>; }  // As[BM][lda]
   __host__ __device__ static constexpr size_t a_bytes(int ks) { return align_up(size_t(C::BM) * lda(ks) * sizeof(T), 128); }
-  __host__ __device__ static constexpr size_t bytes(int ks) { return a_bytes(ks) + kB + kC + C::BM * sizeof(Samp<A>); }
+  __host__ __device__ static constexpr size_t bytes(int ks) {
+    return a_bytes(ks) + kB + kC + C::BM * (sizeof(Samp<A>) + sizeof(int64_t));  // + recs, row pixels
+  }
 };
 
 template <typename T, bool TC>
@@ -309,6 +311,7 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
   auto Bs = [&](int st) { return reinterpret_cast<T*>(smem + L::a_bytes(ks)) + st * BK * L::LDB; };
   A* Cs = reinterpret_cast<A*>(smem + L::a_bytes(ks) + L::kB);
   Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::a_bytes(ks) + L::kB + L::kC);
+  int64_t* rowpix = reinterpret_cast<int64_t*>(recs + BM);  // output pixel of A row r, -1 past the image
 
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
@@ -326,6 +329,7 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
     int64_t ho, wo;
     const int64_t pix = tile_pixel(g, img, th0, tw0, tid, &ho, &wo);
     recs[tid] = make_samp<T, A>(g, offset, mask, pix >= 0, pix, img, ho, wo, static_cast<int>(tap), og);
+    rowpix[tid] = pix;
   }
   __syncthreads();
   {  // Sample the segment once (zeros past cnt); U vectors' corners in flight per thread.
@@ -348,41 +352,55 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
   }
 
   // Every output block of the feature group against the resident segment: (ob, k chunk) steps,
-  // weight tiles by cp.async S stages ahead, one barrier per step (it also publishes As).
-  const int nob = static_cast<int>((g.Cog + BN - 1) / BN), nk = (cnt + BK - 1) / BK, total = nob * nk;
-  auto issue = [&](int i) {
-    if (i < total) {
-      const int ob = i / nk, k0 = (i - ob * nk) * BK;
-      const int kcnt = cnt - k0 < BK ? cnt - k0 : BK;
-      const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
-      const T* krow = kb + (krow0 + k0) * p.c_out + fg * g.Cog + ob * BN;
-      load_rows_async<T, BK, BN, NT>(
-          Bs(i % S), L::LDB, [&](int r) -> const T* { return r < kcnt ? krow + r * p.c_out : nullptr; }, ocnt, kb,
-          tid);
+  // weight tiles by cp.async S - 1 steps ahead, one barrier per step (it also publishes As).
+  // No divisions in the loop: the issue cursor and the compute cursor advance incrementally, and
+  // each thread's copy slots (row, column of the weight tile) are fixed (the profile showed ~400
+  // instructions per step, mostly index arithmetic, before this).
+  constexpr int BVPR = BN / V, BSLOTS = BK * BVPR / NT;
+  static_assert(BSLOTS * NT == BK * BVPR, "weight tile copy slots");
+  const int nob = static_cast<int>((g.Cog + BN - 1) / BN), nk = (cnt + BK - 1) / BK;
+  int slot_r[BSLOTS], slot_c[BSLOTS];
+#pragma unroll
+  for (int j = 0; j < BSLOTS; ++j) slot_r[j] = (tid + j * NT) / BVPR, slot_c[j] = ((tid + j * NT) % BVPR) * V;
+  const T* kseg = kb + krow0 * p.c_out + fg * g.Cog;  // weight row 0 of the segment, group's column 0
+  int iss_ob = 0, iss_k0 = 0, iss_stage = 0;
+  auto issue = [&]() {  // the next weight tile (an empty group past the end keeps the counts even)
+    if (iss_ob < nob) {
+      const int kcnt = cnt - iss_k0, ocnt = static_cast<int>(g.Cog) - iss_ob * BN;
+      const T* src = kseg + int64_t(iss_k0) * p.c_out + iss_ob * BN;
+      T* dst = Bs(iss_stage);
+#pragma unroll
+      for (int j = 0; j < BSLOTS; ++j) {
+        const bool ok = slot_r[j] < kcnt && slot_c[j] < ocnt;
+        cp_async16(dst + slot_r[j] * L::LDB + slot_c[j], ok ? src + int64_t(slot_r[j]) * p.c_out + slot_c[j] : kb, ok);
+      }
+      iss_k0 += BK;
+      if (iss_k0 >= cnt) iss_k0 = 0, ++iss_ob;
+      iss_stage = iss_stage + 1 == S ? 0 : iss_stage + 1;
     }
     cp_async_commit();
   };
   MmaTile<T, TC, BM, BN, BK, C::WM, C::WN, false, false> mma;
   mma.zero();
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i) issue(i);
-  for (int i = 0; i < total; ++i) {
+  for (int i = 0; i < S - 1; ++i) issue();
+  int ob = 0, kc = 0, stage = 0;
+  while (ob < nob) {
     cp_async_wait<S - 2>();
     __syncthreads();
-    issue(i + S - 1);
-    const int ob = i / nk, kc = i - ob * nk;
-    mma.compute(As + kc * BK, lda, Bs(i % S), L::LDB, tid);
-    if (kc != nk - 1) continue;
+    issue();
+    mma.compute(As + kc * BK, lda, Bs(stage), L::LDB, tid);
+    stage = stage + 1 == S ? 0 : stage + 1;
+    if (++kc < nk) continue;
     // Output block done: its partial sums into y (the next write of Cs is a barrier away).
     mma.store(Cs, L::LDC, tid);
     __syncthreads();
     const int64_t o0 = fg * g.Cog + int64_t(ob) * BN;
-    const int ocnt = static_cast<int>(g.Cog - int64_t(ob) * BN < BN ? g.Cog - int64_t(ob) * BN : BN);
+    const int ocnt = static_cast<int>(g.Cog) - ob * BN;
     constexpr int AV = 16 / static_cast<int>(sizeof(Atom<T>));
     for (int idx = tid; idx < BM * (BN / AV); idx += NT) {
       const int r = idx / (BN / AV), c = (idx % (BN / AV)) * AV;
-      int64_t ho, wo;
-      const int64_t pix = tile_pixel(g, img, th0, tw0, r, &ho, &wo);
+      const int64_t pix = rowpix[r];
       if (pix < 0 || c >= ocnt) continue;
       Atom<T> v[AV];
 #pragma unroll
@@ -390,6 +408,8 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
       atomic_add_n<AV>(yacc + pix * p.c_out + o0 + c, v);
     }
     mma.zero();
+    kc = 0;
+    ++ob;
   }
   cp_async_wait<0>();
 }

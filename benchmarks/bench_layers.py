@@ -427,8 +427,10 @@ def metadata(settings: Settings) -> dict:
         "cpu_count": os.cpu_count(), "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"), "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # DEFT_GIT_COMMIT: the commit of a copied tree whose .git is stale (the GPU machine's).
+        "git_commit": os.environ.get("DEFT_GIT_COMMIT") or git("rev-parse", "HEAD"),
+        "git_dirty": (False if os.environ.get("DEFT_GIT_COMMIT")
+                      else bool(git("status", "--porcelain", "--untracked-files=no"))),
         "load_average_start": os.getloadavg(),
         "settings": dataclasses.asdict(settings), "offset_std_px": OFFSET_STD,
         "argv": sys.argv[1:],

@@ -11,6 +11,8 @@
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16 backward) in one process (ktime.log).
+# The machine's copy of the tree carries a stale .git: pass DEFT_GIT_COMMIT=<hash of the local HEAD>
+# so results.json and the plot name the commit that was measured.
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
 set -o pipefail
 cd "$(dirname "$0")/.."

@@ -209,6 +209,12 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       y: [N, H_out, W_out, C_out] in x's dtype. Tap (i, j) of output (ho, wo) samples
       (ho*sh - pad_top + i*dh + dy, wo*sw - pad_left + j*dw + dx) bilinearly with zero padding,
       exactly as torchvision.ops.deform_conv2d with the channel axis last.
+
+    Determinism: the CPU handler is bitwise reproducible. On GPU the gradients are accumulated
+    with floating-point atomics, so they can differ in the last bits from run to run; so can the
+    forward of layers whose tiling picks the split forward (few pixels, >= 256 output channels per
+    group, e.g. 7x7 x 512: partial sums over taps meet in atomics). Other GPU forwards are
+    reproducible.
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")

@@ -81,9 +81,10 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
         # output channels: the streaming kernel re-samples x once per 64-channel output block
         # (8x at S5); the split forward samples each (pixel, tap, channel) once and meets over
         # taps in fp32 atomics. Measured (H200, 2 weight stages) S5 bf16 192 -> 152 us, fp32
-        # 313 -> 264 (tile_k 256 / 128; 512 was slower: 225 / 486). At S4 (196 pixels, the
-        # 8x16 x 128 tile re-samples 2x) it lost: bf16 123 -> 143, fp32 247 -> 276
-        # (NOTES.md "split forward").
+        # 313 -> 264 (tile_k 256 / 128; 512 was slower: 225 / 486); with its index arithmetic
+        # out of the loop, S5 fwd fp32 223 us, bf16 120 (bench; the streaming kernel: 333 / 212).
+        # At S4 (196 pixels, the 8x16 x 128 tile re-samples 2x) it lost before that fix: bf16
+        # 123 -> 143, fp32 247 -> 276; not re-measured since (NOTES.md "split forward").
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K[s.dtype == "float32"], warps=4,
                           stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:

@@ -73,14 +73,11 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
 
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
-  const int64_t tile = blockIdx.x % g.tiles_img, img = blockIdx.x / g.tiles_img;
-  const int64_t b = img / p.n;
-  const int64_t th0 = (tile / g.tiles_w) * g.tile_h, tw0 = (tile % g.tiles_w) * g.tile_w;
-  const int64_t q = blockIdx.y % maxq, tap = (blockIdx.y / maxq) % g.K, fg = blockIdx.y / maxq / g.K;
-  int64_t c0, cnt64, og;
-  if (!chunk_of(g, fg, q, BC, &c0, &cnt64, &og)) return;  // uniform over the block
-  const int cnt = static_cast<int>(cnt64);
-  const T* kb = kernel + b * p.kernel_size();
+  TileTapChunk w;
+  if (!tile_tap_chunk(g, maxq, BC, &w)) return;
+  const int64_t img = w.img, th0 = w.th0, tw0 = w.tw0, tap = w.tap, fg = w.fg, c0 = w.c0, og = w.og;
+  const int cnt = w.cnt;
+  const T* kb = kernel + w.b * p.kernel_size();
   const int64_t cbeg = fg * g.Cg;
 
   auto build_recs = [&]() {

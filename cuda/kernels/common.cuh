@@ -114,6 +114,28 @@ inline int64_t max_chunks(const Geo& g, int64_t bk) {
   return best;
 }
 
+// The work of one block of the (spatial tile) x (feature group, tap, channel chunk) grids of the
+// data pass and the split forward: blockIdx.x = (image, tile), blockIdx.y = (fg, tap, q < maxq).
+struct TileTapChunk {
+  int64_t img, b, th0, tw0, tap, fg, c0, og;  // img over batch*n, b the problem of the batch
+  int cnt;                                    // channels of the chunk [c0, c0 + cnt)
+};
+// False when the block's chunk q is past its feature group's last one (uniform over the block).
+__device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int64_t bc, TileTapChunk* w) {
+  const int64_t tile = blockIdx.x % g.tiles_img;
+  w->img = blockIdx.x / g.tiles_img;
+  w->b = w->img / g.p.n;
+  w->th0 = (tile / g.tiles_w) * g.tile_h;
+  w->tw0 = (tile % g.tiles_w) * g.tile_w;
+  const int64_t q = blockIdx.y % maxq;
+  w->tap = (blockIdx.y / maxq) % g.K;
+  w->fg = blockIdx.y / maxq / g.K;
+  int64_t cnt;
+  if (!chunk_of(g, w->fg, q, bc, &w->c0, &cnt, &w->og)) return false;
+  w->cnt = static_cast<int>(cnt);
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // One bilinear sample (pixel, tap, offset group). y0 = -4 marks "contributes nothing".
 template <typename A>

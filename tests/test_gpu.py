@@ -302,15 +302,11 @@ def test_split_forward(tile_k, rng, monkeypatch):
         assert rel_err(yv[i], f(xs[i], offs[i], ks[i], ms[i])) < 1e-6
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "seen 2026-11-22 on H100 / jax 0.11.2: the handler returns ffi::Error (kInvalidArgument, "
-    "'not instantiated') but the process dies with SIGSEGV inside XLA "
-    "(stack in stream_executor/cuda/cuda_device_allocator.cc) instead of raising; an earlier "
-    "RESOURCE_EXHAUSTED from the backward handler was raised cleanly. Python-side validation "
-    "(deft_jax.tiling.check_gpu_tile) avoids reaching this path."))
 def test_unsupported_tile_is_an_error():
     """A tile configuration the kernels do not instantiate is an error naming it, not a crash.
-    (In a subprocess: an FFI error must not take the interpreter down.)"""
+    (In a subprocess: an FFI error must not take the interpreter down.) Was a non-strict xfail:
+    on 2026-11-22 (H100, jax 0.11.2) XLA crashed after the handler's ffi::Error; it has passed
+    in every GPU run since 2026-12-01 (H200), so it is a plain test again."""
     script = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         import deft_jax

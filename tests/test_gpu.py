@@ -304,9 +304,10 @@ def test_split_forward(tile_k, rng, monkeypatch):
 
 def test_unsupported_tile_is_an_error():
     """A tile configuration the kernels do not instantiate is an error naming it, not a crash.
-    (In a subprocess: an FFI error must not take the interpreter down.) Was a non-strict xfail:
-    on 2026-11-22 (H100, jax 0.11.2) XLA crashed after the handler's ffi::Error; it has passed
-    in every GPU run since 2026-12-01 (H200), so it is a plain test again."""
+    (In a subprocess, so a crash cannot take the test session down.) The trace-time guard
+    (tiling.check_gpu_tile) raises before any kernel; this was a non-strict xfail because on
+    2026-11-22 (H100, jax 0.11.2) an ffi::Error from the handler itself crashed XLA. It has
+    passed in every GPU run since 2026-12-01 (H200), so it is a plain test again."""
     script = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         import deft_jax

@@ -19,7 +19,8 @@ class TileConfig:
     """A tile choice. GPU: a block computes tile_h x tile_w output pixels x tile_n output channels,
     reducing over input channels tile_k at a time, with ``warps`` warps and ``stages`` pipeline
     stages (tile_k > 32: the split forward, where a block keeps tile_k sampled input channels of
-    one tap resident and walks all output channels). CPU: one task processes tile_h x tile_w output pixels (the rest is unused)."""
+    one tap resident and walks all output channels). CPU: one task processes tile_h x tile_w
+    output pixels (the rest is unused)."""
 
     tile_h: int
     tile_w: int
@@ -85,7 +86,7 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
         # out of the loop, S5 fwd fp32 223 us, bf16 120 (bench; the streaming kernel: 333 / 212).
         # At S4 (196 pixels, the 8x16 x 128 tile re-samples 2x) it lost before that fix: bf16
         # 123 -> 143, fp32 247 -> 276; not re-measured since (NOTES.md "split forward").
-        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K[s.dtype == "float32"], warps=4,
+        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K.get(s.dtype, 256), warps=4,
                           stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
@@ -106,9 +107,9 @@ _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8))
 # The split forward (forward.cuh, deform_fwd_split_kernel; not float64): 64 pixels x 64 output
 # channels, 4 warps, stages 2, tile_k = input channels resident per block.
 _SPLIT_TILE_K = (128, 256, 512)
-# tile_k of the split forward per dtype class (index: is float32): a 32 KiB resident segment
-# (fp32 with 256 channels, 64 KiB, measured slower at S5: 319 vs 264 us).
-_SPLIT_K = (256, 128)
+# tile_k of the split forward: a 32 KiB resident segment, 256 channels of 16-bit types (.get
+# default) or 128 of float32 (256 fp32 channels, 64 KiB, measured slower at S5: 319 vs 264 us).
+_SPLIT_K = {"float32": 128}
 
 
 def _vector_channels(s: LayerShape) -> bool:

@@ -1,6 +1,6 @@
 // Device building blocks shared by the forward and backward kernels: element conversions, the
 // bilinear sample record, the two tile loaders (sampled pixels x channels, and dense rows) and the
-// two block-level matrix engines (tensor cores through nvcuda::wmma, and exact SIMT FMA).
+// block-level matrix engines (tensor cores through mma.sync + ldmatrix or nvcuda::wmma, and exact SIMT FMA).
 // No XLA types in here.
 #pragma once
 
@@ -485,6 +485,146 @@ struct WmmaTile {
   }
 };
 
+// Tensor cores through mma.sync (m16n8k16 for 16-bit types, m16n8k8 TF32 for fp32) with the
+// fragments loaded by ldmatrix from 32-bit shared addresses. Replaces wmma, whose fragment loads
+// compile to generic 64-bit LD.E plus MOVM transposes (NOTES.md, "next steps").
+// Layouts (g = lane / 4, t = lane % 4; PTX ISA "mma.m16n8k16" / "m16n8k8"): A regs {(g, 2t..),
+// (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}, B regs {(k 2t.., n g), (k 2t+8.., n g)}, C {(g, 2t..),
+// (g+8, 2t..)}; TF32 halves the k extents. ldmatrix gives lane l the word (row l/4, pair l%4) of
+// each 8x8 b16 matrix (.trans: the transposed matrix), lanes 8q..8q+7 addressing matrix q's rows.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16n8(float (&c)[4], const uint32_t (&a)[4], const uint32_t* b) {
+  if constexpr (std::is_same<T, float>::value) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+template <typename T, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
+struct SyncMmaTile {
+  static constexpr bool kTf32 = std::is_same<T, float>::value;
+  static constexpr int KK = kTf32 ? 8 : 16;
+  static constexpr int TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
+  static constexpr int ES = static_cast<int>(sizeof(T));  // bytes per element
+  static_assert(FM * 16 * WM == BM && FN * 8 * WN == BN && BK % KK == 0 && FN % 2 == 0, "mma tile shape");
+  float acc[FM][FN][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  }
+
+  __device__ __forceinline__ void compute(const T* As, int lda, const T* Bs, int ldb, int tid) {
+    const int lane = tid & 31, warp = tid >> 5;
+    const int m0 = (warp / WN) * TM, n0 = (warp % WN) * TN;
+    const int g = lane >> 2, t = lane & 3, q = lane >> 3, r = lane & 7;
+    const unsigned sa = smem_addr(As), sb = smem_addr(Bs);
+#pragma unroll
+    for (int k = 0; k < BK; k += KK) {
+      uint32_t a[FM][4], b[FN][2];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int mb = m0 + i * 16;
+        if constexpr (!A_COL) {  // As[m][k]: rows m, k contiguous
+          const int row = mb + (lane & 15), col = k + (lane >> 4) * (kTf32 ? 4 : 8);
+          ldsm_x4(a[i], sa + (row * lda + col) * ES);
+        } else if constexpr (!kTf32) {  // As[k][m]: the transposed 8x8 blocks
+          const int krow = k + r + (q >> 1) * 8, mcol = mb + (q & 1) * 8;
+          ldsm_x4_trans(a[i], sa + (krow * lda + mcol) * ES);
+        } else {  // TF32 from k-major storage: ldmatrix cannot transpose 32-bit words
+          const float* Af = reinterpret_cast<const float*>(As);
+          a[i][0] = __float_as_uint(Af[(k + t) * lda + mb + g]);
+          a[i][1] = __float_as_uint(Af[(k + t) * lda + mb + g + 8]);
+          a[i][2] = __float_as_uint(Af[(k + t + 4) * lda + mb + g]);
+          a[i][3] = __float_as_uint(Af[(k + t + 4) * lda + mb + g + 8]);
+        }
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[i][e] = to_tf32(__uint_as_float(a[i][e]));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < FN; j += 2) {  // two n8 tiles per ldmatrix.x4
+        const int nb = n0 + j * 8;
+        uint32_t v[4];
+        if constexpr (B_COL) {  // Bs[n][k]: rows n, k contiguous
+          const int nrow = nb + r + (q >> 1) * 8, kcol = k + (q & 1) * (kTf32 ? 4 : 8);
+          ldsm_x4(v, sb + (nrow * ldb + kcol) * ES);
+          b[j][0] = v[0], b[j][1] = v[1], b[j + 1][0] = v[2], b[j + 1][1] = v[3];
+        } else if constexpr (!kTf32) {  // Bs[k][n]: the transposed 8x8 blocks
+          const int krow = k + r + (q & 1) * 8, ncol = nb + (q >> 1) * 8;
+          ldsm_x4_trans(v, sb + (krow * ldb + ncol) * ES);
+          b[j][0] = v[0], b[j][1] = v[1], b[j + 1][0] = v[2], b[j + 1][1] = v[3];
+        } else {
+          const float* Bf = reinterpret_cast<const float*>(Bs);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            b[j + h][0] = __float_as_uint(Bf[(k + t) * ldb + nb + h * 8 + g]);
+            b[j + h][1] = __float_as_uint(Bf[(k + t + 4) * ldb + nb + h * 8 + g]);
+          }
+        }
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) b[j + h][e] = to_tf32(__uint_as_float(b[j + h][e]));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) mma_16n8<T>(acc[i][j], a[i], b[j]);
+    }
+  }
+
+  // Cs[m * ldc + n] = C(m, n) (row-major BM x BN, float; ldc even).
+  __device__ __forceinline__ void store(float* Cs, int ldc, int tid) {
+    const int lane = tid & 31, warp = tid >> 5;
+    const int m0 = (warp / WN) * TM, n0 = (warp % WN) * TN, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        float* c = Cs + (m0 + i * 16 + g) * ldc + n0 + j * 8 + 2 * t;
+        *reinterpret_cast<float2*>(c) = make_float2(acc[i][j][0], acc[i][j][1]);
+        *reinterpret_cast<float2*>(c + 8 * ldc) = make_float2(acc[i][j][2], acc[i][j][3]);
+      }
+  }
+};
+
 // Exact path (fp32 without TF32, fp64): each thread owns a TM x TN micro tile.
 template <typename T, int BM, int BN, int BK, int THREADS, bool A_COL, bool B_COL>
 struct SimtTile {
@@ -533,7 +673,7 @@ struct SimtTile {
 
 // Tensor cores for bf16/fp16 always, for fp32 when TF32 is allowed; SIMT otherwise.
 template <typename T, bool TC, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
-using MmaTile = std::conditional_t<TC, WmmaTile<T, BM, BN, BK, WM, WN, A_COL, B_COL>,
+using MmaTile = std::conditional_t<TC, SyncMmaTile<T, BM, BN, BK, WM, WN, A_COL, B_COL>,
                                    SimtTile<T, BM, BN, BK, WM * WN * 32, A_COL, B_COL>>;
 
 // Shared-memory row padding: one 16-byte vector (keeps vector stores aligned, staggers banks).

@@ -1,13 +1,12 @@
 // Device building blocks shared by the forward and backward kernels: element conversions, the
 // bilinear sample record, the two tile loaders (sampled pixels x channels, and dense rows) and the
-// block-level matrix engines (tensor cores through mma.sync + ldmatrix or nvcuda::wmma, and exact SIMT FMA).
+// block-level matrix engines (tensor cores through ldmatrix + mma.sync, and exact SIMT FMA).
 // No XLA types in here.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <cstring>
@@ -18,8 +17,6 @@
 
 namespace deft {
 namespace kern {
-
-namespace wmma = nvcuda::wmma;
 
 // ---------------------------------------------------------------------------------------------
 // Types: T is the storage type, Acc the accumulation type (float, double for double).
@@ -424,70 +421,9 @@ __device__ __forceinline__ void load_rows_async(T* dst, int ld, RowPtr row, int 
 // Block matrix engines: C[BM x BN] += A[BM x BK] * B[BK x BN] from shared memory.
 // A_COL: A(m, k) at As[k * lda + m] (else As[m * lda + k]); B_COL: B(k, n) at Bs[n * ldb + k].
 
-template <typename T, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
-struct WmmaTile {
-  static constexpr bool kTf32 = std::is_same<T, float>::value;
-  static constexpr int KK = kTf32 ? 8 : 16;
-  static constexpr int FM = BM / WM / 16, FN = BN / WN / 16;
-  static_assert(FM * WM * 16 == BM && FN * WN * 16 == BN && BK % KK == 0, "wmma tile shape");
-  using AT = std::conditional_t<kTf32, wmma::precision::tf32, T>;
-  using LA = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
-  using LB = std::conditional_t<B_COL, wmma::col_major, wmma::row_major>;
-  wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[FM][FN];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  }
-
-  __device__ __forceinline__ void compute(const T* As, int lda, const T* Bs, int ldb, int tid) {
-    const int warp = tid / 32, wm = warp / WN, wn = warp % WN;
-#pragma unroll
-    for (int k = 0; k < BK; k += KK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, KK, AT, LA> a[FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, KK, AT, LB> b[FN];
-#pragma unroll
-      for (int i = 0; i < FM; ++i) {
-        const int m = (wm * FM + i) * 16;
-        wmma::load_matrix_sync(a[i], A_COL ? As + k * lda + m : As + m * lda + k, lda);
-        if constexpr (kTf32) {
-#pragma unroll
-          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < FN; ++j) {
-        const int n = (wn * FN + j) * 16;
-        wmma::load_matrix_sync(b[j], B_COL ? Bs + n * ldb + k : Bs + k * ldb + n, ldb);
-        if constexpr (kTf32) {
-#pragma unroll
-          for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-  }
-
-  // Cs[m * ldc + n] = C(m, n) (row-major BM x BN, float).
-  __device__ __forceinline__ void store(float* Cs, int ldc, int tid) {
-    const int warp = tid / 32, wm = warp / WN, wn = warp % WN;
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-      for (int j = 0; j < FN; ++j)
-        wmma::store_matrix_sync(Cs + (wm * FM + i) * 16 * ldc + (wn * FN + j) * 16, acc[i][j], ldc,
-                                wmma::mem_row_major);
-  }
-};
-
 // Tensor cores through mma.sync (m16n8k16 for 16-bit types, m16n8k8 TF32 for fp32) with the
-// fragments loaded by ldmatrix from 32-bit shared addresses. Replaces wmma, whose fragment loads
-// compile to generic 64-bit LD.E plus MOVM transposes (NOTES.md, "next steps").
+// fragments loaded by ldmatrix from 32-bit shared addresses. Replaced wmma, whose fragment loads
+// compiled to generic 64-bit LD.E plus MOVM transposes (NOTES.md, "ldmatrix + mma.sync").
 // Layouts (g = lane / 4, t = lane % 4; PTX ISA "mma.m16n8k16" / "m16n8k8"): A regs {(g, 2t..),
 // (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}, B regs {(k 2t.., n g), (k 2t+8.., n g)}, C {(g, 2t..),
 // (g+8, 2t..)}; TF32 halves the k extents. ldmatrix gives lane l the word (row l/4, pair l%4) of

@@ -77,15 +77,15 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
-    if c_out_per_group >= 256 and pixels_per_image <= 64 and _vector_channels(s):
-        # S5: images of at most one 8x8 tile (a 128-pixel tile would be mostly padding) with many
-        # output channels: the streaming kernel re-samples x once per 64-channel output block
-        # (8x at S5); the split forward samples each (pixel, tap, channel) once and meets over
-        # taps in fp32 atomics. Measured (H200, 2 weight stages) S5 bf16 192 -> 152 us, fp32
-        # 313 -> 264 (tile_k 256 / 128; 512 was slower: 225 / 486); with its index arithmetic
-        # out of the loop, S5 fwd fp32 223 us, bf16 120 (bench; the streaming kernel: 333 / 212).
-        # At S4 (196 pixels, the 8x16 x 128 tile re-samples 2x) it lost before that fix: bf16
-        # 123 -> 143, fp32 247 -> 276; not re-measured since (NOTES.md "split forward").
+    if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS.get(s.dtype, 196)
+            and _vector_channels(s)):
+        # S5 (and S4 for 16-bit types): few pixels per image, many output channels. The streaming
+        # kernel re-samples x once per output-channel block (8x at S5 with 64-wide blocks, 2x at S4
+        # with the 8x16 x 128 tile, whose 128 blocks are one wave at 1 block/SM); the split forward
+        # samples each (pixel, tap, channel) once and meets over taps in fp32 atomics.
+        # Measured (H200, 3a7669d, gpu_tile_sweep, fwd us, streaming best -> split): S5 bf16
+        # 159 -> 87, fp32 240 -> 137 (tile_k 256 / 128); S4 bf16 99 -> 88, fp32 161 -> 158 (a
+        # tie, so fp32 keeps the deterministic streaming kernel there; results/sweep_mma_h200.json).
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K.get(s.dtype, 256), warps=4,
                           stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:
@@ -110,6 +110,9 @@ _SPLIT_TILE_K = (128, 256, 512)
 # tile_k of the split forward: a 32 KiB resident segment, 256 channels of 16-bit types (.get
 # default) or 128 of float32 (256 fp32 channels, 64 KiB, measured slower at S5: 319 vs 264 us).
 _SPLIT_K = {"float32": 128}
+# Largest output image (pixels) for which the split forward wins: 196 (S4) for 16-bit types (.get
+# default), 64 (S5) for float32 (tied at S4).
+_SPLIT_MAX_PIXELS = {"float32": 64}
 
 
 def _vector_channels(s: LayerShape) -> bool:

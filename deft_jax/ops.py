@@ -214,8 +214,7 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
     with floating-point atomics, so they can differ in the last bits from run to run; so can the
     forward of layers whose tiling picks the split forward (few pixels, >= 256 output channels per
     group, e.g. 7x7 x 512, or 14x14 x 256 in 16-bit types: partial sums over taps meet in
-    atomics). Other GPU forwards are
-    reproducible.
+    atomics). Other GPU forwards are reproducible.
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")

@@ -55,6 +55,10 @@ GRID = [
     Case(n=1, h=17, w=9, c_in=64, c_out=136, offset_groups=4, feature_groups=2, with_mask=False),
     Case(n=2, h=10, w=12, c_in=48, c_out=32, offset_groups=3, strides=(2, 2), padding=((2, 1), (1, 2))),
     Case(n=1, h=9, w=9, c_in=24, c_out=24, offset_groups=2, feature_groups=3, kernel_size=(5, 5), padding=2),
+    # The data pass merges dx entries per position in a window around each tile: interior tiles,
+    # vector channels, small offsets (long lists) and larger ones (entries outside the window).
+    Case(n=1, h=30, w=27, c_in=40, c_out=16, offset_scale=0.3),
+    Case(n=1, h=30, w=27, c_in=40, c_out=16, offset_scale=8.0, strides=(2, 2)),
 ]
 
 # Relative max error vs the float64 oracle (max |a - b| / max |b|), per dtype / precision.

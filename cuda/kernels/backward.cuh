@@ -38,7 +38,15 @@ struct DataLayout {
   static constexpr size_t kAB = align_up(STAGES * kABElems * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(C::BM) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
-  static constexpr size_t kBytes = kMain + size_t(C::BM) * sizeof(Rec<A>);
+  static constexpr size_t kRecEnd = kMain + size_t(C::BM) * sizeof(Rec<A>);
+  // dx merge tables (see the scatter): per (pixel, corner) entry its dx element offset, weight,
+  // list link; a kWin x kWin window of list heads; the leader list and its count. They sit behind
+  // the grad_col tile where the stages leave room (free once the GEMM is done), else at the end.
+  static constexpr int kWin = 32, kEnt = 4 * C::BM;
+  static constexpr size_t kMergeBytes = kEnt * (sizeof(int64_t) + sizeof(A) + 2 * sizeof(int)) +
+                                        (kWin * kWin + 4) * sizeof(int);
+  static constexpr size_t kMerge = kMain - kC >= kMergeBytes ? kC : align_up(kRecEnd, 128);
+  static constexpr size_t kBytes = kMerge == kC ? kRecEnd : kMerge + kMergeBytes;
 };
 
 template <typename T, int BUFS>
@@ -167,11 +175,29 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
   }
   __syncthreads();  // the grad_col tile aliases the A/B stages
   mma.store(Cs, L::LDC, tid);
+
+  // dx: the block's 4 * BM (pixel, corner) entries often share a position (2.07 per position at
+  // offsets ~N(0, 2^2), more for smaller offsets; NOTES.md "dx merge"), and the global atomics
+  // bound this pass. Entries inside a kWin^2 window around the tap's footprint are linked per
+  // position (atomicExch on a list head in shared memory); each list is summed on chip and added
+  // to dX with one atomic per channel vector.
+  constexpr int WIN = L::kWin, ENT = L::kEnt;
+  int64_t* ent_at = reinterpret_cast<int64_t*>(smem + L::kMerge);  // dx element offset, -1: none
+  A* ent_w = reinterpret_cast<A*>(ent_at + ENT);                    // bilinear weight x mask
+  int* ent_next = reinterpret_cast<int*>(ent_w + ENT);              // -1 end of list, -2 no list
+  int* leaders = ent_next + ENT;
+  int* head = leaders + ENT;  // (WIN, WIN)
+  int* nleaders = head + WIN * WIN;
+  for (int i = tid; i < WIN * WIN; i += NT) head[i] = -1;
+  if (tid == 0) *nleaders = 0;
+  const int64_t ti = tap / p.kw, tj = tap - ti * p.kw;
+  const int wy0 = static_cast<int>(p.base_y(th0, ti) + (g.tile_h - 1) * p.stride_h / 2) - (WIN / 2 - 1);
+  const int wx0 = static_cast<int>(p.base_x(tw0, tj) + (g.tile_w - 1) * p.stride_w / 2) - (WIN / 2 - 1);
   __syncthreads();
 
-  // Scatter + channel reductions: PARTS adjacent lanes share one pixel.
+  // Channel reductions per pixel (PARTS adjacent lanes share one) and the entries' registration.
   constexpr int PARTS = NT / BM;
-  static_assert(PARTS * BM == NT && (PARTS & (PARTS - 1)) == 0 && PARTS <= 32, "parts per pixel");
+  static_assert(PARTS * BM == NT && (PARTS & (PARTS - 1)) == 0 && PARTS <= 4, "parts per pixel");
   const int r = tid / PARTS, part = tid % PARTS;
   const Rec<A> rec = recs[r];
   A s_m = A(0), s_y = A(0), s_x = A(0);
@@ -190,6 +216,15 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
               static_cast<unsigned>(xx) < static_cast<unsigned>(W);
       at[k] = rec.xoff + (static_cast<int64_t>(yy) * W + xx) * p.c_in + c0;
     }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // corner k is this lane's when k % PARTS == part (static indices)
+      if (k % PARTS != part) continue;
+      const int e = 4 * r + k, wy = rec.y0 + (k >> 1) - wy0, wx = rec.x0 + (k & 1) - wx0;
+      ent_at[e] = ok[k] ? at[k] : -1;
+      ent_w[e] = wt[k] * rec.m;
+      const bool in_win = static_cast<unsigned>(wy) < unsigned(WIN) && static_cast<unsigned>(wx) < unsigned(WIN);
+      ent_next[e] = ok[k] && in_win ? atomicExch(head + wy * WIN + wx, e) : -2;
+    }
     const A* grow = Cs + r * L::LDC;
     auto body = [&](auto vtag, int c) {
       constexpr int V = decltype(vtag)::value;
@@ -207,7 +242,6 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
           }
         }
       }
-      Atom<T> gms[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const A gc = grow[c + e];
@@ -222,27 +256,17 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
         s_m += gc * val;
         s_y += gm * dyv;
         s_x += gm * dxv;
-        gms[e] = static_cast<Atom<T>>(gm);
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (!ok[k]) continue;
-        Atom<T> part[V];
-#pragma unroll
-        for (int e = 0; e < V; ++e) part[e] = gms[e] * static_cast<Atom<T>>(wt[k]);
-        atomic_add_n<V>(dxa + at[k] + c, part);
       }
     };
     if (g.vec) {
-      // One 16-byte atomic per lane and corner: adjacent lanes (same pixel) then cover one 32-byte
-      // sector per instruction. (Eight 16-bit channels per lane split each lane's 32 bytes over
-      // two instructions, so every instruction touched two half-used sectors: twice the L2
-      // atomic operations of fp32; NOTES.md "backward v3".)
-      constexpr int V = 16 / static_cast<int>(sizeof(Atom<T>));
+      constexpr int V = kVec<T>;
       for (int c = part * V; c < cnt; c += PARTS * V) body(std::integral_constant<int, V>{}, c);
     } else {
       for (int c = part; c < cnt; c += PARTS) body(std::integral_constant<int, 1>{}, c);
     }
+  } else {
+#pragma unroll
+    for (int k = part; k < 4; k += PARTS) ent_at[4 * r + k] = -1;
   }
 #pragma unroll
   for (int s = PARTS / 2; s > 0; s >>= 1) {
@@ -257,6 +281,52 @@ __global__ void __launch_bounds__(DataCfg::kThreads)
     atomicAdd(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k, static_cast<Atom<T>>(s_y));
     atomicAdd(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k + 1, static_cast<Atom<T>>(s_x));
     if (p.with_mask) atomicAdd(dmaska + pix * (p.offset_groups * g.K) + k, static_cast<Atom<T>>(s_m));
+  }
+  __syncthreads();  // every entry registered
+
+  // Leaders: the head of each window list, and every entry outside the window. Warp-aggregated
+  // appends (one shared atomic per warp and round).
+  const int lane = tid % 32;
+  auto append = [&](bool is, int e) {
+    const unsigned bal = __ballot_sync(0xffffffffu, is);
+    int base = 0;
+    if (lane == 0 && bal != 0u) base = atomicAdd(nleaders, __popc(bal));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (is) leaders[base + __popc(bal & ((1u << lane) - 1u))] = e;
+  };
+  static_assert((WIN * WIN) % NT == 0 && ENT % NT == 0, "uniform leader rounds");
+  for (int i = tid; i < WIN * WIN; i += NT) append(head[i] >= 0, head[i]);
+  for (int e = tid; e < ENT; e += NT) append(ent_at[e] >= 0 && ent_next[e] == -2, e);
+  __syncthreads();
+
+  // One atomic per (leader, channel vector); adjacent lanes take adjacent vectors of one position.
+  const int nl = *nleaders;
+  auto scatter = [&](auto vtag) {
+    constexpr int V = decltype(vtag)::value, VPC = BC / V;
+    for (int it = tid; it < nl * VPC; it += NT) {
+      const int li = it / VPC, c = (it - li * VPC) * V;
+      if (c >= cnt) continue;
+      int e = leaders[li];
+      const int64_t dst = ent_at[e];
+      Atom<T> sum[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) sum[v] = Atom<T>(0);
+      while (true) {
+        const A wgt = ent_w[e];
+        const A* gc = Cs + (e / 4) * L::LDC + c;
+#pragma unroll
+        for (int v = 0; v < V; ++v) sum[v] += static_cast<Atom<T>>(gc[v] * wgt);
+        e = ent_next[e];
+        if (e < 0) break;
+      }
+      atomic_add_n<V>(dxa + dst + c, sum);
+    }
+  };
+  // 16 bytes of fp32 per atomic on the vector path: two adjacent lanes fill one 32-byte sector.
+  if (g.vec) {
+    scatter(std::integral_constant<int, 16 / static_cast<int>(sizeof(Atom<T>))>{});
+  } else {
+    scatter(std::integral_constant<int, 1>{});
   }
 }
 

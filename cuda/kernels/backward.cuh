@@ -63,8 +63,14 @@ struct WeightLayout {
   static constexpr size_t kBytes = kMain + BUFS * size_t(C::BK) * sizeof(Samp<A>);
 };
 
+// Blocks per SM the pipelined data pass's registers must allow: 4 for fp32 (its stages' shared
+// memory fits 4 x 57 KB exactly; at 131 registers it fell to 3, NOTES.md "dx merge"), 5 for 16-bit
+// types (as before the merge, 93 registers). The simple loop and float64 are left to the compiler.
+template <typename T, bool PIPE>
+constexpr int kDataMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 4 : 5;
+
 template <typename T, bool TC, bool PIPE>
-__global__ void __launch_bounds__(DataCfg::kThreads)
+__global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     deform_bwd_data_kernel(const Geo g, int64_t maxq, const T* __restrict__ x,
                            const T* __restrict__ offset, const T* __restrict__ mask,
                            const T* __restrict__ kernel, const T* __restrict__ dy, Atom<T>* dxa,

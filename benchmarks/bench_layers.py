@@ -236,14 +236,21 @@ def time_loop(f, args, settings: Settings, once_s: float, unroll: bool = False) 
 
     iters = settings.iters or int(min(settings.max_iters,
                                       max(settings.min_iters, round(settings.target_s / once_s))))
-    wall(iters)  # compile + warm-up
-    if unroll:  # one program per R
-        wall(2 * iters)
-    walls = [(wall(iters), wall(2 * iters)) for _ in range(settings.runs)]
-    per_call = [(t_long - t_short) / iters for t_short, t_long in walls]
-    shortest, longest = (min(w[i] for w in walls) for i in (0, 1))
+    # A non-positive estimate means noise (other processes) exceeded R calls' worth of work: the
+    # run is repeated at 4R, at most twice, rather than reporting a time that cannot be right.
+    for attempt in range(3):
+        wall(iters)  # compile + warm-up
+        if unroll:  # one program per R
+            wall(2 * iters)
+        walls = [(wall(iters), wall(2 * iters)) for _ in range(settings.runs)]
+        per_call = [(t_long - t_short) / iters for t_short, t_long in walls]
+        shortest, longest = (min(w[i] for w in walls) for i in (0, 1))
+        time_min = (longest - shortest) / iters
+        if (median(per_call) > 0 and time_min > 0) or attempt == 2:
+            break
+        iters *= 4
     return {"time_s": median(per_call), "run_times_s": per_call, "iters": iters,
-            "time_min_s": (longest - shortest) / iters, "walls_s": walls}
+            "time_min_s": time_min, "walls_s": walls, "remeasured": attempt}
 
 
 def single_call(f, args) -> tuple[object, float, int | None]:
@@ -352,6 +359,7 @@ def run_case(impl, mode, layer, dtype_name, inputs, machine, settings) -> tuple[
         "time_min_us": timing["time_min_s"] * 1e6,
         "program_walls_us": [[t * 1e6 for t in pair] for pair in timing["walls_s"]],
         "iters": timing["iters"],
+        "remeasured": timing["remeasured"],  # times R was raised 4x because noise made it <= 0
         "unrolled": unroll,
         "temp_bytes": temp,
         "bytes": moved,

@@ -48,10 +48,9 @@ def test_results_json(bench, results):
             assert r["error"] and "time_us" not in r
             continue
         assert r["status"] == "ok", r
-        assert r["iters"] == 2
+        # R = 2, or 8 / 32 where noise on a busy 2-core machine made the R = 2 estimate <= 0.
+        assert r["iters"] in (2, 8, 32)
         assert len(r["run_times_us"]) == 3 and math.isfinite(r["time_us"])
-        # On a busy 2-core CI machine the median of R=2 differences can dip below 0 at this
-        # size; the estimate from the fastest run of each length stays positive.
         assert r["time_min_us"] > 0, r
         assert r["floor_us"] > 0 and r["over_floor"] > 0
         assert r["temp_bytes"] is None or r["temp_bytes"] >= 0

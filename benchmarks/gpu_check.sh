@@ -4,8 +4,9 @@
 # Logs and results go to $OUT: build.log, pytest.log, memcheck.log, bench.log, bench/results.json,
 # bench/results.md, bench/bench_layers.png (+ ktime.log/ktime.md, sweep.*, ncu.log). The device
 # tool brings back at most 8 files: results.md is redundant with results.json (--markdown).
-# Phases can be picked: PHASES="build test memcheck sweep bench ncu ktime" (default: build test
-# memcheck bench). Nsight Compute always runs with --clock-control none (GPU clocks untouched). sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
+# Phases can be picked: PHASES="build test memcheck sweep bench micro ncu ktime" (default: build
+# test memcheck bench). Nsight Compute always runs with --clock-control none (GPU clocks untouched).
+# sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
 # picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats").
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).

@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
           v[k][0] = ok[k] ? to_acc<A>(x[at[k] + c]) : A(0);
         } else {
           if (ok[k]) {
-            load_n<T, A, V>(x + at[k] + c, v[k]);
+            load_vec<T, A>(x + at[k] + c, v[k]);
           } else {
 #pragma unroll
             for (int e = 0; e < V; ++e) v[k][e] = A(0);

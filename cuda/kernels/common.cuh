@@ -264,23 +264,6 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ src, A (&v)[kVec<
   unpack_vec<T, A>(__ldg(reinterpret_cast<const uint4*>(src)), v);
 }
 
-// N consecutive elements as accumulators: a 16-byte vector, or for 16-bit types an 8-byte half
-// vector (N = 4; `src` 8-byte aligned).
-template <typename T, typename A, int N>
-__device__ __forceinline__ void load_n(const T* __restrict__ src, A (&v)[N]) {
-  if constexpr (N == kVec<T>) {
-    load_vec<T, A>(src, v);
-  } else {
-    static_assert(N == 4 && sizeof(T) == 2, "8-byte loads of 16-bit types only");
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(src));
-    uint4 raw = make_uint4(u.x, u.y, 0, 0);
-    A w[kVec<T>];
-    unpack_vec<T, A>(raw, w);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = w[e];
-  }
-}
-
 template <typename T, typename A, int N>
 __device__ __forceinline__ void store_elems(T* dst, const A (&v)[N]) {
   if constexpr (N * sizeof(T) == 16) {

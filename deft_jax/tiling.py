@@ -65,7 +65,8 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in benchmarks/NOTES.md, "tile sweep").
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
-    {(64, 64, 4), (128, 64, 4), (128, 128, 8)}, pixels = tile_h * tile_w, tile_k = 32, stages 1 or
+    {(64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16)}, pixels = tile_h * tile_w,
+    tile_k = 32, stages 1 or
     2 (2 = register prefetch + double-buffered shared memory on the tensor-core path); float64
     (exact SIMT path): (64, 64, 4) only. Split forward (not float64): (64, 64, 4), stages 2,
     tile_k in {128, 256, 512}. The backward passes use the spatial tile when it has 64
@@ -103,7 +104,7 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 
 # (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
-_GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8))
+_GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
 # The split forward (forward.cuh, deform_fwd_split_kernel; not float64): 64 pixels x 64 output
 # channels, 4 warps, stages 2, tile_k = input channels resident per block.
 _SPLIT_TILE_K = (128, 256, 512)

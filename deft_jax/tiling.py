@@ -66,8 +66,8 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
     {(64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16)}, pixels = tile_h * tile_w,
-    tile_k = 32, stages 1 or
-    2 (2 = register prefetch + double-buffered shared memory on the tensor-core path); float64
+    tile_k = 32, stages 1 or 2 (2 = register prefetch + double-buffered shared memory on the
+    tensor-core path); float64
     (exact SIMT path): (64, 64, 4) only. Split forward (not float64): (64, 64, 4), stages 2,
     tile_k in {128, 256, 512}. The backward passes use the spatial tile when it has 64
     pixels, else 8 x 8, and follow ``stages`` too: 2 = the pipelined data pass (3 cp.async stages)

@@ -113,18 +113,27 @@ inline int64_t max_chunks(const Geo& g, int64_t bk) {
 
 // The work of one block of the (spatial tile) x (feature group, tap, channel chunk) grids of the
 // data pass and the split forward, launched as gridDim.x = images x tiles, gridDim.y = fg x taps x
-// maxq. Blocks start in linear order (x fastest); the linear index is decoded with (fg, tap, q)
-// fastest, so the resident blocks work on a few tiles x all their taps and chunks at a time and
-// x, dY and the dx accumulator stay in L2 between taps (decoded the other way round, each tap
-// swept the whole batch: L2 hit rate 58% at S2 fp32; NOTES.md "dx merge").
+// maxq. Blocks start in linear order (x fastest). IMAGE_MAJOR decodes the linear index as (image;
+// fg, tap, q; tile) from slowest to fastest, so the resident blocks work on about one image at a
+// time, all taps: the data pass's x, dY and dx accumulator then stay in L2 between taps (with
+// (image, tile) fastest each tap swept the whole batch: L2 hit rate 58% at S2 fp32; NOTES.md
+// "dx merge"), while neighbouring blocks still take different tiles of one tap (their dx atomics
+// land on different lines). The split forward keeps (image, tile) fastest: its y accumulator
+// is small enough for L2 anyway.
 struct TileTapChunk {
   int64_t img, b, th0, tw0, tap, fg, c0, og;  // img over batch*n, b the problem of the batch
   int cnt;                                    // channels of the chunk [c0, c0 + cnt)
 };
 // False when the block's chunk q is past its feature group's last one (uniform over the block).
+template <bool IMAGE_MAJOR>
 __device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int64_t bc, TileTapChunk* w) {
-  const int64_t lin = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
-  const int64_t inner = lin % gridDim.y, outer = lin / gridDim.y;  // (fg, tap, q), (image, tile)
+  int64_t inner = blockIdx.y, outer = blockIdx.x;  // (fg, tap, q), (image, tile)
+  if constexpr (IMAGE_MAJOR) {
+    const int64_t lin = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+    const int64_t per_img = g.tiles_img * gridDim.y, im = lin / per_img, rem = lin - im * per_img;
+    inner = rem / g.tiles_img;
+    outer = im * g.tiles_img + (rem - inner * g.tiles_img);
+  }
   const int64_t tile = outer % g.tiles_img;
   w->img = outer / g.tiles_img;
   w->b = w->img / g.p.n;

@@ -14,9 +14,6 @@
 namespace deft {
 namespace kern {
 
-template <typename T>
-constexpr bool kIsHalf = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
-
 // Spatial tile of the backward passes (BM = 64 pixels there).
 inline void bwd_spatial_tile(const TileConfig& t, int64_t* th, int64_t* tw) {
   if (t.tile_h * t.tile_w == DataCfg::BM) {

@@ -364,19 +364,12 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
     const bool valid = tid < BK && s < step1 && pl < g.pixels;
     return load_samp_in<T, A>(g, offset, mask, valid, b * g.pixels + pl, tap, og);
   };
-  // This thread's pixel (image, row, column) of the next step to build: divided out once here,
-  // then advanced by BK pixels per step (build() runs for step0, step0 + 1, ... in order). Two
-  // 64-bit divisions per step sat on warp 0's path before every step's barrier.
-  int64_t cur_im = 0;
-  int cur_ho = 0, cur_wo = 0;
-  const int h_out = static_cast<int>(p.h_out), w_out = static_cast<int>(p.w_out);
   auto build = [&](int64_t s, const SampIn<A>& in, int buf) {
     if (tid >= BK) return;
-    const bool valid = s * BK + tid < g.pixels;
-    recs[buf * BK + tid] = build_samp<A>(g, in, valid, b * p.n + cur_im, cur_ho, cur_wo, tap);
-    for (cur_wo += BK; cur_wo >= w_out; cur_wo -= w_out) {
-      if (++cur_ho == h_out) cur_ho = 0, ++cur_im;
-    }
+    const int64_t pl = s * BK + tid;
+    const bool valid = pl < g.pixels;
+    const int64_t im = pl / hw, rem = pl - im * hw, ho = rem / p.w_out, wo = rem - ho * p.w_out;
+    recs[buf * BK + tid] = build_samp<A>(g, in, valid, b * p.n + im, ho, wo, tap);
   };
   auto prefetch = [&](int buf) {
     const Samp<A>* rb = recs + buf * BK;
@@ -404,12 +397,6 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
   };
 
   if (step0 >= step1) return;
-  {
-    const int64_t pl = step0 * BK + tid, rem = pl % hw;
-    cur_im = pl / hw;
-    cur_ho = static_cast<int>(rem / w_out);
-    cur_wo = static_cast<int>(rem - int64_t(cur_ho) * w_out);
-  }
   build(step0, load_in(step0), 0);
   SampIn<A> nin = load_in(step0 + 1);
   issue_dy(step0, 0);
@@ -437,8 +424,9 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
 }
 
 // Blocks per SM the pipelined weight pass's registers must allow (weight_splits sizes the grid
-// from the resulting occupancy): 4 for 16-bit types (128 registers), 3 for fp32 (168), the counts
-// before mma.sync and the step cursor pushed them to 132 / 194 registers (3 / 2 blocks).
+// from the resulting occupancy): 4 for 16-bit types (128 registers, no spill; mma.sync had pushed
+// them to 132 = 3 blocks), 3 for fp32 (168, what it uses anyway). H200 ktime, S2 bf16 weight pass
+// 188 -> 145 us (NOTES.md "data order, weight bounds, 16-warp tile").
 template <typename T, bool PIPE>
 constexpr int kWeightMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 3 : 4;
 

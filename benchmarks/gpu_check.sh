@@ -86,7 +86,7 @@ if has ktime; then
   # Warm-up launches happen at compile time only; the profiled launches follow the runs in order.
   timeout 300 ncu --clock-control none --kernel-name regex:deform\|convert --metrics gpu__time_duration.sum --csv --print-units base \
     "$PY" benchmarks/profile_bwd.py $specs > "$OUT/ktime.log" 2>&1
-  [[ $? -eq 0 ]] || status=1
+  [[ $? -eq 0 ]] || { status=1; echo "ktime: ncu failed or timed out; the log's tail:"; tail -n 20 "$OUT/ktime.log"; }
   "$PY" benchmarks/ktime_table.py "$OUT/ktime.log" $specs | tee "$OUT/ktime.md"
 fi
 echo "== done ($(date -u +%T)) status=$status"

@@ -65,8 +65,9 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in benchmarks/NOTES.md, "tile sweep").
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
-    {(64, 64, 4), (128, 64, 4), (128, 128, 8)}, pixels = tile_h * tile_w, tile_k = 32, stages 1 or
-    2 (2 = register prefetch + double-buffered shared memory on the tensor-core path); float64
+    {(64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16)}, pixels = tile_h * tile_w,
+    tile_k = 32, stages 1 or 2 (2 = register prefetch + double-buffered shared memory on the
+    tensor-core path); float64
     (exact SIMT path): (64, 64, 4) only. Split forward (not float64): (64, 64, 4), stages 2,
     tile_k in {128, 256, 512}. The backward passes use the spatial tile when it has 64
     pixels, else 8 x 8, and follow ``stages`` too: 2 = the pipelined data pass (3 cp.async stages)
@@ -92,7 +93,10 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
         # S6 138 -> 90; fp32 S3 367 -> 287, S4 347 -> 262, S6 219 -> 176 (vs 8x8x64).
-        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2)
+        # 16 warps (32x32 each) rather than 8: twice the warps per SM to hide the sampler's
+        # latency. H200 sweep (results/h200_order/sweep.json, fwd us, 8 -> 16 warps): fp32 S3
+        # 180 -> 180, S4 170 -> 164, S6 115 -> 97; bf16 S3 104 -> 93, S6 70 -> 67.
+        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=16, stages=2)
     # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
     # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM
     # (128-register cap), which beat the 128-pixel tile at S1/S2 (bf16 S2 184 vs 191 us, S5 175 vs
@@ -103,7 +107,7 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 
 # (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
-_GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8))
+_GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
 # The split forward (forward.cuh, deform_fwd_split_kernel; not float64): 64 pixels x 64 output
 # channels, 4 warps, stages 2, tile_k = input channels resident per block.
 _SPLIT_TILE_K = (128, 256, 512)

@@ -262,7 +262,8 @@ def test_every_instantiated_tile(rng, monkeypatch):
     """Each GPU tile configuration the kernels instantiate, both pipeline depths, vector + scalar paths."""
     from deft_jax import tiling
     configs = [(8, 8, 64, 32, 4, 1), (8, 8, 64, 32, 4, 2), (4, 16, 64, 32, 4, 2), (8, 16, 64, 32, 4, 1),
-               (16, 8, 64, 32, 4, 2), (8, 16, 128, 32, 8, 2), (2, 64, 128, 32, 8, 1)]
+               (16, 8, 64, 32, 4, 2), (8, 16, 128, 32, 8, 2), (2, 64, 128, 32, 8, 1),
+               (8, 16, 128, 32, 16, 2), (16, 8, 128, 32, 16, 1)]
     cases = [Case(n=2, h=13, w=11, c_in=72, c_out=136, offset_groups=2),
              Case(n=1, h=9, w=10, c_in=6, c_out=9, feature_groups=3, offset_groups=2)]
     for cfg in configs:

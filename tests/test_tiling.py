@@ -43,6 +43,16 @@ def test_split_forward_where_output_channels_dominate():
     assert tiling.choose_tiling("cuda", _shape("S5", "bfloat16", c_in=508, offset_groups=2)).tile_k == 32
 
 
+def test_wide_layers_get_the_16_warp_tile():
+    """S3/S4/S6-like layers (>= 128 output pixels, > 64 output channels): 8x16 x 128, 16 warps
+    (measured; NOTES.md "data order, weight bounds, 16-warp tile"); not S1/S2 (64 channels)."""
+    for dt in ("float32", "bfloat16"):
+        for name in SUITE:
+            t = tiling.choose_tiling("cuda", _shape(name, dt))
+            wide = name in ("S3", "S6") or (name == "S4" and dt == "float32")
+            assert ((t.tile_h, t.tile_w, t.tile_n, t.warps) == (8, 16, 128, 16)) == wide, (name, dt, t)
+
+
 def test_distinct_shapes_get_distinct_tiles():
     tiles = {tiling.choose_tiling("cuda", _shape(n, "bfloat16")) for n in SUITE}
     assert len(tiles) >= 3

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
   TileTapChunk w;
-  if (!tile_tap_chunk(g, maxq, BC, &w)) return;
+  if (!tile_tap_chunk<true>(g, maxq, BC, &w)) return;
   const int64_t img = w.img, th0 = w.th0, tw0 = w.tw0, tap = w.tap, fg = w.fg, c0 = w.c0, og = w.og;
   const int cnt = w.cnt;
   const T* kb = kernel + w.b * p.kernel_size();
@@ -423,8 +423,15 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
   __syncthreads();  // the accumulator tile aliases the A/B buffers
 }
 
+// Blocks per SM the pipelined weight pass's registers must allow (weight_splits sizes the grid
+// from the resulting occupancy): 4 for 16-bit types (128 registers, no spill; mma.sync had pushed
+// them to 132 = 3 blocks), 3 for fp32 (168, what it uses anyway). H200 ktime, S2 bf16 weight pass
+// 188 -> 145 us (NOTES.md "data order, weight bounds, 16-warp tile").
+template <typename T, bool PIPE>
+constexpr int kWeightMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 3 : 4;
+
 template <typename T, bool TC, bool PIPE>
-__global__ void __launch_bounds__(WeightCfg::kThreads)
+__global__ void __launch_bounds__(WeightCfg::kThreads, kWeightMinBlocks<T, PIPE>)
     deform_bwd_weight_kernel(const Geo g, int64_t maxq, int64_t steps_per_split,
                              const T* __restrict__ x, const T* __restrict__ offset,
                              const T* __restrict__ mask, const T* __restrict__ dy, Atom<T>* dka) {

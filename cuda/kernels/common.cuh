@@ -23,6 +23,8 @@ namespace kern {
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using Acc = typename AccOf<T>::type;
+template <typename T>
+constexpr bool kIsHalf = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 
 // Elements per 16-byte vector.
 template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -112,21 +114,36 @@ inline int64_t max_chunks(const Geo& g, int64_t bk) {
 }
 
 // The work of one block of the (spatial tile) x (feature group, tap, channel chunk) grids of the
-// data pass and the split forward: blockIdx.x = (image, tile), blockIdx.y = (fg, tap, q < maxq).
+// data pass and the split forward, launched as gridDim.x = images x tiles, gridDim.y = fg x taps x
+// maxq. Blocks start in linear order (x fastest). IMAGE_MAJOR decodes the linear index as (image;
+// fg, tap, q; tile) from slowest to fastest, so the resident blocks work on about one image at a
+// time, all taps: the data pass's x, dY and dx accumulator then stay in L2 between taps (with
+// (image, tile) fastest each tap swept the whole batch: L2 hit rate 58% at S2 fp32; NOTES.md
+// "dx merge"), while neighbouring blocks still take different tiles of one tap (their dx atomics
+// land on different lines). The split forward keeps (image, tile) fastest: its y accumulator
+// is small enough for L2 anyway.
 struct TileTapChunk {
   int64_t img, b, th0, tw0, tap, fg, c0, og;  // img over batch*n, b the problem of the batch
   int cnt;                                    // channels of the chunk [c0, c0 + cnt)
 };
 // False when the block's chunk q is past its feature group's last one (uniform over the block).
+template <bool IMAGE_MAJOR>
 __device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int64_t bc, TileTapChunk* w) {
-  const int64_t tile = blockIdx.x % g.tiles_img;
-  w->img = blockIdx.x / g.tiles_img;
+  int64_t inner = blockIdx.y, outer = blockIdx.x;  // (fg, tap, q), (image, tile)
+  if constexpr (IMAGE_MAJOR) {
+    const int64_t lin = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+    const int64_t per_img = g.tiles_img * gridDim.y, im = lin / per_img, rem = lin - im * per_img;
+    inner = rem / g.tiles_img;
+    outer = im * g.tiles_img + (rem - inner * g.tiles_img);
+  }
+  const int64_t tile = outer % g.tiles_img;
+  w->img = outer / g.tiles_img;
   w->b = w->img / g.p.n;
   w->th0 = (tile / g.tiles_w) * g.tile_h;
   w->tw0 = (tile % g.tiles_w) * g.tile_w;
-  const int64_t q = blockIdx.y % maxq;
-  w->tap = (blockIdx.y / maxq) % g.K;
-  w->fg = blockIdx.y / maxq / g.K;
+  const int64_t q = inner % maxq;
+  w->tap = (inner / maxq) % g.K;
+  w->fg = inner / maxq / g.K;
   int64_t cnt;
   if (!chunk_of(g, w->fg, q, bc, &w->c0, &cnt, &w->og)) return false;
   w->cnt = static_cast<int>(cnt);
@@ -291,21 +308,49 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 }
 
 // ... and, a pipeline stage later, blend them with the sample's weights into kVec elements at dst.
+// 16-bit types blend in packed pairs (HFMA2 on bf16x2 / half2, rounding after each step as
+// torchvision's half kernels do): 16 instructions per 8 elements instead of ~68 (unpack, fp32 FMA,
+// pack); the blend was about half of the forward loop's instructions (NOTES.md "Next steps").
 template <typename T, typename A>
 __device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A>& q) {
   constexpr int V = kVec<T>;
-  A wq[4];
+  if constexpr (kIsHalf<T>) {
+    using T2 = std::conditional_t<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>;
+    T2 w[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) wq[k] = q.w[k];
-  A acc[V];
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        w[k] = __float2bfloat162_rn(q.w[k]);
+      } else {
+        w[k] = __float2half2_rn(q.w[k]);
+      }
+    }
+    const T2* c[4] = {reinterpret_cast<const T2*>(&cr[0]), reinterpret_cast<const T2*>(&cr[1]),
+                      reinterpret_cast<const T2*>(&cr[2]), reinterpret_cast<const T2*>(&cr[3])};
+    uint4 raw;
+    T2* out = reinterpret_cast<T2*>(&raw);
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    A v[V];
-    unpack_vec<T, A>(cr[k], v);
+    for (int j = 0; j < V / 2; ++j) {
+      T2 acc = __hmul2(w[0], c[0][j]);
+      acc = __hfma2(w[1], c[1][j], acc);
+      acc = __hfma2(w[2], c[2][j], acc);
+      out[j] = __hfma2(w[3], c[3][j], acc);
+    }
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
+    A wq[4];
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
+    for (int k = 0; k < 4; ++k) wq[k] = q.w[k];
+    A acc[V];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      A v[V];
+      unpack_vec<T, A>(cr[k], v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
+    }
+    store_elems<T, A, V>(dst, acc);
   }
-  store_elems<T, A, V>(dst, acc);
 }
 
 // Sampled tile: dst[r * ld + c] = sample(recs[r])[c0 + c] for c < cnt, 0 elsewhere (ROWS x COLS).

@@ -14,9 +14,6 @@
 namespace deft {
 namespace kern {
 
-template <typename T>
-constexpr bool kIsHalf = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
-
 // Spatial tile of the backward passes (BM = 64 pixels there).
 inline void bwd_spatial_tile(const TileConfig& t, int64_t* th, int64_t* tw) {
   if (t.tile_h * t.tile_w == DataCfg::BM) {
@@ -65,6 +62,10 @@ template <typename T> constexpr int kFwdBK = 32;
 template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2, kIsHalf<T> ? 4 : sizeof(T) == 4 ? 2 : 1>;
 template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2, 2>;
 template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2, 1>;
+// The 128 x 128 tile with 16 warps (32 x 32 per warp): half the accumulators and corner vectors
+// per thread, twice the warps per SM (the 8-warp tile runs 8 warps per SM at 236 registers and
+// is issue-latency bound: ncu at S4 fp32, NOTES.md "Next steps").
+template <typename T> using Fwd128x128w16 = FwdCfg<128, 128, kFwdBK<T>, 4, 4, 1>;
 
 template <typename T, typename F>
 cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
@@ -74,6 +75,7 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
   if constexpr (!std::is_same<T, double>::value) {
     if (px == 128 && t.tile_n == 64 && t.warps == 4) return f(Fwd128x64<T>{});
     if (px == 128 && t.tile_n == 128 && t.warps == 8) return f(Fwd128x128<T>{});
+    if (px == 128 && t.tile_n == 128 && t.warps == 16) return f(Fwd128x128w16<T>{});
   }
   return cudaErrorInvalidValue;
 }

@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
   TileTapChunk w;
-  if (!tile_tap_chunk(g, maxq, ks, &w)) return;
+  if (!tile_tap_chunk<false>(g, maxq, ks, &w)) return;
   const int64_t img = w.img, th0 = w.th0, tw0 = w.tw0, tap = w.tap, fg = w.fg, c0 = w.c0, og = w.og;
   const int cnt = w.cnt;
   const T* kb = kernel + w.b * p.kernel_size();

@@ -308,49 +308,24 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 }
 
 // ... and, a pipeline stage later, blend them with the sample's weights into kVec elements at dst.
-// 16-bit types blend in packed pairs (HFMA2 on bf16x2 / half2, rounding after each step as
-// torchvision's half kernels do): 16 instructions per 8 elements instead of ~68 (unpack, fp32 FMA,
-// pack); the blend was about half of the forward loop's instructions (NOTES.md "Next steps").
+// In fp32 for 16-bit types too (DESIGN.md: accumulation in float32). A packed HFMA2 blend
+// (bf16x2/half2, rounded per step) was measured: bf16 forward 0-7% faster, its error vs the
+// reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "data order, weight bounds, 16-warp tile").
 template <typename T, typename A>
 __device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A>& q) {
   constexpr int V = kVec<T>;
-  if constexpr (kIsHalf<T>) {
-    using T2 = std::conditional_t<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>;
-    T2 w[4];
+  A wq[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-        w[k] = __float2bfloat162_rn(q.w[k]);
-      } else {
-        w[k] = __float2half2_rn(q.w[k]);
-      }
-    }
-    const T2* c[4] = {reinterpret_cast<const T2*>(&cr[0]), reinterpret_cast<const T2*>(&cr[1]),
-                      reinterpret_cast<const T2*>(&cr[2]), reinterpret_cast<const T2*>(&cr[3])};
-    uint4 raw;
-    T2* out = reinterpret_cast<T2*>(&raw);
+  for (int k = 0; k < 4; ++k) wq[k] = q.w[k];
+  A acc[V];
 #pragma unroll
-    for (int j = 0; j < V / 2; ++j) {
-      T2 acc = __hmul2(w[0], c[0][j]);
-      acc = __hfma2(w[1], c[1][j], acc);
-      acc = __hfma2(w[2], c[2][j], acc);
-      out[j] = __hfma2(w[3], c[3][j], acc);
-    }
-    *reinterpret_cast<uint4*>(dst) = raw;
-  } else {
-    A wq[4];
+  for (int k = 0; k < 4; ++k) {
+    A v[V];
+    unpack_vec<T, A>(cr[k], v);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) wq[k] = q.w[k];
-    A acc[V];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      A v[V];
-      unpack_vec<T, A>(cr[k], v);
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
-    }
-    store_elems<T, A, V>(dst, acc);
+    for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
   }
+  store_elems<T, A, V>(dst, acc);
 }
 
 // Sampled tile: dst[r * ld + c] = sample(recs[r])[c0 + c] for c < cnt, 0 elsewhere (ROWS x COLS).

@@ -565,7 +565,7 @@ def plot(data: dict, path: str) -> None:
         ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
         ax.legend()
     layers = dict((s, label) for s, label, *_ in _rows(data))
-    title = [textwrap.fill(machine_line(data), 190), data["meta"].get("note"),
+    title = [textwrap.fill(machine_line(data), 190), textwrap.fill(data["meta"].get("note") or "", 190),
              "  ".join(f"{s}: {label}" for s, label in layers.items())]
     fig.suptitle("\n".join(filter(None, title)), fontsize=7)
     fig.tight_layout()

@@ -94,8 +94,10 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
         # S6 138 -> 90; fp32 S3 367 -> 287, S4 347 -> 262, S6 219 -> 176 (vs 8x8x64).
         # 16 warps (32x32 each) rather than 8: twice the warps per SM to hide the sampler's
-        # latency. H200 sweep (results/h200_order/sweep.json, fwd us, 8 -> 16 warps): fp32 S3
-        # 180 -> 180, S4 170 -> 164, S6 115 -> 97; bf16 S3 104 -> 93, S6 70 -> 67.
+        # latency. Never slower, a small gain: H200 kernel durations (ncu, results/h200_order/
+        # ktime*.md, fwd us, 8 -> 16 warps) bf16 S3 99.1 -> 96.0, S6 60.0 -> 59.2, fp32 S6
+        # 101.4 -> 100.8; sweep (results/h200_order/sweep.json) fp32 S3 180 -> 180, S4 170 -> 164.
+        # S4 bf16 keeps the split forward above (86 vs 87 us in that sweep).
         return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=16, stages=2)
     # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
     # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM

@@ -23,7 +23,7 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
     << ", tile_n=" << tile.tile_n << ", tile_k=" << tile.tile_k << ", warps=" << tile.warps
     << ", stages=" << tile.stages << ") is not instantiated for " << dtype_name(dtype)
     << "; instantiated: tile_h*tile_w=64, tile_n=64, warps=4"
-    << (dtype == DType::kF64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8")
+    << (dtype == DType::kF64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8 or 16")
     << ", all with tile_k=32"
     << " and stages 1 or 2"
     << (dtype == DType::kF64 ? "" : "; or the split forward: tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "

@@ -6,6 +6,13 @@
 //            24x24-position window spread over the 9 blocks' shared memory, then each block
 //            flushes its part of the window with 16-byte global atomics (zero vectors skipped);
 //   dsmem4 : as dsmem with 16-byte atomics into distributed shared memory.
+//   merged : one block per (tile, tap) as global, but the corners that share a position are
+//            linked into lists (shared atomicExch on a 24x24 window of list heads) and summed
+//            before one 16-byte atomic per (position, channel vector) (today's kernel's merge);
+//   window : one block per (tile, 32-channel chunk) looping over the 9 taps: each tap merged as
+//            in `merged`, the sums added with plain read-modify-write into an fp32 24x24 x 32
+//            window in shared memory (one writer per position and tap, barriers between taps),
+//            flushed once with 16-byte atomics (NOTES.md "Next steps" 4).
 // Prints median times (cudaEvent, 20 reps) and each variant's max |difference| from `global`.
 // Build/run: nvcc -O3 -arch=sm_90 -std=c++17 scatter_atomics.cu -o sa && ./sa
 #include <cooperative_groups.h>
@@ -130,6 +137,125 @@ __global__ void __launch_bounds__(128) scatter_dsmem(const float* off, float* dx
   }
 }
 
+// Per-tap lists of the corners that share a window position (entry e = pixel * 4 + corner).
+struct TapLists {
+  int head[WPOS];      // first entry at each window position, -1 if none
+  int next[4 * T * T]; // next entry at the same position, -1 at the end
+  int gidx[4 * T * T]; // dx position (n, y, x) of the entry; -1 outside the image
+  int wpos[4 * T * T]; // window position, -1 outside the window (then a direct global atomic)
+  float w[4 * T * T];  // bilinear weight
+  int leaders[WPOS];   // the non-empty window positions of this tap
+  int nleaders;
+};
+
+// Link tap k's corners of the tile into `L` and collect the leader positions (128 threads).
+__device__ void build_lists(TapLists& L, const float* off, int n, int ty0, int tx0, int wy0, int wx0, int k) {
+  const int tid = threadIdx.x;
+  if (tid < T * T) {
+    const Corner s = sample(off, n, ty0, tx0, tid, k);
+    const float wt[4] = {(1 - s.ly) * (1 - s.lx), (1 - s.ly) * s.lx, s.ly * (1 - s.lx), s.ly * s.lx};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int e = tid * 4 + q, yy = s.y0 + (q >> 1), xx = s.x0 + (q & 1);
+      const bool ok = yy >= 0 && yy < H && xx >= 0 && xx < W;
+      const int wy = yy - wy0, wx = xx - wx0;
+      const bool in = ok && wy >= 0 && wy < WIN && wx >= 0 && wx < WIN;
+      L.gidx[e] = ok ? (n * H + yy) * W + xx : -1;
+      L.w[e] = wt[q];
+      L.wpos[e] = in ? wy * WIN + wx : -1;
+      if (in) L.next[e] = atomicExch(&L.head[wy * WIN + wx], e);
+    }
+  }
+  __syncthreads();
+  for (int pos = tid; pos < WPOS; pos += 128)
+    if (L.head[pos] >= 0) L.leaders[atomicAdd(&L.nleaders, 1)] = pos;
+  __syncthreads();
+}
+
+// Sum of one list's payloads for channels [c, c + 4).
+__device__ __forceinline__ float4 list_sum(const TapLists& L, int e, int c) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (; e >= 0; e = L.next[e]) {
+    const int r = e / 4;
+    v.x += payload(r, c) * L.w[e];
+    v.y += payload(r, c + 1) * L.w[e];
+    v.z += payload(r, c + 2) * L.w[e];
+    v.w += payload(r, c + 3) * L.w[e];
+  }
+  return v;
+}
+
+// Corners outside the window (or the image) of channels [c0, c0 + CH): direct global atomics.
+template <int CH>
+__device__ void scatter_outside(const TapLists& L, float* dx, int c0) {
+  constexpr int VPC = CH / 4;
+  for (int it = threadIdx.x; it < 4 * T * T * VPC; it += 128) {
+    const int e = it / VPC, c = c0 + (it % VPC) * 4;
+    if (L.wpos[e] >= 0 || L.gidx[e] < 0) continue;
+    const int r = e / 4;
+    red4(dx + size_t(L.gidx[e]) * C + c, make_float4(payload(r, c) * L.w[e], payload(r, c + 1) * L.w[e],
+                                                     payload(r, c + 2) * L.w[e], payload(r, c + 3) * L.w[e]));
+  }
+}
+
+__global__ void __launch_bounds__(128) scatter_merged(const float* off, float* dx) {
+  __shared__ TapLists L;
+  const int tile = blockIdx.x % TILES, n = blockIdx.x / TILES, k = blockIdx.y;
+  const int ty0 = (tile / (W / T)) * T, tx0 = (tile % (W / T)) * T;
+  for (int i = threadIdx.x; i < WPOS; i += 128) L.head[i] = -1;
+  if (threadIdx.x == 0) L.nleaders = 0;
+  __syncthreads();
+  build_lists(L, off, n, ty0, tx0, ty0 - MARGIN, tx0 - MARGIN, k);
+  constexpr int VPC = C / 4;  // adjacent lanes: adjacent vectors of one position
+  for (int it = threadIdx.x; it < L.nleaders * VPC; it += 128) {
+    const int pos = L.leaders[it / VPC], c = (it % VPC) * 4;
+    red4(dx + size_t(L.gidx[L.head[pos]]) * C + c, list_sum(L, L.head[pos], c));
+  }
+  scatter_outside<C>(L, dx, 0);
+}
+
+constexpr int CW = 32;  // channels per window block
+constexpr size_t kWinBytes = size_t(WPOS) * CW * sizeof(float);  // 72 KiB
+
+__global__ void __launch_bounds__(128) scatter_window(const float* off, float* dx) {
+  extern __shared__ __align__(16) float win[];  // WPOS x CW
+  __shared__ TapLists L;
+  const int chunks = C / CW, q = blockIdx.x % chunks, tile = (blockIdx.x / chunks) % TILES;
+  const int n = blockIdx.x / chunks / TILES, c0 = q * CW;
+  const int ty0 = (tile / (W / T)) * T, tx0 = (tile % (W / T)) * T, wy0 = ty0 - MARGIN, wx0 = tx0 - MARGIN;
+  for (int i = threadIdx.x; i < WPOS * CW / 4; i += 128)
+    reinterpret_cast<float4*>(win)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int i = threadIdx.x; i < WPOS; i += 128) L.head[i] = -1;
+  if (threadIdx.x == 0) L.nleaders = 0;
+  __syncthreads();
+  constexpr int VPC = CW / 4;
+  for (int k = 0; k < TAPS; ++k) {
+    build_lists(L, off, n, ty0, tx0, wy0, wx0, k);
+    for (int it = threadIdx.x; it < L.nleaders * VPC; it += 128) {
+      const int pos = L.leaders[it / VPC], c = (it % VPC) * 4;
+      const float4 v = list_sum(L, L.head[pos], c0 + c);
+      float4* w = reinterpret_cast<float4*>(win + pos * CW + c);  // the only writer this tap
+      float4 a = *w;
+      a.x += v.x, a.y += v.y, a.z += v.z, a.w += v.w;
+      *w = a;
+    }
+    scatter_outside<CW>(L, dx, c0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < L.nleaders; i += 128) L.head[L.leaders[i]] = -1;
+    __syncthreads();
+    if (threadIdx.x == 0) L.nleaders = 0;
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < WPOS * VPC; i += 128) {
+    const int pos = i / VPC, c = (i % VPC) * 4;
+    const int yy = wy0 + pos / WIN, xx = wx0 + pos % WIN;
+    if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+    const float4 v = *reinterpret_cast<const float4*>(win + pos * CW + c);
+    if (v.x == 0.f && v.y == 0.f && v.z == 0.f && v.w == 0.f) continue;
+    red4(dx + ((size_t(n) * H + yy) * W + xx) * C + c0 + c, v);
+  }
+}
+
 template <typename F>
 float median_ms(F&& launch, float* dx, size_t bytes) {
   cudaEvent_t a, b;
@@ -197,5 +323,17 @@ int main() {
     for (size_t i = 0; i < nx; ++i) d = std::max<double>(d, std::fabs(got[i] - ref[i]));
     std::printf("%s: %8.1f us  (%.2fx of global; max|diff| %.3g)\n", names[v], t * 1e3, tg / t, d);
   }
+  auto report = [&](const char* name, auto&& launch) {
+    const float t = median_ms(launch, dx, nx * 4);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(got.data(), dx, nx * 4, cudaMemcpyDeviceToHost));
+    double d = 0;
+    for (size_t i = 0; i < nx; ++i) d = std::max<double>(d, std::fabs(got[i] - ref[i]));
+    std::printf("%s: %8.1f us  (%.2fx of global; max|diff| %.3g)\n", name, t * 1e3, tg / t, d);
+  };
+  report("merged  ", [&] { scatter_merged<<<dim3(N * TILES, TAPS), 128>>>(off, dx); });
+  CK(cudaFuncSetAttribute(scatter_window, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWinBytes)));
+  report("window  ", [&] { scatter_window<<<N * TILES * (C / CW), 128, kWinBytes>>>(off, dx); });
   return 0;
 }

@@ -11,7 +11,7 @@
 # picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats").
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
-# arguments, default every suite shape x fp32/bf16 backward) in one process (ktime.log).
+# arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log).
 # The machine's copy of the tree carries a stale .git: pass DEFT_GIT_COMMIT=<hash of the local HEAD>
 # so results.json and the plot name the commit that was measured.
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
@@ -82,7 +82,10 @@ if has ncu; then
 fi
 if has ktime; then
   echo "== ktime ($(date -u +%T))"
-  specs=${KTIME_SPECS:-"S1,float32 S2,float32 S3,float32 S4,float32 S5,float32 S6,float32 S1,bfloat16 S2,bfloat16 S3,bfloat16 S4,bfloat16 S5,bfloat16 S6,bfloat16"}
+  specs=${KTIME_SPECS:-}
+  if [[ -z "$specs" ]]; then  # every suite shape x fp32/bf16, backward then forward
+    for m in "" ",fwd"; do for d in float32 bfloat16; do for s in S1 S2 S3 S4 S5 S6; do specs+="$s,$d$m "; done; done; done
+  fi
   # Warm-up launches happen at compile time only; the profiled launches follow the runs in order.
   timeout 300 ncu --clock-control none --kernel-name regex:deform\|convert --metrics gpu__time_duration.sum --csv --print-units base \
     "$PY" benchmarks/profile_bwd.py $specs > "$OUT/ktime.log" 2>&1

@@ -45,7 +45,7 @@ def test_split_forward_where_output_channels_dominate():
 
 def test_wide_layers_get_the_16_warp_tile():
     """S3/S4/S6-like layers (>= 128 output pixels, > 64 output channels): 8x16 x 128, 16 warps
-    (measured; NOTES.md "data order, weight bounds, 16-warp tile"); not S1/S2 (64 channels)."""
+    (measured; NOTES.md "Data order, weight bounds, 16-warp tile, packed blend: outcomes"); not S1/S2 (64 channels)."""
     for dt in ("float32", "bfloat16"):
         for name in SUITE:
             t = tiling.choose_tiling("cuda", _shape(name, dt))

@@ -426,7 +426,8 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
 // Blocks per SM the pipelined weight pass's registers must allow (weight_splits sizes the grid
 // from the resulting occupancy): 4 for 16-bit types (128 registers, no spill; mma.sync had pushed
 // them to 132 = 3 blocks), 3 for fp32 (168, what it uses anyway). H200 ktime, S2 bf16 weight pass
-// 188 -> 145 us (NOTES.md "data order, weight bounds, 16-warp tile").
+// 188 -> 146 us with the later-reverted packed blend, ~163 estimated for the bounds alone (NOTES.md
+// "Data order, weight bounds, 16-warp tile, packed blend: outcomes").
 template <typename T, bool PIPE>
 constexpr int kWeightMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 3 : 4;
 

@@ -309,8 +309,9 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 
 // ... and, a pipeline stage later, blend them with the sample's weights into kVec elements at dst.
 // In fp32 for 16-bit types too (DESIGN.md: accumulation in float32). A packed HFMA2 blend
-// (bf16x2/half2, rounded per step) was measured: bf16 forward 0-7% faster, its error vs the
-// reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "data order, weight bounds, 16-warp tile").
+// (bf16x2/half2, rounded per step) was measured: bf16 forward up to 10% faster, its error vs the
+// reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "Data order, weight bounds, 16-warp tile,
+// packed blend: outcomes").
 template <typename T, typename A>
 __device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A>& q) {
   constexpr int V = kVec<T>;

@@ -312,17 +312,6 @@ int main() {
       CK(cudaLaunchKernelEx(&cfg, kern, (const float*)off, dx));
     };
   };
-  const char* names[2] = {"dsmem   ", "dsmem4  "};
-  for (int v = 0; v < 2; ++v) {
-    auto launch = v == 0 ? cluster_launch(scatter_dsmem<false>) : cluster_launch(scatter_dsmem<true>);
-    const float t = median_ms(launch, dx, nx * 4);
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
-    CK(cudaMemcpy(got.data(), dx, nx * 4, cudaMemcpyDeviceToHost));
-    double d = 0;
-    for (size_t i = 0; i < nx; ++i) d = std::max<double>(d, std::fabs(got[i] - ref[i]));
-    std::printf("%s: %8.1f us  (%.2fx of global; max|diff| %.3g)\n", names[v], t * 1e3, tg / t, d);
-  }
   auto report = [&](const char* name, auto&& launch) {
     const float t = median_ms(launch, dx, nx * 4);
     CK(cudaGetLastError());
@@ -332,6 +321,8 @@ int main() {
     for (size_t i = 0; i < nx; ++i) d = std::max<double>(d, std::fabs(got[i] - ref[i]));
     std::printf("%s: %8.1f us  (%.2fx of global; max|diff| %.3g)\n", name, t * 1e3, tg / t, d);
   };
+  report("dsmem   ", cluster_launch(scatter_dsmem<false>));
+  report("dsmem4  ", cluster_launch(scatter_dsmem<true>));
   report("merged  ", [&] { scatter_merged<<<dim3(N * TILES, TAPS), 128>>>(off, dx); });
   CK(cudaFuncSetAttribute(scatter_window, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWinBytes)));
   report("window  ", [&] { scatter_window<<<N * TILES * (C / CW), 128, kWinBytes>>>(off, dx); });

@@ -63,8 +63,9 @@ template <typename T> using Fwd64x64 = FwdCfg<64, 64, kFwdBK<T>, 2, 2, kIsHalf<T
 template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2, 2>;
 template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2, 1>;
 // The 128 x 128 tile with 16 warps (32 x 32 per warp): half the accumulators and corner vectors
-// per thread, twice the warps per SM (the 8-warp tile runs 8 warps per SM at 236 registers and
-// is issue-latency bound: ncu at S4 fp32, NOTES.md "Next steps").
+// per thread, twice the warps per SM of the 8-warp tile (236 registers, 8 warps per SM). Measured
+// 1-4% faster at S3/S4/S6, not the 1.3-1.6x a latency bound would give (NOTES.md "Data order,
+// weight bounds, 16-warp tile, packed blend: outcomes").
 template <typename T> using Fwd128x128w16 = FwdCfg<128, 128, kFwdBK<T>, 4, 4, 1>;
 
 template <typename T, typename F>

@@ -55,7 +55,8 @@ def main():
     ap.add_argument("--bwd", action="store_true", help="also time fwd+bwd with the chosen config")
     ap.add_argument("--per-config-bwd", action="store_true",
                     help="also time fwd+bwd for every config (the backward follows the tile's stages)")
-    ap.add_argument("--configs", help="';'-separated subset of CONFIGS, e.g. '8,8,64,32,4,2;8,16,64,32,8,2'")
+    ap.add_argument("--configs", help="';'-separated TileConfig fields, e.g. '8,8,64,32,4,2;8,16,64,32,8,2' "
+                    "(a 7th field sets bwd_tile_n, the weight pass's width: time it with --per-config-bwd)")
     ap.add_argument("--out")
     a = ap.parse_args()
     rows = []

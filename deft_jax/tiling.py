@@ -19,8 +19,9 @@ class TileConfig:
     """A tile choice. GPU: a block computes tile_h x tile_w output pixels x tile_n output channels,
     reducing over input channels tile_k at a time, with ``warps`` warps and ``stages`` pipeline
     stages (tile_k > 32: the split forward, where a block keeps tile_k sampled input channels of
-    one tap resident and walks all output channels). CPU: one task processes tile_h x tile_w
-    output pixels (the rest is unused)."""
+    one tap resident and walks all output channels). ``bwd_tile_n``: output channels per block
+    of the backward weight pass (64, or 128 on its pipelined tensor-core path). CPU: one task
+    processes tile_h x tile_w output pixels (the rest is unused)."""
 
     tile_h: int
     tile_w: int
@@ -28,6 +29,7 @@ class TileConfig:
     tile_k: int
     warps: int
     stages: int
+    bwd_tile_n: int = 64
 
     def as_attrs(self) -> dict[str, np.int64]:
         return {f.name: np.int64(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -62,6 +64,18 @@ def _cpu_tiling(s: LayerShape) -> TileConfig:
 
 
 def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
+    """The forward's tile (below) and the weight pass's output-channel tile."""
+    tile = _gpu_forward_tile(s, sm_count)
+    # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: at
+    # C_out >= 256 (S4, S5) the 64 x 128 tile halves that (4x -> 2x at S4, 8x -> 4x at S5).
+    # PREDICTION, not yet measured (NOTES.md "Next steps" 1): weight pass 1.4-1.7x at S4/S5.
+    if (s.dtype != "float64" and s.c_out // s.feature_groups >= 256 and _vector_channels(s)
+            and tile.stages == 2):
+        tile = dataclasses.replace(tile, bwd_tile_n=128)
+    return tile
+
+
+def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in benchmarks/NOTES.md, "tile sweep").
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
@@ -110,6 +124,9 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 # (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
+# Output channels per block of the weight pass (backward.cuh, WeightCfg / WeightCfgWide; 128 not
+# for float64, and on the pipelined path only: the simple loop has the 64-wide tile).
+_GPU_BWD_TILE_N = (64, 128)
 # The split forward (forward.cuh, deform_fwd_split_kernel; not float64): 64 pixels x 64 output
 # channels, 4 warps, stages 2, tile_k = input channels resident per block.
 _SPLIT_TILE_K = (128, 256, 512)
@@ -133,6 +150,10 @@ def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
     """ValueError unless the CUDA kernels instantiate ``tile`` for ``dtype`` (mirrors the C++
     CheckGpuTileConfig, so a bad configuration is caught at trace time, before any kernel)."""
     allowed = _GPU_TILES[:1] if dtype == "float64" else _GPU_TILES
+    bwd_allowed = (64,) if dtype == "float64" else _GPU_BWD_TILE_N
+    if tile.bwd_tile_n not in bwd_allowed:
+        raise ValueError(f"GPU tile configuration {tile}: bwd_tile_n must be one of {bwd_allowed} "
+                         f"for {dtype}")
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps)
     if key in allowed and tile.tile_k == 32 and tile.stages in (1, 2):
         return

@@ -274,6 +274,37 @@ def test_every_instantiated_tile(rng, monkeypatch):
             _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
 
 
+def test_wide_weight_tile(rng, monkeypatch):
+    """bwd_tile_n=128: the weight pass's 64 x 128 tile on its pipelined path (stages 2, tensor
+    cores, vector channels); exact fp32, stages 1 and scalar channels take the 64-wide simple loop.
+    Partial output-channel blocks (136 = 128 + 8; 104 per feature group), offset groups, all
+    cotangents; vmap with a kernel per problem (each problem's dkernel block)."""
+    from deft_jax import tiling
+    cases = [Case(n=2, h=13, w=11, c_in=72, c_out=136, offset_groups=2),
+             Case(n=2, h=9, w=7, c_in=160, c_out=208, offset_groups=2, feature_groups=2),
+             Case(n=1, h=6, w=5, c_in=12, c_out=10, offset_groups=2)]
+    for cfg in [(8, 8, 64, 32, 4, 2, 128), (8, 16, 128, 32, 16, 2, 128), (8, 8, 64, 32, 4, 1, 128),
+                (8, 8, 64, 256, 4, 2, 128)]:
+        tc = tiling.TileConfig(*cfg)
+        monkeypatch.setattr(tiling, "choose_tiling", lambda *a, tc=tc, **k: tc)
+        for case in cases:
+            _compare(case, rng, jnp.bfloat16)
+            _compare(case, rng, jnp.float16)
+            _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
+        _compare(cases[0], rng, jnp.float32, precision=lax.Precision.HIGHEST, tol_key="float32-highest")
+    case = cases[0]
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    f = _op(case, None, None)
+    loss = lambda *a: jnp.sum(f(*a) ** 2)
+    xs, offs = jnp.stack([x, -x]), jnp.stack([off, off * 0.5])
+    ks, ms = jnp.stack([kernel, kernel * 2.0]), jnp.stack([mask, 1 - mask])
+    gv = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3))))(xs, offs, ks, ms)
+    for i in range(2):
+        gi = jax.grad(loss, argnums=(0, 1, 2, 3))(xs[i], offs[i], ks[i], ms[i])
+        for a, b in zip(gv, gi):
+            assert rel_err(a[i], b) < 1e-4
+
+
 SPLIT_CASES = [
     # Two offset groups x two feature groups: segments end at offset-group borders (80 channels,
     # a partial last k chunk), 104 output channels per group (a partial output block).

@@ -67,3 +67,17 @@ def test_rejects_what_is_not_instantiated():
     with pytest.raises(ValueError, match="not instantiated"):
         tiling.check_gpu_tile(tiling.TileConfig(8, 8, 64, 256, 4, 2), "float64")
     tiling.check_gpu_tile(tiling.TileConfig(8, 8, 64, 256, 4, 2), "float32")
+
+
+def test_weight_pass_tile():
+    """The weight pass's 64 x 128 tile where C_out >= 256 (S4, S5), not for float64; only the
+    instantiated widths pass the guard."""
+    for dt in DTYPES:
+        for name in SUITE:
+            want = 128 if name in ("S4", "S5") and dt != "float64" else 64
+            assert tiling.choose_tiling("cuda", _shape(name, dt)).bwd_tile_n == want, (name, dt)
+    tiling.check_gpu_tile(tiling.TileConfig(8, 8, 64, 32, 4, 2, 128), "float32")
+    for t, dt in [(tiling.TileConfig(8, 8, 64, 32, 4, 2, 96), "bfloat16"),
+                  (tiling.TileConfig(8, 8, 64, 32, 4, 2, 128), "float64")]:
+        with pytest.raises(ValueError, match="bwd_tile_n"):
+            tiling.check_gpu_tile(t, dt)

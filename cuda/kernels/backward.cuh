@@ -17,10 +17,16 @@ namespace kern {
 struct DataCfg {
   static constexpr int BM = 64, BC = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
 };
-// Weight pass: BC input channels x BN output channels of one tap, reduction over BK-pixel steps.
-struct WeightCfg {
-  static constexpr int BC = 64, BN = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
+// Weight pass: BC input channels x BN output channels of one tap, reduction over BK-pixel steps,
+// WM x WN warps. Every block re-samples its (tap, channel chunk) for all pixels, once per BN
+// output channels: the wide tile halves that at C_out >= 256 (tiling.py's bwd_tile_n picks it; the
+// pipelined path only, the simple loop has the 64-wide tile).
+template <int BC_, int BN_, int BK_, int WM_, int WN_>
+struct WeightCfgT {
+  static constexpr int BC = BC_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, kThreads = WM_ * WN_ * 32;
 };
+using WeightCfg = WeightCfgT<64, 64, 32, 2, 2>;
+using WeightCfgWide = WeightCfgT<64, 128, 32, 2, 4>;
 
 // Pipelined variants (tensor cores, 16-byte vector path): the data pass streams dY and W^T tiles
 // through kDataStages shared-memory stages by cp.async; the weight pass double-buffers its tiles
@@ -49,10 +55,10 @@ struct DataLayout {
   static constexpr size_t kBytes = kMerge == kC ? kRecEnd : kMerge + kMergeBytes;
 };
 
-template <typename T, int BUFS>
+template <typename T, int BUFS, typename Cfg = WeightCfg>
 struct WeightLayout {
   using A = Acc<T>;
-  using C = WeightCfg;
+  using C = Cfg;
   static constexpr int LDA = C::BC + kPad<T>;  // As[BK pixels][LDA]: samples (column-major A)
   static constexpr int LDB = C::BN + kPad<T>;  // Bs[BK pixels][LDB]: dY rows
   static constexpr int LDC = C::BN + kCPad;    // Cs[BC][LDC]
@@ -347,7 +353,8 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
                                                       int64_t b, int tap, int64_t og, int64_t c0, int cnt,
                                                       int64_t o0, int ocnt, int64_t step0, int64_t step1) {
   using A = Acc<T>;
-  constexpr int BC = WeightCfg::BC, BN = WeightCfg::BN, BK = WeightCfg::BK, NT = WeightCfg::kThreads;
+  using C = typename L::C;
+  constexpr int BC = C::BC, BN = C::BN, BK = C::BK, NT = C::kThreads;
   constexpr int V = kVec<T>, VPR = BC / V, RSTEP = NT / VPR, IT = BK / RSTEP;
   static_assert(NT % VPR == 0 && BK % RSTEP == 0 && BK <= NT, "weight pipeline split");
   const ConvParams& p = g.p;
@@ -427,18 +434,23 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
 // from the resulting occupancy): 4 for 16-bit types (128 registers, no spill; mma.sync had pushed
 // them to 132 = 3 blocks), 3 for fp32 (168, what it uses anyway). H200 ktime, S2 bf16 weight pass
 // 188 -> 146 us with the later-reverted packed blend, ~163 estimated for the bounds alone (NOTES.md
-// "Data order, weight bounds, 16-warp tile, packed blend: outcomes").
-template <typename T, bool PIPE>
-constexpr int kWeightMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 3 : 4;
+// "Data order, weight bounds, 16-warp tile, packed blend: outcomes"). The 8-warp wide tile: 2
+// blocks = 16 warps per SM, 128 registers (16-bit types: no spill; fp32: 16 bytes, against 158
+// registers and 8 warps per SM uncapped).
+template <typename T, bool PIPE, typename C>
+constexpr int kWeightMinBlocks = !PIPE || sizeof(T) == 8               ? 1
+                                 : !std::is_same<C, WeightCfg>::value ? 2
+                                 : sizeof(T) == 4                     ? 3
+                                                                      : 4;
 
-template <typename T, bool TC, bool PIPE>
-__global__ void __launch_bounds__(WeightCfg::kThreads, kWeightMinBlocks<T, PIPE>)
+template <typename T, bool TC, bool PIPE, typename C = WeightCfg>
+__global__ void __launch_bounds__(C::kThreads, kWeightMinBlocks<T, PIPE, C>)
     deform_bwd_weight_kernel(const Geo g, int64_t maxq, int64_t steps_per_split,
                              const T* __restrict__ x, const T* __restrict__ offset,
                              const T* __restrict__ mask, const T* __restrict__ dy, Atom<T>* dka) {
   using A = Acc<T>;
-  using L = WeightLayout<T, PIPE ? 2 : 1>;
-  constexpr int BC = WeightCfg::BC, BN = WeightCfg::BN, BK = WeightCfg::BK, NT = WeightCfg::kThreads;
+  using L = WeightLayout<T, PIPE ? 2 : 1, C>;
+  constexpr int BC = C::BC, BN = C::BN, BK = C::BK, NT = C::kThreads;
   extern __shared__ __align__(128) unsigned char smem[];
   T* As = reinterpret_cast<T*>(smem);  // (BK pixels, BC)
   T* Bs = As + BK * L::LDA;            // (BK pixels, BN)
@@ -466,7 +478,7 @@ __global__ void __launch_bounds__(WeightCfg::kThreads, kWeightMinBlocks<T, PIPE>
   const int64_t steps = (g.pixels + BK - 1) / BK;
   const int64_t step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
 
-  MmaTile<T, TC, BC, BN, BK, WeightCfg::WM, WeightCfg::WN, true, false> mma;
+  MmaTile<T, TC, BC, BN, BK, C::WM, C::WN, true, false> mma;
   mma.zero();
   if constexpr (PIPE) {
     weight_main_pipelined<T, L>(g, mma, smem, x, offset, mask, dy, b, static_cast<int>(tap), og, c0, cnt, o0,

@@ -209,10 +209,32 @@ cudaError_t with_pipe(bool pipe, F&& launch) {
   return launch(std::false_type{});
 }
 
+// The weight pass with configuration C (WeightCfg or WeightCfgWide), pipelined or not.
+template <typename T, bool TC, bool PIPE, typename C>
+cudaError_t launch_weight(cudaStream_t stream, const Geo& g, const T* x, const T* offset, const T* mask,
+                          const T* dy, Atom<T>* dka) {
+  const ConvParams& p = g.p;
+  const int64_t maxq = max_chunks(g, C::BC);
+  const int64_t nob = (g.Cog + C::BN - 1) / C::BN;
+  const int64_t gx = p.batch * p.feature_groups * g.K * maxq * nob;
+  const int64_t steps = (g.pixels + C::BK - 1) / C::BK;
+  if (gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  using L = WeightLayout<T, PIPE ? 2 : 1, C>;
+  auto fn = deform_bwd_weight_kernel<T, TC, PIPE, C>;
+  if (cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
+  const int64_t splits = weight_splits(gx, steps, resident_blocks(fn, C::kThreads, L::kBytes));
+  const int64_t per = (steps + splits - 1) / splits;
+  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), C::kThreads, L::kBytes, stream>>>(
+      g, maxq, per, x, offset, mask, dy, dka);
+  return cudaGetLastError();
+}
+
+// wide_weight: the weight pass's 64 x 128 tile (TileConfig::bwd_tile_n == 128) on the pipelined
+// path; the simple path has the 64 x 64 tile only.
 template <typename T, bool TC>
-cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
-                            const T* mask, const T* kernel, const T* dy, Atom<T>* dxa, Atom<T>* doffa,
-                            Atom<T>* dmaska, Atom<T>* dka) {
+cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight, const T* x,
+                            const T* offset, const T* mask, const T* kernel, const T* dy, Atom<T>* dxa,
+                            Atom<T>* doffa, Atom<T>* dmaska, Atom<T>* dka) {
   const ConvParams& p = g.p;
   if (g.K == 0 || g.Cg == 0 || g.Cog == 0 || g.pixels == 0) return cudaSuccess;
   // stages >= 2 (g.pipeline) on the tensor-core vector path: the pipelined instantiations.
@@ -232,26 +254,11 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, const T* x, const
     };
     if (cudaError_t e = with_pipe<TC>(pipe, launch); e != cudaSuccess) return e;
   }
-  {  // weight pass
-    const int64_t maxq = max_chunks(g, WeightCfg::BC);
-    const int64_t nob = (g.Cog + WeightCfg::BN - 1) / WeightCfg::BN;
-    const int64_t gx = p.batch * p.feature_groups * g.K * maxq * nob;
-    const int64_t steps = (g.pixels + WeightCfg::BK - 1) / WeightCfg::BK;
-    if (gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-    auto launch = [&](auto pipe_tag) {
-      constexpr bool PIPE = decltype(pipe_tag)::value;
-      using L = WeightLayout<T, PIPE ? 2 : 1>;
-      auto fn = deform_bwd_weight_kernel<T, TC, PIPE>;
-      if (cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
-      const int64_t splits = weight_splits(gx, steps, resident_blocks(fn, WeightCfg::kThreads, L::kBytes));
-      const int64_t per = (steps + splits - 1) / splits;
-      fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), WeightCfg::kThreads, L::kBytes,
-           stream>>>(g, maxq, per, x, offset, mask, dy, dka);
-      return cudaGetLastError();
-    };
-    if (cudaError_t e = with_pipe<TC>(pipe, launch); e != cudaSuccess) return e;
+  if constexpr (TC) {  // only tensor-core paths have a pipelined (and a wide) instantiation
+    if (pipe && wide_weight) return launch_weight<T, TC, true, WeightCfgWide>(stream, g, x, offset, mask, dy, dka);
+    if (pipe) return launch_weight<T, TC, true, WeightCfg>(stream, g, x, offset, mask, dy, dka);
   }
-  return cudaSuccess;
+  return launch_weight<T, TC, false, WeightCfg>(stream, g, x, offset, mask, dy, dka);
 }
 
 template <typename T>
@@ -302,13 +309,14 @@ cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileCon
   const T* ks = static_cast<const T*>(kernel);
   const T* ds = static_cast<const T*>(dy);
   cudaError_t e;
+  const bool wide = t.bwd_tile_n == WeightCfgWide::BN;
   if constexpr (std::is_same<T, double>::value) {
-    e = launch_backward<T, false>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
+    e = launch_backward<T, false>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
   } else if constexpr (std::is_same<T, float>::value) {
-    e = allow_tf32 ? launch_backward<T, true>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka)
-                   : launch_backward<T, false>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
+    e = allow_tf32 ? launch_backward<T, true>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka)
+                   : launch_backward<T, false>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
   } else {
-    e = launch_backward<T, true>(stream, g, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
+    e = launch_backward<T, true>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
   }
   if (e != cudaSuccess) return e;
   if constexpr (kIsHalf<T>) {

@@ -17,8 +17,15 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
   };
   const bool good = dtype == DType::kF64 ? ok(double{})
                     : kern::is_split_tile(tile) || (dtype == DType::kF32 ? ok(float{}) : ok(__half{}));
-  if (good) return "";
+  const bool bwd_good = tile.bwd_tile_n == kern::WeightCfg::BN ||
+                        (dtype != DType::kF64 && tile.bwd_tile_n == kern::WeightCfgWide::BN);
   std::ostringstream s;
+  if (!bwd_good) {
+    s << "GPU tile configuration: bwd_tile_n=" << tile.bwd_tile_n << " is not instantiated for "
+      << dtype_name(dtype) << "; instantiated: 64" << (dtype == DType::kF64 ? "" : " or 128");
+    return s.str();
+  }
+  if (good) return "";
   s << "GPU tile configuration (tile_h=" << tile.tile_h << ", tile_w=" << tile.tile_w
     << ", tile_n=" << tile.tile_n << ", tile_k=" << tile.tile_k << ", warps=" << tile.warps
     << ", stages=" << tile.stages << ") is not instantiated for " << dtype_name(dtype)

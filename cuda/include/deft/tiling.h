@@ -13,6 +13,7 @@ struct TileConfig {
   int64_t tile_k;  // reduction chunk of input channels (BK)
   int64_t warps;   // warps per block (GPU)
   int64_t stages;  // pipeline depth (GPU)
+  int64_t bwd_tile_n;  // output channels per block of the backward weight pass (GPU: 64 or 128)
 
   int64_t pixels() const { return tile_h * tile_w; }
 };

@@ -264,7 +264,7 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight,
 template <typename T>
 cudaError_t convert_out(cudaStream_t stream, const float* src, void* dst, int64_t n) {
   if (n == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  const int64_t blocks = std::min<int64_t>((n + 1023) / 1024, 65535);  // 4 elements per thread
   convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(src, static_cast<T*>(dst), n);
   return cudaGetLastError();
 }

@@ -282,7 +282,10 @@ def test_wide_weight_tile(rng, monkeypatch):
     from deft_jax import tiling
     cases = [Case(n=2, h=13, w=11, c_in=72, c_out=136, offset_groups=2),
              Case(n=2, h=9, w=7, c_in=160, c_out=208, offset_groups=2, feature_groups=2),
-             Case(n=1, h=6, w=5, c_in=12, c_out=10, offset_groups=2)]
+             Case(n=1, h=6, w=5, c_in=12, c_out=10, offset_groups=2),
+             # 16-bit vectors throughout (32 channels per offset group) and three output blocks
+             # (264 = 128 + 128 + 8).
+             Case(n=2, h=9, w=8, c_in=64, c_out=264, offset_groups=2)]
     for cfg in [(8, 8, 64, 32, 4, 2, 128), (8, 16, 128, 32, 16, 2, 128), (8, 8, 64, 32, 4, 1, 128),
                 (8, 8, 64, 256, 4, 2, 128)]:
         tc = tiling.TileConfig(*cfg)

@@ -8,7 +8,8 @@
 # test memcheck bench). Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
-# picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats").
+# picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats"), NCU_KERNELS
+# narrows the kernels (default regex:deform|convert).
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log).
@@ -74,7 +75,7 @@ if has ncu; then
   IFS=';' read -ra specs <<< "${NCU_SPECS:-S2 float32;S3 float32;S2 bfloat16}"
   for spec in "${specs[@]}"; do
     echo "-- $spec" >> "$OUT/ncu.log"
-    timeout 150 ncu --clock-control none --kernel-name regex:deform\|convert --section SpeedOfLight --section LaunchStats \
+    timeout ${NCU_TIMEOUT:-150} ncu --clock-control none --kernel-name "${NCU_KERNELS:-regex:deform|convert}" --section SpeedOfLight --section LaunchStats \
       --section Occupancy ${NCU_ARGS:-} "$PY" benchmarks/profile_bwd.py $spec >> "$OUT/ncu.log" 2>&1
   done
   grep -E "^  [a-z_A-Z].*\(|^-- |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|L1/TEX Hit|L2 Hit" \

@@ -66,10 +66,12 @@ def _cpu_tiling(s: LayerShape) -> TileConfig:
 def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
     """The forward's tile (below) and the weight pass's output-channel tile."""
     tile = _gpu_forward_tile(s, sm_count)
-    # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: at
-    # C_out >= 256 (S4, S5) the 64 x 128 tile halves that (4x -> 2x at S4, 8x -> 4x at S5).
-    # PREDICTION, not yet measured (NOTES.md "Next steps" 1): weight pass 1.4-1.7x at S4/S5.
-    if (s.dtype != "float64" and s.c_out // s.feature_groups >= 256 and _vector_channels(s)
+    # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: from
+    # C_out = 128 on, the 64 x 128 tile halves that (2x -> 1x at S3/S6, 8x -> 4x at S5).
+    # Measured (H200, NOTES.md "Wide weight tile"): ktime weight pass fp32 S4 194 -> 160 us, S5
+    # 199 -> 176; gpu_tile_sweep fwd+bwd 64 -> 128: fp32 S3 679 -> 639, S6 401 -> 394, bf16 S3
+    # 450 -> 435, S6 280 -> 272.
+    if (s.dtype != "float64" and s.c_out // s.feature_groups >= 128 and _vector_channels(s)
             and tile.stages == 2):
         tile = dataclasses.replace(tile, bwd_tile_n=128)
     return tile

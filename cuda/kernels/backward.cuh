@@ -19,7 +19,7 @@ struct DataCfg {
 };
 // Weight pass: BC input channels x BN output channels of one tap, reduction over BK-pixel steps,
 // WM x WN warps. Every block re-samples its (tap, channel chunk) for all pixels, once per BN
-// output channels: the wide tile halves that at C_out >= 256 (tiling.py's bwd_tile_n picks it; the
+// output channels: the wide tile halves that at C_out >= 128 (tiling.py's bwd_tile_n picks it; the
 // pipelined path only, the simple loop has the 64-wide tile).
 template <int BC_, int BN_, int BK_, int WM_, int WN_>
 struct WeightCfgT {

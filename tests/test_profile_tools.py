@@ -1,0 +1,30 @@
+"""The profile readers in benchmarks/ (no GPU needed: they parse checked-in Nsight Compute output)."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ncu_phases_reads_the_checked_in_source_counters(capsys, monkeypatch):
+    tool = _load("ncu_phases")
+    csv_gz = ROOT / "benchmarks" / "results" / "h200_wide" / "sass_s2bwd_s4fwd_fp32.csv.gz"
+    kernels = tool.kernels(str(csv_gz))
+    names = [k[0] for k in kernels]
+    assert len(names) == 2 and "deform_bwd_data_kernel" in names[0] and "deform_fwd_kernel" in names[1]
+    hdr, rows = kernels[0][1], kernels[0][2]
+    ex = hdr.index("Instructions Executed")
+    assert sum(float(r[ex] or 0) for r in rows) == 295755449  # InstructionStats of the same run
+    monkeypatch.setattr("sys.argv", ["ncu_phases.py", str(csv_gz), "--kernel", "data"])
+    tool.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "deform_bwd_data_kernel" in lines[0] and "2.958e+08 warp instructions" in lines[1]
+    shares = [float(line.split()[1]) for line in lines[3:]]
+    assert shares == sorted(shares) and shares[-1] == 100.0

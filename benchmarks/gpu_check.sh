@@ -12,7 +12,8 @@
 # narrows the kernels (default regex:deform|convert).
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
-# arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log).
+# arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log);
+# KTIME_BASE=<a checked-in ktime.md> adds a before -> after table (ktime_compare.md).
 # The machine's copy of the tree carries a stale .git: pass DEFT_GIT_COMMIT=<hash of the local HEAD>
 # so results.json and the plot name the commit that was measured.
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
@@ -92,6 +93,10 @@ if has ktime; then
     "$PY" benchmarks/profile_bwd.py $specs > "$OUT/ktime.log" 2>&1
   [[ $? -eq 0 ]] || { status=1; echo "ktime: ncu failed or timed out; the log's tail:"; tail -n 20 "$OUT/ktime.log"; }
   "$PY" benchmarks/ktime_table.py "$OUT/ktime.log" $specs | tee "$OUT/ktime.md"
+  if [[ -n "${KTIME_BASE:-}" ]]; then  # a checked-in ktime.md to compare with, per kernel
+    echo "-- against $KTIME_BASE"
+    "$PY" benchmarks/ktime_table.py --compare "$KTIME_BASE" "$OUT/ktime.md" | tee "$OUT/ktime_compare.md"
+  fi
 fi
 echo "== done ($(date -u +%T)) status=$status"
 exit $status

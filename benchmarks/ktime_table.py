@@ -1,7 +1,9 @@
 """Per-kernel durations from `ncu --csv --metrics gpu__time_duration.sum` of profile_bwd.py runs,
 grouped per run (a run starts at its forward kernel, streaming or split, or its backward
-data-pass kernel), as a
-markdown table: python benchmarks/ktime_table.py ncu.log SPEC [SPEC ...]"""
+data-pass kernel), as a markdown table:
+  python benchmarks/ktime_table.py ncu.log SPEC [SPEC ...]
+Two such tables side by side (runs present in both; after / before per kernel):
+  python benchmarks/ktime_table.py --compare BEFORE.md AFTER.md"""
 import csv
 import sys
 
@@ -17,6 +19,33 @@ def kernels(path):
                 continue  # XLA's own kernels that the name filter let through
             rows.append((name, float(r["Metric Value"].replace(",", "")) / 1e3))  # ns -> us
     return rows
+
+
+COLUMNS = ("fwd", "data", "weight", "other", "total")
+
+
+def read_table(path):
+    """{run: {column: us}} from a table this script printed."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) != 1 + len(COLUMNS) or cells[0] in ("run", "") or cells[0].startswith("---"):
+                continue
+            out[cells[0]] = {k: float(v) for k, v in zip(COLUMNS, cells[1:]) if v}
+    return out
+
+
+def compare(before_path, after_path):
+    before, after = read_table(before_path), read_table(after_path)
+    print(f"| run | " + " | ".join(f"{k} us" for k in COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for run, a in after.items():
+        if run not in before:
+            continue
+        b = before[run]
+        cells = [f"{b[k]:.1f} -> {a[k]:.1f} ({a[k] / b[k]:.2f}x)" if k in a and k in b else "" for k in COLUMNS]
+        print(f"| {run} | " + " | ".join(cells) + " |")
 
 
 def main(path, specs):
@@ -40,4 +69,7 @@ def main(path, specs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1:2] == ["--compare"] and len(sys.argv) == 4:
+        compare(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2:])

@@ -28,3 +28,14 @@ def test_ncu_phases_reads_the_checked_in_source_counters(capsys, monkeypatch):
     assert "deform_bwd_data_kernel" in lines[0] and "2.958e+08 warp instructions" in lines[1]
     shares = [float(line.split()[1]) for line in lines[3:]]
     assert shares == sorted(shares) and shares[-1] == 100.0
+
+
+def test_ktime_compare_reads_two_tables(capsys):
+    tool = _load("ktime_table")
+    base = ROOT / "benchmarks" / "results"
+    before = tool.read_table(str(base / "h200_order" / "ktime.md"))
+    assert before["S2,float32"] == {"data": 608.2, "weight": 260.2, "total": 868.3}
+    tool.compare(str(base / "h200_order" / "ktime.md"), str(base / "h200_wide" / "ktime.md"))
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert len(rows) == 12  # the 12 backward runs both tables have
+    assert "193.6 -> 165.5 (0.85x)" in rows["S3,float32"]  # the wide weight tile

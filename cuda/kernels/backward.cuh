@@ -97,12 +97,15 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   if (!tile_tap_chunk<true>(g, maxq, BC, &w)) return;
   const int64_t img = w.img, th0 = w.th0, tw0 = w.tw0, tap = w.tap, fg = w.fg, c0 = w.c0, og = w.og;
   const int cnt = w.cnt;
-  const T* kb = kernel + w.b * p.kernel_size();
+  const T* kb = kernel + w.b * (g.K * g.Cg * p.c_out);  // kernel_size() without its division
   const int64_t cbeg = fg * g.Cg;
+  // Tile pixel r is (r >> tws, r & twm): 64-pixel tiles have power-of-two sides (the launcher
+  // checks), so no division per row.
+  const int tws = __ffs(static_cast<int>(g.tile_w)) - 1, twm = static_cast<int>(g.tile_w) - 1;
 
   auto build_recs = [&]() {
     for (int r = tid; r < BM; r += NT) {
-      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      const int64_t ho = th0 + (r >> tws), wo = tw0 + (r & twm);
       const bool valid = ho < p.h_out && wo < p.w_out;
       const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
       recs[r] = make_rec<T, A>(g, offset, mask, valid, pix, img, ho, wo, static_cast<int>(tap), og);
@@ -111,7 +114,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   // dY row of tile pixel r (nullptr past the image), W^T row of chunk channel r.
   auto dy_row = [&](int64_t ocol) {
     return [=, &g](int r) -> const T* {
-      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+      const int64_t ho = th0 + (r >> tws), wo = tw0 + (r & twm);
       if (ho >= g.p.h_out || wo >= g.p.w_out) return nullptr;
       return dy + ((img * g.p.h_out + ho) * g.p.w_out + wo) * g.p.c_out + ocol;
     };
@@ -192,7 +195,9 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   // offsets ~N(0, 2^2), more for smaller offsets; NOTES.md "dx merge"), and the global atomics
   // bound this pass. Entries inside a kWin^2 window around the tap's footprint are linked per
   // position (atomicExch on a list head in shared memory); each list is summed on chip and added
-  // to dX with one atomic per channel vector.
+  // to dX with one atomic per channel vector. Each list and each entry outside the window gets one
+  // leader at registration: the entry that found its position's head empty (leader code ENT + the
+  // position: the scatter starts at the position's final head), or the lone entry itself.
   constexpr int WIN = L::kWin, ENT = L::kEnt;
   int64_t* ent_at = reinterpret_cast<int64_t*>(smem + L::kMerge);  // dx element offset, -1: none
   A* ent_w = reinterpret_cast<A*>(ent_at + ENT);                    // bilinear weight x mask
@@ -202,7 +207,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   int* nleaders = head + WIN * WIN;
   for (int i = tid; i < WIN * WIN; i += NT) head[i] = -1;
   if (tid == 0) *nleaders = 0;
-  const int64_t ti = tap / p.kw, tj = tap - ti * p.kw;
+  const int ti = static_cast<int>(tap) / static_cast<int>(p.kw), tj = static_cast<int>(tap) - ti * static_cast<int>(p.kw);
   const int wy0 = static_cast<int>(p.base_y(th0, ti) + (g.tile_h - 1) * p.stride_h / 2) - (WIN / 2 - 1);
   const int wx0 = static_cast<int>(p.base_x(tw0, tj) + (g.tile_w - 1) * p.stride_w / 2) - (WIN / 2 - 1);
   __syncthreads();
@@ -213,6 +218,10 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   const int r = tid / PARTS, part = tid % PARTS;
   const Rec<A> rec = recs[r];
   A s_m = A(0), s_y = A(0), s_x = A(0);
+  constexpr int KPL = 4 / PARTS;  // corners per lane: k = j * PARTS + part
+  int lead[KPL];
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) lead[j] = -1;
   if (rec.y0 > -4) {
     const int H = static_cast<int>(p.h), W = static_cast<int>(p.w);
     const A ly = rec.ly, lx = rec.lx, hy = A(1) - ly, hx = A(1) - lx;
@@ -235,7 +244,9 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
       ent_at[e] = ok[k] ? at[k] : -1;
       ent_w[e] = wt[k] * rec.m;
       const bool in_win = static_cast<unsigned>(wy) < unsigned(WIN) && static_cast<unsigned>(wx) < unsigned(WIN);
-      ent_next[e] = ok[k] && in_win ? atomicExch(head + wy * WIN + wx, e) : -2;
+      const int nxt = ok[k] && in_win ? atomicExch(head + wy * WIN + wx, e) : -2;
+      ent_next[e] = nxt;
+      if (ok[k]) lead[k / PARTS] = !in_win ? e : nxt == -1 ? ENT + wy * WIN + wx : -1;
     }
     const A* grow = Cs + r * L::LDC;
     auto body = [&](auto vtag, int c) {
@@ -287,13 +298,13 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     s_x += __shfl_xor_sync(0xffffffffu, s_x, s);
   }
   if (part == 0 && rec.y0 > -4) {
-    const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
+    const int64_t ho = th0 + (r >> tws), wo = tw0 + (r & twm);
     const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
     const int64_t k = og * g.K + tap;
     // An offset group inside one feature group and one chunk (C_in per offset group <= BC, as
     // at S1/S2/S6): this block is the only writer of these elements (zeroed before the pass), so
     // plain stores; else the chunks meet in atomics.
-    const bool once = g.Cpog <= BC && g.Cg % g.Cpog == 0;
+    const bool once = g.Cpog <= BC && static_cast<int>(g.Cg) % static_cast<int>(g.Cpog) == 0;
     auto put = [&](Atom<T>* dst, A v) {
       if (once) {
         *dst = static_cast<Atom<T>>(v);
@@ -305,22 +316,19 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k + 1, s_x);
     if (p.with_mask) put(dmaska + pix * (p.offset_groups * g.K) + k, s_m);
   }
-  __syncthreads();  // every entry registered
-
-  // Leaders: the head of each window list, and every entry outside the window. Warp-aggregated
-  // appends (one shared atomic per warp and round).
+  // The leaders' warp-aggregated appends (one shared atomic per warp and corner slot; every lane
+  // takes part, valid pixel or not).
   const int lane = tid % 32;
-  auto append = [&](bool is, int e) {
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    const bool is = lead[j] >= 0;
     const unsigned bal = __ballot_sync(0xffffffffu, is);
     int base = 0;
     if (lane == 0 && bal != 0u) base = atomicAdd(nleaders, __popc(bal));
     base = __shfl_sync(0xffffffffu, base, 0);
-    if (is) leaders[base + __popc(bal & ((1u << lane) - 1u))] = e;
-  };
-  static_assert((WIN * WIN) % NT == 0 && ENT % NT == 0, "uniform leader rounds");
-  for (int i = tid; i < WIN * WIN; i += NT) append(head[i] >= 0, head[i]);
-  for (int e = tid; e < ENT; e += NT) append(ent_at[e] >= 0 && ent_next[e] == -2, e);
-  __syncthreads();
+    if (is) leaders[base + __popc(bal & ((1u << lane) - 1u))] = lead[j];
+  }
+  __syncthreads();  // every entry registered, every list complete
 
   // One atomic per (leader, channel vector); adjacent lanes take adjacent vectors of one position.
   const int nl = *nleaders;
@@ -330,6 +338,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
       const int li = it / VPC, c = (it - li * VPC) * V;
       if (c >= cnt) continue;
       int e = leaders[li];
+      if (e >= ENT) e = head[e - ENT];  // a window list: its final head
       const int64_t dst = ent_at[e];
       Atom<T> sum[V];
 #pragma unroll

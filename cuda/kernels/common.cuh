@@ -126,27 +126,57 @@ struct TileTapChunk {
   int64_t img, b, th0, tw0, tap, fg, c0, og;  // img over batch*n, b the problem of the batch
   int cnt;                                    // channels of the chunk [c0, c0 + cnt)
 };
-// False when the block's chunk q is past its feature group's last one (uniform over the block).
-template <bool IMAGE_MAJOR>
-__device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int64_t bc, TileTapChunk* w) {
-  int64_t inner = blockIdx.y, outer = blockIdx.x;  // (fg, tap, q), (image, tile)
-  if constexpr (IMAGE_MAJOR) {
-    const int64_t lin = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
-    const int64_t per_img = g.tiles_img * gridDim.y, im = lin / per_img, rem = lin - im * per_img;
-    inner = rem / g.tiles_img;
-    outer = im * g.tiles_img + (rem - inner * g.tiles_img);
+// chunk_of in 32-bit for the kernels' block decode (check_extents bounds the channel counts).
+__device__ __forceinline__ bool chunk_of32(const Geo& g, int fg, int q, int bk, int* c0, int* cnt, int* og) {
+  const int cg = static_cast<int>(g.Cg), cpog = static_cast<int>(g.Cpog);
+  const int beg = fg * cg, end = beg + cg;
+  int c = beg, idx = 0;
+  while (c < end) {
+    const int o = c / cpog;
+    const int se = (o + 1) * cpog < end ? (o + 1) * cpog : end;
+    const int n = (se - c + bk - 1) / bk;
+    if (q < idx + n) {
+      *c0 = c + (q - idx) * bk;
+      *cnt = se - *c0 < bk ? se - *c0 : bk;
+      *og = o;
+      return true;
+    }
+    idx += n;
+    c = se;
   }
-  const int64_t tile = outer % g.tiles_img;
-  w->img = outer / g.tiles_img;
-  w->b = w->img / g.p.n;
-  w->th0 = (tile / g.tiles_w) * g.tile_h;
-  w->tw0 = (tile % g.tiles_w) * g.tile_w;
-  const int64_t q = inner % maxq;
-  w->tap = (inner / maxq) % g.K;
-  w->fg = inner / maxq / g.K;
-  int64_t cnt;
-  if (!chunk_of(g, w->fg, q, bc, &w->c0, &cnt, &w->og)) return false;
-  w->cnt = static_cast<int>(cnt);
+  return false;
+}
+
+// False when the block's chunk q is past its feature group's last one (uniform over the block).
+// 32-bit throughout: the launchers bound gridDim.x < 2^31, gridDim.y <= 65535 and, image-major,
+// gridDim.x * gridDim.y < 2^31. A 64-bit division is a range check plus a subroutine: this decode
+// and the data pass's per-slot row math were 20% of that pass's instructions at S2 fp32 (Nsight
+// Compute source counters, NOTES.md "Data pass instruction profile").
+template <bool IMAGE_MAJOR>
+__device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int bc, TileTapChunk* w) {
+  const unsigned tiles = static_cast<unsigned>(g.tiles_img);
+  unsigned inner = blockIdx.y, outer = blockIdx.x;  // (fg, tap, q), (image, tile)
+  if constexpr (IMAGE_MAJOR) {
+    const unsigned lin = blockIdx.y * gridDim.x + blockIdx.x;
+    const unsigned per_img = tiles * gridDim.y, im = lin / per_img, rem = lin - im * per_img;
+    inner = rem / tiles;
+    outer = im * tiles + (rem - inner * tiles);
+  }
+  const unsigned img = outer / tiles, tile = outer - img * tiles;
+  const unsigned tiles_w = static_cast<unsigned>(g.tiles_w), trow = tile / tiles_w;
+  w->img = img;
+  w->b = img / static_cast<unsigned>(g.p.n);
+  w->th0 = static_cast<int64_t>(trow) * g.tile_h;
+  w->tw0 = static_cast<int64_t>(tile - trow * tiles_w) * g.tile_w;
+  const unsigned mq = static_cast<unsigned>(maxq), K = static_cast<unsigned>(g.K);
+  const unsigned ft = inner / mq, q = inner - ft * mq, fg = ft / K;
+  w->tap = ft - fg * K;
+  w->fg = fg;
+  int c0, cnt, og;
+  if (!chunk_of32(g, static_cast<int>(fg), static_cast<int>(q), bc, &c0, &cnt, &og)) return false;
+  w->c0 = c0;
+  w->og = og;
+  w->cnt = cnt;
   return true;
 }
 
@@ -171,7 +201,8 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
   r.x0 = -4;
   r.ly = r.lx = r.m = A(0);
   if (!valid) return r;
-  const int64_t i = tap / p.kw, j = tap - (tap / p.kw) * p.kw;
+  const int kw = static_cast<int>(p.kw);  // 32-bit, as in build_samp
+  const int i = tap / kw, j = tap - i * kw;
   const T* o = offset + pix * (p.offset_groups * g.K * 2) + (og * g.K + tap) * 2;
   const A dy = to_acc<A>(o[0]), dx = to_acc<A>(o[1]);
   const A m = p.with_mask ? to_acc<A>(mask[pix * (p.offset_groups * g.K) + og * g.K + tap]) : A(1);

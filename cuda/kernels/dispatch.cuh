@@ -44,9 +44,11 @@ Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
   return g;
 }
 
-// Image extents must fit the int32 corner arithmetic; everything else is 64-bit.
+// Image extents must fit the int32 corner arithmetic, channel counts the int32 block decode
+// (common.cuh, chunk_of32); element offsets are 64-bit.
 inline cudaError_t check_extents(const ConvParams& p) {
   if (p.h > 0x3fffffffLL || p.w > 0x3fffffffLL || p.h * p.w > 0x3fffffffffffLL) return cudaErrorInvalidValue;
+  if (p.c_in > 0x3fffffffLL || p.c_out > 0x3fffffffLL) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
@@ -242,7 +244,10 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight,
   {  // data pass
     const int64_t maxq = max_chunks(g, DataCfg::BC);
     const int64_t gx = p.batch * p.n * g.tiles_img, gy = p.feature_groups * g.K * maxq;
-    if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+    // The image-major decode runs in 32-bit over gx * gy blocks; its row math shifts by log2 of
+    // the tile width (64-pixel tiles: a power of two).
+    if (gx > 0x7fffffffLL || gy > 65535 || gx * gy > 0x7fffffffLL || (g.tile_w & (g.tile_w - 1)) != 0)
+      return cudaErrorInvalidConfiguration;
     auto launch = [&](auto pipe_tag) {
       constexpr bool PIPE = decltype(pipe_tag)::value;
       using L = DataLayout<T, PIPE ? kDataStages : 1>;

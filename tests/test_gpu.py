@@ -308,6 +308,43 @@ def test_wide_weight_tile(rng, monkeypatch):
             assert rel_err(a[i], b) < 1e-4
 
 
+def _tf32_rna(a):
+    """float32 -> TF32 as cvt.rna.tf32.f32 rounds (to nearest, ties away from zero), as float64."""
+    a = np.asarray(a, np.float32)
+    bits = a.view(np.uint32).astype(np.uint64)
+    bits = np.where(np.isfinite(a), (bits + 0x1000) & 0xFFFFE000, bits).astype(np.uint32)
+    return bits.view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("cfg", [None, (8, 8, 64, 32, 4, 1), (8, 16, 128, 32, 16, 2, 128),
+                                 (8, 8, 64, 256, 4, 2, 128)], ids=str)
+def test_tf32_operands_round_to_nearest(cfg, rng, monkeypatch):
+    """TF32 paths round every MMA operand to nearest (cvt.rna), whether at the fragment load or
+    once at the shared-memory store (forward A/B, split forward A, weight pass A): y, dx and
+    dkernel match a float64 computation on TF32-rounded operands to fp32 accumulation error.
+    Integer (zero) offsets and no mask make the sampled columns exactly x; positive x, kernel and dy
+    make truncation instead of rounding a bias of ~1e-3 relative, 50x the tolerance."""
+    from deft_jax import tiling
+    if cfg is not None:
+        tc = tiling.TileConfig(*cfg)
+        monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
+    case = Case(n=2, h=12, w=10, c_in=64, c_out=64, with_mask=False)
+    ho, wo = case.out_hw()
+    x = rng.uniform(1.0, 2.0, size=(case.n, case.h, case.w, case.c_in)).astype(np.float32)
+    off = np.zeros((case.n, ho, wo, 18), np.float32)
+    kernel = rng.uniform(1.0, 2.0, size=(3, 3, case.c_in, case.c_out)).astype(np.float32)
+    dy = rng.uniform(1.0, 2.0, size=(case.n, ho, wo, case.c_out)).astype(np.float32)
+    f = lambda x_, k_: deft_jax.deform_conv2d(x_, jnp.asarray(off, x_.dtype), k_, None, **case.kwargs())
+    got = _vjp_on(GPU, f, [jnp.asarray(x), jnp.asarray(kernel)], jnp.asarray(dy))
+    with jax.default_device(CPU):
+        g = lambda x_, k_: deft_jax.deform_conv2d(x_, jnp.zeros(off.shape, jnp.float64), k_, None,
+                                                  implementation="xla", **case.kwargs())
+        want = _vjp_on(CPU, g, [jnp.asarray(_tf32_rna(x)), jnp.asarray(_tf32_rna(kernel))],
+                       jnp.asarray(_tf32_rna(dy)))
+    errs = {name: rel_err(a, b) for name, a, b in zip(["y", "dx", "dkernel"], got, want)}
+    assert max(errs.values()) < 2e-5, errs
+
+
 SPLIT_CASES = [
     # Two offset groups x two feature groups: segments end at offset-group borders (80 channels,
     # a partial last k chunk), 104 output channels per group (a partial output block).

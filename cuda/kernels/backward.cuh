@@ -229,8 +229,6 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     const int H = static_cast<int>(p.h), W = static_cast<int>(p.w);
     const A ly = rec.ly, lx = rec.lx, hy = A(1) - ly, hx = A(1) - lx;
     const A wt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-    const A cy[4] = {-hx, -lx, hx, lx};  // d sample / d y per corner
-    const A cx[4] = {-hy, hy, -ly, ly};  // d sample / d x per corner
     bool ok[4];
     int64_t at[4];
 #pragma unroll
@@ -251,6 +249,13 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
       ent_next[e] = nxt;
       if (ok[k]) lead[k / PARTS] = !in_win ? e : nxt == -1 ? ENT + wy * WIN + wx : -1;
     }
+    // The bilinear weights are the pixel's, not the channel's: with a = v2 - v0, b = v3 - v1,
+    // d = v1 - v0 (corners 0..3 = (y0,x0), (y0,x1), (y1,x0), (y1,x1)), d sample/dy = hx a + lx b,
+    // d sample/dx = d + ly (b - a), sample = v0 + lx d + ly (hx a + lx b). So the channel loop
+    // sums gc times v0, a, b, d (4 FMAs and 3 subtractions per element, where the three
+    // per-channel dot products with wt / d/dy / d/dx took 15: 20% of this pass's instructions at
+    // S2, NOTES.md "Data pass and forward instruction profiles"); the weights enter once.
+    A g0 = A(0), ga = A(0), gb = A(0), gd = A(0);
     const A* grow = Cs + r * L::LDC;
     auto body = [&](auto vtag, int c) {
       constexpr int V = decltype(vtag)::value;
@@ -271,17 +276,10 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const A gc = grow[c + e];
-        const A gm = gc * rec.m;
-        A val = A(0), dyv = A(0), dxv = A(0);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          val += wt[k] * v[k][e];
-          dyv += cy[k] * v[k][e];
-          dxv += cx[k] * v[k][e];
-        }
-        s_m += gc * val;
-        s_y += gm * dyv;
-        s_x += gm * dxv;
+        g0 += gc * v[0][e];
+        ga += gc * (v[2][e] - v[0][e]);
+        gb += gc * (v[3][e] - v[1][e]);
+        gd += gc * (v[1][e] - v[0][e]);
       }
     };
     if (g.vec) {
@@ -290,6 +288,10 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     } else {
       for (int c = part; c < cnt; c += PARTS) body(std::integral_constant<int, 1>{}, c);
     }
+    const A gy = hx * ga + lx * gb;  // sum of gc * d sample/dy
+    s_m = g0 + lx * gd + ly * gy;
+    s_y = rec.m * gy;
+    s_x = rec.m * (gd + ly * (gb - ga));
   } else {
 #pragma unroll
     for (int k = part; k < 4; k += PARTS) ent_at[4 * r + k] = -1;

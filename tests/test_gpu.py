@@ -316,14 +316,16 @@ def _tf32_rna(a):
     return bits.view(np.float32).astype(np.float64)
 
 
-@pytest.mark.parametrize("cfg", [None, (8, 8, 64, 32, 4, 1), (8, 16, 128, 32, 16, 2, 128),
-                                 (8, 8, 64, 256, 4, 2, 128)], ids=str)
+@pytest.mark.parametrize("cfg", [None, (8, 8, 64, 32, 4, 1), (8, 16, 64, 32, 4, 2), (8, 16, 128, 32, 8, 2),
+                                 (8, 16, 128, 32, 16, 2, 128), (8, 8, 64, 256, 4, 2, 128)], ids=str)
 def test_tf32_operands_round_to_nearest(cfg, rng, monkeypatch):
     """TF32 paths round every MMA operand to nearest (cvt.rna), whether at the fragment load or
     once at the shared-memory store (forward A/B, split forward A, weight pass A): y, dx and
-    dkernel match a float64 computation on TF32-rounded operands to fp32 accumulation error.
+    dkernel match a float64 computation on TF32-rounded operands to accumulation error.
     Integer (zero) offsets and no mask make the sampled columns exactly x; positive x, kernel and dy
-    make truncation instead of rounding a bias of ~1e-3 relative, 50x the tolerance."""
+    make truncating instead of rounding one operand a bias of ~3.6e-4 relative (both: 7e-4); the
+    tolerance leaves room for the tensor cores' own accumulation (up to ~1.3e-5 simulated with
+    truncated alignment over 72 chained k8 MMAs)."""
     from deft_jax import tiling
     if cfg is not None:
         tc = tiling.TileConfig(*cfg)
@@ -342,7 +344,7 @@ def test_tf32_operands_round_to_nearest(cfg, rng, monkeypatch):
         want = _vjp_on(CPU, g, [jnp.asarray(_tf32_rna(x)), jnp.asarray(_tf32_rna(kernel))],
                        jnp.asarray(_tf32_rna(dy)))
     errs = {name: rel_err(a, b) for name, a, b in zip(["y", "dx", "dkernel"], got, want)}
-    assert max(errs.values()) < 2e-5, errs
+    assert max(errs.values()) < 5e-5, errs
 
 
 SPLIT_CASES = [

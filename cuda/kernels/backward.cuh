@@ -337,26 +337,35 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
 
   // One atomic per (leader, channel vector); adjacent lanes take adjacent vectors of one position.
   const int nl = *nleaders;
+  // Each item walks one list for two channel vectors, half a chunk apart (c and c + BC / 2): the
+  // list's entry loads and the item's set-up are shared by both (the scatter was a quarter of this
+  // pass's instructions at S2, NOTES.md "Data pass and forward instruction profiles"), and each
+  // of the two atomics still covers contiguous bytes across the lanes of a position.
   auto scatter = [&](auto vtag) {
-    constexpr int V = decltype(vtag)::value, VPC = BC / V;
-    for (int it = tid; it < nl * VPC; it += NT) {
-      const int li = it / VPC, c = (it - li * VPC) * V;
+    constexpr int V = decltype(vtag)::value, HALF = BC / V / 2;
+    static_assert(2 * HALF * V == BC, "two vectors per item");
+    for (int it = tid; it < nl * HALF; it += NT) {
+      const int li = it / HALF, c = (it - li * HALF) * V, c2 = c + HALF * V;
       if (c >= cnt) continue;
       int e = leaders[li];
       if (e >= ENT) e = head[e - ENT];  // a window list: its final head
       const int64_t dst = ent_at[e];
-      Atom<T> sum[V];
+      Atom<T> sum[V], sum2[V];
 #pragma unroll
-      for (int v = 0; v < V; ++v) sum[v] = Atom<T>(0);
+      for (int v = 0; v < V; ++v) sum[v] = sum2[v] = Atom<T>(0);
       while (true) {
         const A wgt = ent_w[e];
-        const A* gc = Cs + (e / 4) * L::LDC + c;
+        const A* gc = Cs + (e / 4) * L::LDC;  // the row has BC columns: c2 is in range
 #pragma unroll
-        for (int v = 0; v < V; ++v) sum[v] += static_cast<Atom<T>>(gc[v] * wgt);
+        for (int v = 0; v < V; ++v) {
+          sum[v] += static_cast<Atom<T>>(gc[c + v] * wgt);
+          sum2[v] += static_cast<Atom<T>>(gc[c2 + v] * wgt);
+        }
         e = ent_next[e];
         if (e < 0) break;
       }
       atomic_add_n<V>(dxa + dst + c, sum);
+      if (c2 < cnt) atomic_add_n<V>(dxa + dst + c2, sum2);
     }
   };
   // 16 bytes of fp32 per atomic on the vector path: two adjacent lanes fill one 32-byte sector.

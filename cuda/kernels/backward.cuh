@@ -337,42 +337,48 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
 
   // One atomic per (leader, channel vector); adjacent lanes take adjacent vectors of one position.
   const int nl = *nleaders;
-  // Each item walks one list for two channel vectors, half a chunk apart (c and c + BC / 2): the
-  // list's entry loads and the item's set-up are shared by both (the scatter was a quarter of this
-  // pass's instructions at S2, NOTES.md "Data pass and forward instruction profiles"), and each
-  // of the two atomics still covers contiguous bytes across the lanes of a position.
-  auto scatter = [&](auto vtag) {
-    constexpr int V = decltype(vtag)::value, HALF = BC / V / 2;
-    static_assert(2 * HALF * V == BC, "two vectors per item");
-    for (int it = tid; it < nl * HALF; it += NT) {
-      const int li = it / HALF, c = (it - li * HALF) * V, c2 = c + HALF * V;
+  // With more than half a chunk of channels, each item walks one list for W = 2 channel vectors
+  // half a chunk apart (c and c + BC / 2): the list's entry loads and the item's set-up are shared
+  // by both (the scatter was a quarter of this pass's instructions at S2, NOTES.md "Data pass and
+  // forward instruction profiles"), and each of the two atomics still covers contiguous bytes
+  // across the lanes of a position. Narrower chunks keep one vector per walk (W = 1).
+  auto scatter = [&](auto vtag, auto wtag) {
+    constexpr int V = decltype(vtag)::value, W = decltype(wtag)::value, STEP = BC / V / W;
+    static_assert(STEP * V * W == BC, "vectors per item");
+    for (int it = tid; it < nl * STEP; it += NT) {
+      const int li = it / STEP, c = (it - li * STEP) * V;
       if (c >= cnt) continue;
       int e = leaders[li];
       if (e >= ENT) e = head[e - ENT];  // a window list: its final head
       const int64_t dst = ent_at[e];
-      Atom<T> sum[V], sum2[V];
+      Atom<T> sum[W][V];
 #pragma unroll
-      for (int v = 0; v < V; ++v) sum[v] = sum2[v] = Atom<T>(0);
+      for (int w = 0; w < W; ++w)
+#pragma unroll
+        for (int v = 0; v < V; ++v) sum[w][v] = Atom<T>(0);
       while (true) {
         const A wgt = ent_w[e];
-        const A* gc = Cs + (e / 4) * L::LDC;  // the row has BC columns: c2 is in range
+        const A* gc = Cs + (e / 4) * L::LDC + c;  // a row has BC columns: c + (W-1) BC/2 is in it
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          sum[v] += static_cast<Atom<T>>(gc[c + v] * wgt);
-          sum2[v] += static_cast<Atom<T>>(gc[c2 + v] * wgt);
-        }
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+          for (int v = 0; v < V; ++v) sum[w][v] += static_cast<Atom<T>>(gc[w * STEP * V + v] * wgt);
         e = ent_next[e];
         if (e < 0) break;
       }
-      atomic_add_n<V>(dxa + dst + c, sum);
-      if (c2 < cnt) atomic_add_n<V>(dxa + dst + c2, sum2);
+#pragma unroll
+      for (int w = 0; w < W; ++w)
+        if (c + w * STEP * V < cnt) atomic_add_n<V>(dxa + dst + c + w * STEP * V, sum[w]);
     }
   };
   // 16 bytes of fp32 per atomic on the vector path: two adjacent lanes fill one 32-byte sector.
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using Vec = std::integral_constant<int, 16 / static_cast<int>(sizeof(Atom<T>))>;
   if (g.vec) {
-    scatter(std::integral_constant<int, 16 / static_cast<int>(sizeof(Atom<T>))>{});
+    cnt > BC / 2 ? scatter(Vec{}, Two{}) : scatter(Vec{}, One{});
   } else {
-    scatter(std::integral_constant<int, 1>{});
+    cnt > BC / 2 ? scatter(One{}, Two{}) : scatter(One{}, One{});
   }
 }
 

@@ -431,7 +431,7 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int r = r0 + i * RSTEP;
-      blend_store<T, A, true>(as + r * L::LDA + cv, cr[i], rb[r]);  // TF32-rounded for fp32
+      blend_store<T, A>(as + r * L::LDA + cv, cr[i], rb[r]);
     }
   };
   auto issue_dy = [&](int64_t s, int buf) {
@@ -518,8 +518,7 @@ __global__ void __launch_bounds__(C::kThreads, kWeightMinBlocks<T, PIPE, C>)
   const int64_t steps = (g.pixels + BK - 1) / BK;
   const int64_t step1 = step0 + steps_per_split < steps ? step0 + steps_per_split : steps;
 
-  // The pipelined loop stores A (the sampled x) TF32-rounded (fp32; PIPE implies tensor cores).
-  MmaTile<T, TC, BC, BN, BK, C::WM, C::WN, true, false, PIPE, false> mma;
+  MmaTile<T, TC, BC, BN, BK, C::WM, C::WN, true, false> mma;
   mma.zero();
   if constexpr (PIPE) {
     weight_main_pipelined<T, L>(g, mma, smem, x, offset, mask, dy, b, static_cast<int>(tap), og, c0, cnt, o0,

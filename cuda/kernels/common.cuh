@@ -343,29 +343,7 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 // (bf16x2/half2, rounded per step) was measured: bf16 forward up to 10% faster, its error vs the
 // reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "Data order, weight bounds, 16-warp tile,
 // packed blend: outcomes").
-// fp32 -> TF32 (round to nearest, ties away: what mma's operands get). Compiles to three dependent
-// instructions (FSETP, IADD, LOP3) per element.
-__device__ __forceinline__ uint32_t to_tf32(float v) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-  return r;
-}
-
-// A 16-byte vector of T rounded to TF32 in place when T is float (the shared-memory producers of
-// SyncMmaTile's A_RND/B_RND operands); other types are left alone.
-template <typename T>
-__device__ __forceinline__ void round_tf32_vec(uint4& v) {
-  if constexpr (std::is_same<T, float>::value) {
-    v.x = to_tf32(__uint_as_float(v.x));
-    v.y = to_tf32(__uint_as_float(v.y));
-    v.z = to_tf32(__uint_as_float(v.z));
-    v.w = to_tf32(__uint_as_float(v.w));
-  }
-}
-
-// ROUND: store fp32 results already rounded to TF32, for a tensor-core consumer that skips its
-// per-fragment conversion (SyncMmaTile A_RND); bit-identical to converting at the fragment load.
-template <typename T, typename A, bool ROUND = false>
+template <typename T, typename A>
 __device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A>& q) {
   constexpr int V = kVec<T>;
   A wq[4];
@@ -378,10 +356,6 @@ __device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const 
     unpack_vec<T, A>(cr[k], v);
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
-  }
-  if constexpr (ROUND && std::is_same<T, float>::value) {
-#pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = __uint_as_float(to_tf32(acc[e]));
   }
   store_elems<T, A, V>(dst, acc);
 }
@@ -500,6 +474,11 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
 }
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+}
 
 template <typename T>
 __device__ __forceinline__ void mma_16n8(float (&c)[4], const uint32_t (&a)[4], const uint32_t* b) {
@@ -521,13 +500,7 @@ __device__ __forceinline__ void mma_16n8(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
-// A_RND / B_RND (fp32 only): the operand's shared-memory producer already rounded it to TF32, so
-// the fragments go to mma as loaded. Each element is then converted once by the thread that
-// stores it instead of once by every warp that loads it (ncu source counters, S4 fp32 forward:
-// the per-fragment FSETP/IADD/LOP3 were ~40% of the main loop's instructions; NOTES.md "Data pass
-// instruction profile"). Results are bit-identical.
-template <typename T, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL, bool A_RND = false,
-          bool B_RND = false>
+template <typename T, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
 struct SyncMmaTile {
   static constexpr bool kTf32 = std::is_same<T, float>::value;
   static constexpr int KK = kTf32 ? 8 : 16;
@@ -569,7 +542,7 @@ struct SyncMmaTile {
           a[i][2] = __float_as_uint(Af[(k + t + 4) * lda + mb + g]);
           a[i][3] = __float_as_uint(Af[(k + t + 4) * lda + mb + g + 8]);
         }
-        if constexpr (kTf32 && !A_RND) {
+        if constexpr (kTf32) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) a[i][e] = to_tf32(__uint_as_float(a[i][e]));
         }
@@ -594,7 +567,7 @@ struct SyncMmaTile {
             b[j + h][1] = __float_as_uint(Bf[(k + t + 4) * ldb + nb + h * 8 + g]);
           }
         }
-        if constexpr (kTf32 && !B_RND) {
+        if constexpr (kTf32) {
 #pragma unroll
           for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -669,11 +642,9 @@ struct SimtTile {
   }
 };
 
-// Tensor cores for bf16/fp16 always, for fp32 when TF32 is allowed; SIMT otherwise (A_RND/B_RND
-// only matter to the TF32 path).
-template <typename T, bool TC, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL,
-          bool A_RND = false, bool B_RND = false>
-using MmaTile = std::conditional_t<TC, SyncMmaTile<T, BM, BN, BK, WM, WN, A_COL, B_COL, A_RND, B_RND>,
+// Tensor cores for bf16/fp16 always, for fp32 when TF32 is allowed; SIMT otherwise.
+template <typename T, bool TC, int BM, int BN, int BK, int WM, int WN, bool A_COL, bool B_COL>
+using MmaTile = std::conditional_t<TC, SyncMmaTile<T, BM, BN, BK, WM, WN, A_COL, B_COL>,
                                    SimtTile<T, BM, BN, BK, WM * WN * 32, A_COL, B_COL>>;
 
 // Shared-memory row padding: one 16-byte vector (keeps vector stores aligned, staggers banks).

@@ -149,14 +149,10 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int r = r0 + i * RSTEP;
-      blend_store<T, A, true>(as + r * L::LDA + cv, cr[i], rb[r]);  // TF32-rounded for fp32
+      blend_store<T, A>(as + r * L::LDA + cv, cr[i], rb[r]);
     }
 #pragma unroll
-    for (int j = 0; j < IB; ++j) {
-      uint4 v = br[j];
-      round_tf32_vec<T>(v);  // fp32: the MMA skips its per-fragment conversion (A_RND, B_RND)
-      *reinterpret_cast<uint4*>(bs + (br0 + j * BRSTEP) * L::LDB + bc) = v;
-    }
+    for (int j = 0; j < IB; ++j) *reinterpret_cast<uint4*>(bs + (br0 + j * BRSTEP) * L::LDB + bc) = br[j];
   };
 
   ChunkWalk cur;
@@ -214,8 +210,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const T* kb = kernel + b * p.kernel_size();
   const int64_t cbeg = fg * g.Cg, cend = cbeg + g.Cg;
 
-  // The pipelined loader stores both operands TF32-rounded (fp32; PIPE implies tensor cores).
-  MmaTile<T, TC, BM, BN, BK, Cfg::WM, Cfg::WN, false, false, PIPE, PIPE> mma;
+  MmaTile<T, TC, BM, BN, BK, Cfg::WM, Cfg::WN, false, false> mma;
   mma.zero();
 
   if constexpr (PIPE) {
@@ -348,7 +343,7 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int idx = base + u * NT, r = idx / vpr, c = (idx - r * vpr) * V;
-        if (idx < BM * vpr) blend_store<T, A, TC>(As + r * lda + c, cr[u], recs[r]);
+        if (idx < BM * vpr) blend_store<T, A>(As + r * lda + c, cr[u], recs[r]);
       }
     }
   }
@@ -382,7 +377,7 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
     }
     cp_async_commit();
   };
-  MmaTile<T, TC, BM, BN, BK, C::WM, C::WN, false, false, TC, false> mma;  // A stored TF32-rounded
+  MmaTile<T, TC, BM, BN, BK, C::WM, C::WN, false, false> mma;
   mma.zero();
 #pragma unroll
   for (int i = 0; i < S - 1; ++i) issue();

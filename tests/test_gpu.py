@@ -209,25 +209,35 @@ def test_suite_shapes(name, dtype):
     assert rel_err(y, y_ref) < tol
 
 
-def test_large_index_over_2_31():
+@pytest.mark.parametrize("c", [1, 4], ids=["scalar-highest", "vector-tf32"])
+def test_large_index_over_2_31(c):
     """x with more than 2^31 elements, sampled near its end: 64-bit indexing in every kernel.
 
+    c = 1 at Precision.HIGHEST: the scalar SIMT paths. c = 4 at default precision: the tensor-core
+    vector path, whose pipelined forward and weight loops keep 32-bit corner offsets and so must
+    hand this x to the simple loops (Geo::x32), while the data pass stays pipelined.
     The oracle is bilinear interpolation written out in numpy on the 2x2 neighbourhoods (the
     pure-JAX reference itself cannot index past 2^31 elements)."""
-    h = w = 46341  # h * w > 2^31
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, h, w, 1), jnp.float32)
-    kernel = jnp.asarray([[[[1.5, -0.5]]]], jnp.float32)  # 1x1, C_in=1 -> C_out=2
-    kw = dict(strides=h - 1, padding=0, precision=lax.Precision.HIGHEST)  # output 2x2
+    h = w = 46341 if c == 1 else 23171  # h * w * c > 2^31
+    assert h * w * c > 2**31
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, h, w, c), jnp.float32)
+    # 1x1 kernel, C_in = c -> C_out = 2 (scalar) or 4 (a whole 16-byte vector).
+    k_np = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (c, 2 if c == 1 else 4)), np.float32)
+    kernel = jnp.asarray(k_np[None, None])
+    precision = lax.Precision.HIGHEST if c == 1 else None
+    # TF32 rounds x and the kernel to 10-bit mantissas (2^-11 relative each).
+    rtol, atol = (1e-5, 1e-6) if c == 1 else (2e-3, 2e-3)
+    kw = dict(strides=h - 1, padding=0, precision=precision)  # output 2x2
     # Sample points strictly inside the image, both corners valid: (dy, dx) per output pixel.
     off_np = np.array([[[[0.3, 0.6], [0.2, -0.4]], [[-0.7, 0.1], [-0.25, -0.75]]]], np.float32)
     mask_np = np.array([[[[0.8], [0.6]], [[0.9], [0.4]]]], np.float32)
-    dy_np = np.array([[[[1.0, -2.0], [0.5, 1.5]], [[-1.0, 0.25], [2.0, 1.0]]]], np.float32)
+    dy_np = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (1, 2, 2, k_np.shape[1])), np.float32)
     f = lambda *a: deft_jax.deform_conv2d(*a, **kw)
     y, vjp = jax.vjp(f, x, jnp.asarray(off_np), kernel, jnp.asarray(mask_np))
     dx, doff, dk, dm = vjp(jnp.asarray(dy_np))
-    k = np.asarray(kernel, np.float64)[0, 0, 0]
-    y_want = np.zeros((2, 2, 2)); doff_want = np.zeros((2, 2, 2)); dm_want = np.zeros((2, 2))
-    dk_want = np.zeros(2)
+    k = k_np.astype(np.float64)  # (c, C_out)
+    y_want = np.zeros((2, 2, k.shape[1])); doff_want = np.zeros((2, 2, 2)); dm_want = np.zeros((2, 2))
+    dk_want = np.zeros_like(k)
     dx_checked = 0.0
     for i in range(2):
         for j in range(2):
@@ -237,23 +247,25 @@ def test_large_index_over_2_31():
             px = float(np.float32(j * (w - 1)) + off_np[0, i, j, 1])
             y0, x0 = int(np.floor(py)), int(np.floor(px))
             ly, lx = py - y0, px - x0
-            v = np.asarray(x[0, y0:y0 + 2, x0:x0 + 2, 0], np.float64)
+            v = np.asarray(x[0, y0:y0 + 2, x0:x0 + 2, :], np.float64)  # (2, 2, c)
             wts = np.array([[(1 - ly) * (1 - lx), (1 - ly) * lx], [ly * (1 - lx), ly * lx]])
-            val = float(np.sum(wts * v))
+            val = np.einsum("ab,abc->c", wts, v)  # sampled column, per channel
             m = float(mask_np[0, i, j, 0])
-            g = float(np.dot(dy_np[0, i, j], k))  # grad of the column
-            y_want[i, j] = m * val * k
-            dk_want += dy_np[0, i, j] * m * val
-            dm_want[i, j] = g * val
-            doff_want[i, j, 0] = g * m * (-(1 - lx) * v[0, 0] - lx * v[0, 1] + (1 - lx) * v[1, 0] + lx * v[1, 1])
-            doff_want[i, j, 1] = g * m * (-(1 - ly) * v[0, 0] + (1 - ly) * v[0, 1] - ly * v[1, 0] + ly * v[1, 1])
-            got = np.asarray(dx[0, y0:y0 + 2, x0:x0 + 2, 0], np.float64)
-            np.testing.assert_allclose(got, g * m * wts, rtol=1e-5, atol=1e-6)
-            dx_checked += float(np.sum(np.abs(g * m * wts)))
-    np.testing.assert_allclose(np.asarray(y, np.float64)[0], y_want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(doff, np.float64)[0], doff_want, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dm, np.float64)[0, ..., 0], dm_want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(dk, np.float64)[0, 0, 0], dk_want, rtol=1e-5, atol=1e-6)
+            g = k @ dy_np[0, i, j].astype(np.float64)  # grad of the column, per channel
+            y_want[i, j] = m * val @ k
+            dk_want += np.outer(m * val, dy_np[0, i, j])
+            dm_want[i, j] = float(g @ val)
+            dvy = -(1 - lx) * v[0, 0] - lx * v[0, 1] + (1 - lx) * v[1, 0] + lx * v[1, 1]
+            dvx = -(1 - ly) * v[0, 0] + (1 - ly) * v[0, 1] - ly * v[1, 0] + ly * v[1, 1]
+            doff_want[i, j] = m * float(g @ dvy), m * float(g @ dvx)
+            got = np.asarray(dx[0, y0:y0 + 2, x0:x0 + 2, :], np.float64)
+            want = m * wts[:, :, None] * g[None, None, :]
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+            dx_checked += float(np.sum(np.abs(got)))  # the four windows are far apart
+    np.testing.assert_allclose(np.asarray(y, np.float64)[0], y_want, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(doff, np.float64)[0], doff_want, rtol=10 * rtol, atol=10 * atol)
+    np.testing.assert_allclose(np.asarray(dm, np.float64)[0, ..., 0], dm_want, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(dk, np.float64)[0, 0], dk_want, rtol=rtol, atol=atol)
     # Nothing written anywhere else in dx.
     assert float(jnp.sum(jnp.abs(dx))) == pytest.approx(dx_checked, rel=1e-5)
 

@@ -59,14 +59,16 @@ template <typename T, int BUFS, typename Cfg = WeightCfg>
 struct WeightLayout {
   using A = Acc<T>;
   using C = Cfg;
-  static constexpr int LDA = C::BC + kPad<T>;  // As[BK pixels][LDA]: samples (column-major A)
-  static constexpr int LDB = C::BN + kPad<T>;  // Bs[BK pixels][LDB]: dY rows
+  static constexpr int LDA = C::BC + kPadK<T>;  // As[BK pixels][LDA]: samples (column-major A)
+  static constexpr int LDB = C::BN + kPadK<T>;  // Bs[BK pixels][LDB]: dY rows (k-major)
   static constexpr int LDC = C::BN + kCPad;    // Cs[BC][LDC]
   static constexpr size_t kABElems = size_t(C::BK) * LDA + size_t(C::BK) * LDB;  // one buffer
   static constexpr size_t kAB = align_up(BUFS * kABElems * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(C::BC) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
-  static constexpr size_t kBytes = kMain + BUFS * size_t(C::BK) * sizeof(Samp<A>);
+  // Records: 32-bit (Geo::x32) on the double-buffered pipelined loop, 64-bit on the simple one.
+  using Rec = Samp<A, std::conditional_t<BUFS == 2, int32_t, int64_t>>;
+  static constexpr size_t kBytes = kMain + BUFS * size_t(C::BK) * sizeof(Rec);
 };
 
 // Blocks per SM the pipelined data pass's registers must allow: 4 for fp32 (its stages' shared
@@ -399,7 +401,8 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
   static_assert(NT % VPR == 0 && BK % RSTEP == 0 && BK <= NT, "weight pipeline split");
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
-  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::kMain);  // (2, BK)
+  using Rec = typename L::Rec;  // 32-bit offsets: the launcher checks Geo::x32
+  Rec* recs = reinterpret_cast<Rec*>(smem + L::kMain);  // (2, BK)
   auto As = [&](int buf) { return reinterpret_cast<T*>(smem) + buf * L::kABElems; };
   auto Bs = [&](int buf) { return As(buf) + BK * L::LDA; };
   const int cv = (tid % VPR) * V, r0 = tid / VPR;
@@ -416,17 +419,17 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
     const int64_t pl = s * BK + tid;
     const bool valid = pl < g.pixels;
     const int64_t im = pl / hw, rem = pl - im * hw, ho = rem / p.w_out, wo = rem - ho * p.w_out;
-    recs[buf * BK + tid] = build_samp<A>(g, in, valid, b * p.n + im, ho, wo, tap);
+    recs[buf * BK + tid] = build_samp<A, int32_t>(g, in, valid, b * p.n + im, ho, wo, tap);
   };
   auto prefetch = [&](int buf) {
-    const Samp<A>* rb = recs + buf * BK;
+    const Rec* rb = recs + buf * BK;
     const bool cok = cv < cnt;
     const T* xc = x + (c0 + cv);
 #pragma unroll
     for (int i = 0; i < IT; ++i) fetch_corners<T, A>(cr[i], xc, rb[r0 + i * RSTEP], cok);
   };
   auto store = [&](int buf) {  // blend the prefetched corners into A tile `buf`
-    const Samp<A>* rb = recs + buf * BK;
+    const Rec* rb = recs + buf * BK;
     T* as = As(buf);
 #pragma unroll
     for (int i = 0; i < IT; ++i) {

@@ -79,6 +79,7 @@ struct Geo {
   int64_t pixels;            // n * h_out * w_out of one problem
   bool vec;                  // every channel count and start is a multiple of the 16-byte vector
   bool pipeline;             // forward: register-prefetch + double-buffered pipeline (stages=2)
+  bool x32;                  // x has < 2^31 elements: corner offsets fit int32 (the pipelined loaders)
 };
 
 // Channel chunk `q` of feature group `fg`: chunks never straddle an offset group, so one bilinear
@@ -221,9 +222,13 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
 // of that pixel, image offset included) and its weight with the mask folded in. Computed once per
 // (pixel, tap, offset group) so the per-chunk loaders do no index arithmetic beyond one add per
 // corner. off = -1: the corner is outside the image (or the sample contributes nothing).
-template <typename A>
+// I = int32_t (Geo::x32: x has < 2^31 elements) on the pipelined forward and weight loaders: a
+// corner's address is then one IMAD.WIDE where the 64-bit offset took a 64-bit add, a shift and a
+// reload of x's pointer, and the record is 32 bytes instead of 48 (NOTES.md "Forward address
+// arithmetic and bank conflicts").
+template <typename A, typename I = int64_t>
 struct alignas(16) Samp {
-  int64_t off[4];
+  I off[4];
   A w[4];
 };
 
@@ -248,11 +253,11 @@ __device__ __forceinline__ SampIn<A> load_samp_in(const Geo& g, const T* __restr
   return in;
 }
 
-template <typename A>
-__device__ __forceinline__ Samp<A> build_samp(const Geo& g, const SampIn<A>& in, bool valid, int64_t img,
-                                              int64_t ho, int64_t wo, int tap) {
+template <typename A, typename I = int64_t>
+__device__ __forceinline__ Samp<A, I> build_samp(const Geo& g, const SampIn<A>& in, bool valid, int64_t img,
+                                                 int64_t ho, int64_t wo, int tap) {
   const ConvParams& p = g.p;
-  Samp<A> s;
+  Samp<A, I> s;
 #pragma unroll
   for (int k = 0; k < 4; ++k) s.off[k] = -1, s.w[k] = A(0);
   if (!valid) return s;
@@ -267,17 +272,17 @@ __device__ __forceinline__ Samp<A> build_samp(const Geo& g, const SampIn<A>& in,
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     if (!ok[k]) continue;
-    s.off[k] = (px0 + (k >> 1) * p.w + (k & 1)) * p.c_in;
+    s.off[k] = static_cast<I>((px0 + (k >> 1) * p.w + (k & 1)) * p.c_in);
     s.w[k] = wt[k];
   }
   return s;
 }
 
-template <typename T, typename A>
-__device__ __forceinline__ Samp<A> make_samp(const Geo& g, const T* __restrict__ offset,
-                                             const T* __restrict__ mask, bool valid, int64_t pix,
-                                             int64_t img, int64_t ho, int64_t wo, int tap, int64_t og) {
-  return build_samp<A>(g, load_samp_in<T, A>(g, offset, mask, valid, pix, tap, og), valid, img, ho, wo, tap);
+template <typename T, typename A, typename I = int64_t>
+__device__ __forceinline__ Samp<A, I> make_samp(const Geo& g, const T* __restrict__ offset,
+                                                const T* __restrict__ mask, bool valid, int64_t pix,
+                                                int64_t img, int64_t ho, int64_t wo, int tap, int64_t og) {
+  return build_samp<A, I>(g, load_samp_in<T, A>(g, offset, mask, valid, pix, tap, og), valid, img, ho, wo, tap);
 }
 
 // A 16-byte vector of T as kVec<T> accumulators. bf16 -> fp32 is a shift or a mask of the 32-bit
@@ -328,12 +333,12 @@ __device__ __forceinline__ void store_elems(T* dst, const A (&v)[N]) {
 
 // The pipelined loaders' two halves: fetch the four corner vectors of one sample at channels
 // xc[0, kVec) into registers (zeros where a corner is outside or `ok` is false) ...
-template <typename T, typename A>
-__device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restrict__ xc, const Samp<A>& q,
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restrict__ xc, const Samp<A, I>& q,
                                               bool ok) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const int64_t o = q.off[k];
+    const I o = q.off[k];
     cr[k] = (ok && o >= 0) ? __ldg(reinterpret_cast<const uint4*>(xc + o)) : make_uint4(0, 0, 0, 0);
   }
 }
@@ -343,8 +348,8 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 // (bf16x2/half2, rounded per step) was measured: bf16 forward up to 10% faster, its error vs the
 // reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "Data order, weight bounds, 16-warp tile,
 // packed blend: outcomes").
-template <typename T, typename A>
-__device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A>& q) {
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A, I>& q) {
   constexpr int V = kVec<T>;
   A wq[4];
 #pragma unroll
@@ -649,6 +654,12 @@ using MmaTile = std::conditional_t<TC, SyncMmaTile<T, BM, BN, BK, WM, WN, A_COL,
 
 // Shared-memory row padding: one 16-byte vector (keeps vector stores aligned, staggers banks).
 template <typename T> constexpr int kPad = kVec<T>;
+// ... and for a k-major operand that the TF32 MMA reads with scalar loads (element (k + t, g),
+// t = lane % 4, g = lane / 4): 8 floats put rows t = 0..3 on banks 8t + g, conflict-free, where
+// one vector (4) gives 4t + g, 2-way conflicts (ncu, S4 fp32 forward: half of its shared-memory
+// wavefronts; NOTES.md "Forward address arithmetic and bank conflicts"). 16-bit types load these
+// operands with ldmatrix and keep kPad.
+template <typename T> constexpr int kPadK = std::is_same<T, float>::value ? 8 : kPad<T>;
 constexpr int kCPad = 4;
 
 // Host: opt a kernel into more than the default 48 KB of dynamic shared memory when it needs it.

@@ -40,6 +40,7 @@ Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
   g.pixels = p.n * p.h_out * p.w_out;
   constexpr int64_t V = kVec<T>;
   g.pipeline = false;
+  g.x32 = p.batch * p.x_size() <= 0x7fffffffLL;
   g.vec = p.c_in % V == 0 && g.Cg % V == 0 && g.Cpog % V == 0 && p.c_out % V == 0 && g.Cog % V == 0;
   return g;
 }
@@ -260,8 +261,10 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight,
     if (cudaError_t e = with_pipe<TC>(pipe, launch); e != cudaSuccess) return e;
   }
   if constexpr (TC) {  // only tensor-core paths have a pipelined (and a wide) instantiation
-    if (pipe && wide_weight) return launch_weight<T, TC, true, WeightCfgWide>(stream, g, x, offset, mask, dy, dka);
-    if (pipe) return launch_weight<T, TC, true, WeightCfg>(stream, g, x, offset, mask, dy, dka);
+    // The pipelined weight loop keeps 32-bit corner offsets: x with 2^31 or more elements takes
+    // the simple loop (64-bit records).
+    if (pipe && g.x32 && wide_weight) return launch_weight<T, TC, true, WeightCfgWide>(stream, g, x, offset, mask, dy, dka);
+    if (pipe && g.x32) return launch_weight<T, TC, true, WeightCfg>(stream, g, x, offset, mask, dy, dka);
   }
   return launch_weight<T, TC, false, WeightCfg>(stream, g, x, offset, mask, dy, dka);
 }

@@ -22,14 +22,17 @@ template <typename T, bool TC, typename Cfg>
 struct FwdLayout {
   using A = Acc<T>;
   static constexpr int LDA = Cfg::BK + kPad<T>;  // As[BM][LDA]: pixels x channels
-  static constexpr int LDB = Cfg::BN + kPad<T>;  // Bs[BK][LDB]: channels x output channels
+  static constexpr int LDB = Cfg::BN + kPadK<T>;  // Bs[BK][LDB]: channels x output channels (k-major)
   static constexpr int LDC = Cfg::BN + kCPad;    // Cs[BM][LDC]: accumulators (aliases As/Bs)
   static constexpr int kBufs = TC ? 2 : 1;       // double-buffered A/B tiles on the pipelined path
   static constexpr size_t kABElems = size_t(Cfg::BM) * LDA + size_t(Cfg::BK) * LDB;
   static constexpr size_t kAB = align_up(kBufs * kABElems * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(Cfg::BM) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kAB > kC ? kAB : kC;
-  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Samp<A>);
+  // Records: two buffers of BM 32-bit ones (pipelined) or BM 64-bit ones (simple loop).
+  using Rec32 = Samp<A, int32_t>;
+  static_assert(2 * sizeof(Rec32) >= sizeof(Samp<A>), "record space");
+  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Rec32);
 };
 
 // Walks the reduction of one block: taps, then the offset-group segments of the feature group's
@@ -108,7 +111,8 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   static_assert(NT % VPR == 0 && BM % RSTEP == 0 && NT % BVPR == 0 && BK % BRSTEP == 0, "pipeline split");
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
-  Samp<A>* recs = reinterpret_cast<Samp<A>*>(smem + L::kMain);  // (2, BM)
+  using Rec = Samp<A, int32_t>;  // Geo::x32 (the launcher checks it for this loop)
+  Rec* recs = reinterpret_cast<Rec*>(smem + L::kMain);  // (2, BM)
   auto As = [&](int b) { return reinterpret_cast<T*>(smem) + b * L::kABElems; };
   auto Bs = [&](int b) { return reinterpret_cast<T*>(smem) + b * L::kABElems + BM * L::LDA; };
   const int cv = (tid % VPR) * V, r0 = tid / VPR;
@@ -118,32 +122,38 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   int64_t my_ho = 0, my_wo = 0;
   const int64_t my_pix = tid < BM ? tile_pixel(g, img, th0, tw0, tid, &my_ho, &my_wo) : -1;
   const int64_t ldo = p.c_out;
+  // This thread's weight rows: the walk consumes the (tap, channel) rows of the kernel in order,
+  // cnt per chunk, so one pointer advanced per prefetch replaces the per-chunk 64-bit row products
+  // (~40 of the loop's ~460 instructions per warp and chunk at S4 fp32; NOTES.md "Forward address
+  // arithmetic and bank conflicts").
+  const bool bok = bc < ocnt;
+  const T* wp = kb + o0 + bc + static_cast<int64_t>(br0) * ldo;
+  const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
 
   uint4 cr[IT][4];
   uint4 br[IB];
 
   auto build_recs = [&](int tap, int og, int buf) {
     if (tid < BM)
-      recs[buf * BM + tid] = make_samp<T, A>(g, offset, mask, my_pix >= 0, my_pix, img, my_ho, my_wo, tap, og);
+      recs[buf * BM + tid] = make_samp<T, A, int32_t>(g, offset, mask, my_pix >= 0, my_pix, img, my_ho, my_wo, tap, og);
   };
   auto prefetch = [&](const ChunkWalk& ch) {
-    const Samp<A>* rb = recs + (ch.group & 1) * BM;
+    const Rec* rb = recs + (ch.group & 1) * BM;
     const bool cok = cv < ch.cnt;
     const T* xc = x + (ch.c0 + cv);
 #pragma unroll
     for (int i = 0; i < IT; ++i) fetch_corners<T, A>(cr[i], xc, rb[r0 + i * RSTEP], cok);
-    const T* krow = kb + static_cast<int64_t>(ch.tap * static_cast<int>(g.Cg) + (ch.c0 - ch.cbeg)) * ldo + o0 + bc;
 #pragma unroll
     for (int j = 0; j < IB; ++j) {
       const int r = br0 + j * BRSTEP;
-      br[j] = (r < ch.cnt && bc < ocnt) ? __ldg(reinterpret_cast<const uint4*>(krow + r * ldo))
-                                        : make_uint4(0, 0, 0, 0);
+      br[j] = (bok && r < ch.cnt) ? __ldg(reinterpret_cast<const uint4*>(wp + j * wstep)) : make_uint4(0, 0, 0, 0);
     }
+    wp += ch.cnt * ldo;  // rows tap * Cg + (c0 - cbeg) + cnt on: the next chunk's
   };
   // Blend the prefetched corners of `ch` (weights re-read from its table, which stays intact
   // until the barrier after this store) into A tile `buf`, and stage the weights rows.
   auto store = [&](const ChunkWalk& ch, int buf) {
-    const Samp<A>* rb = recs + (ch.group & 1) * BM;
+    const Rec* rb = recs + (ch.group & 1) * BM;
     T* as = As(buf);
     T* bs = Bs(buf);
 #pragma unroll
@@ -285,7 +295,7 @@ template <typename T>
 struct SplitLayout {
   using A = Acc<T>;
   using C = SplitCfg;
-  static constexpr int LDB = C::BN + kPad<T>;  // Bs[stage][BK][LDB]: weight rows
+  static constexpr int LDB = C::BN + kPadK<T>;  // Bs[stage][BK][LDB]: weight rows (k-major)
   static constexpr int LDC = C::BN + kCPad;    // Cs[BM][LDC]: one output block's partial sums
   static constexpr size_t kB = align_up(size_t(C::kStages) * C::BK * LDB * sizeof(T), 128);
   static constexpr size_t kC = align_up(size_t(C::BM) * LDC * sizeof(A), 128);
@@ -438,7 +448,9 @@ cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const 
   if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
   auto fn = deform_fwd_kernel<T, TC, false, Cfg>;
   if constexpr (TC) {
-    if (g.vec && g.pipeline) fn = deform_fwd_kernel<T, TC, true, Cfg>;
+    // The pipelined loop keeps 32-bit corner offsets: x with 2^31 or more elements takes the
+    // simple loop (64-bit records).
+    if (g.vec && g.pipeline && g.x32) fn = deform_fwd_kernel<T, TC, true, Cfg>;
   }
   if (const cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
   fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Cfg::kThreads, L::kBytes, stream>>>(

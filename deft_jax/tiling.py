@@ -109,12 +109,17 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
         # S6 138 -> 90; fp32 S3 367 -> 287, S4 347 -> 262, S6 219 -> 176 (vs 8x8x64).
-        # 16 warps (32x32 each) rather than 8: twice the warps per SM to hide the sampler's
-        # latency. Never slower, a small gain: H200 kernel durations (ncu, results/h200_order/
-        # ktime*.md, fwd us, 8 -> 16 warps) bf16 S3 99.1 -> 96.0, S6 60.0 -> 59.2, fp32 S6
-        # 101.4 -> 100.8; sweep (results/h200_order/sweep.json) fp32 S3 180 -> 180, S4 170 -> 164.
-        # S4 bf16 keeps the split forward above (86 vs 87 us in that sweep).
-        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=16, stages=2)
+        # Warps and orientation, re-measured after the 32-bit corner offsets (H200, 19b4659,
+        # gpu_tile_sweep fwd us, results/h200_x32/sweep_19b4659.json; NOTES.md "Forward address
+        # arithmetic and bank conflicts"):
+        # - fp32: 8 warps (236 registers, no spill) beat 16 (128-register cap, spills, x's pointer
+        #   reloaded per corner): 8x16 S3 144 vs 169, S4 133 vs 145, S6 87 vs 113 (16x8 x 16
+        #   warps: 158 / 151 / 93). Before those changes 16 warps were 0-4% faster.
+        # - 16-bit types: 16 warps on a 16x8 (rows x columns) tile: S6 64 vs 79 for 8x16 (75 with
+        #   8 warps), S3 98 vs 99 (101). S4 keeps the split forward above (85 vs 88).
+        if s.dtype == "float32":
+            return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2)
+        return TileConfig(tile_h=16, tile_w=8, tile_n=128, tile_k=32, warps=16, stages=2)
     # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
     # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM
     # (128-register cap), which beat the 128-pixel tile at S1/S2 (bf16 S2 184 vs 191 us, S5 175 vs

@@ -43,14 +43,18 @@ def test_split_forward_where_output_channels_dominate():
     assert tiling.choose_tiling("cuda", _shape("S5", "bfloat16", c_in=508, offset_groups=2)).tile_k == 32
 
 
-def test_wide_layers_get_the_16_warp_tile():
-    """S3/S4/S6-like layers (>= 128 output pixels, > 64 output channels): 8x16 x 128, 16 warps
-    (measured; NOTES.md "Data order, weight bounds, 16-warp tile, packed blend: outcomes"); not S1/S2 (64 channels)."""
-    for dt in ("float32", "bfloat16"):
+def test_wide_layers_get_the_128x128_tile():
+    """S3/S4/S6-like layers (>= 128 output pixels, > 64 output channels): 128 pixels x 128 output
+    channels; fp32 on 8 warps (8x16), 16-bit types on 16 warps (16x8) (measured; NOTES.md
+    "Forward address arithmetic and bank conflicts"); not S1/S2 (64 channels)."""
+    for dt in ("float32", "bfloat16", "float16"):
+        want = (8, 16, 128, 8) if dt == "float32" else (16, 8, 128, 16)
         for name in SUITE:
             t = tiling.choose_tiling("cuda", _shape(name, dt))
             wide = name in ("S3", "S6") or (name == "S4" and dt == "float32")
-            assert ((t.tile_h, t.tile_w, t.tile_n, t.warps) == (8, 16, 128, 16)) == wide, (name, dt, t)
+            assert ((t.tile_h, t.tile_w, t.tile_n, t.warps) == want) == wide, (name, dt, t)
+            if wide:
+                tiling.check_gpu_tile(t, dt)  # an instantiated configuration
 
 
 def test_distinct_shapes_get_distinct_tiles():

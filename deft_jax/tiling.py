@@ -114,12 +114,16 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
         # arithmetic and bank conflicts"):
         # - fp32: 8 warps (236 registers, no spill) beat 16 (128-register cap, spills, x's pointer
         #   reloaded per corner): 8x16 S3 144 vs 169, S4 133 vs 145, S6 87 vs 113 (16x8 x 16
-        #   warps: 158 / 151 / 93). Before those changes 16 warps were 0-4% faster.
-        # - 16-bit types: 16 warps on a 16x8 (rows x columns) tile: S6 64 vs 79 for 8x16 (75 with
-        #   8 warps), S3 98 vs 99 (101). S4 keeps the split forward above (85 vs 88).
+        #   warps: 158 / 151 / 93); confirmed per kernel (ktime, 4d6d07b): S3 153.8 -> 140.3,
+        #   S4 141.9 -> 126.9, S6 89.0 -> 81.2. Before those changes 16 warps were 0-4% faster.
+        # - 16-bit types keep 16 warps on 8x16: 8 warps were 1-4% slower (S3 99.1 vs 96.0, S6
+        #   60.0 vs 59.2, results/h200_order/ktime*.md; sweep 19b4659, mixed: S3 101 vs 99, S6 75 vs
+        #   79). A 16x8 tile was no faster per kernel (ktime 4d6d07b vs 19b4659: S3 94.9 vs 94.9,
+        #   S6 58.8 vs 58.1; the sweep's S6 64 vs 79 did not reproduce). S4 keeps the split
+        #   forward above (85 vs 88).
         if s.dtype == "float32":
             return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2)
-        return TileConfig(tile_h=16, tile_w=8, tile_n=128, tile_k=32, warps=16, stages=2)
+        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=16, stages=2)
     # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
     # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM
     # (128-register cap), which beat the 128-pixel tile at S1/S2 (bf16 S2 184 vs 191 us, S5 175 vs

@@ -4,13 +4,15 @@
 # Logs and results go to $OUT: build.log, pytest.log, memcheck.log, bench.log, bench/results.json,
 # bench/results.md, bench/bench_layers.png (+ ktime.log/ktime.md, sweep.*, ncu.log). The device
 # tool brings back at most 8 files: results.md is redundant with results.json (--markdown).
-# Phases can be picked: PHASES="build test memcheck sweep bench micro ncu ktime" (default: build
+# Phases can be picked: PHASES="build test memcheck sweep bench micro ncu sass ktime" (default: build
 # test memcheck bench). Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
 # picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats"), NCU_KERNELS
 # narrows the kernels (default regex:deform|convert).
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
+# sass = Nsight Compute source counters for SASS_SPECS (profile_bwd.py arguments, default
+# "S4,float32,fwd S2,float32"): sass.csv.gz (the SASS page) and sass_phases.txt (ncu_phases.py).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log);
 # KTIME_BASE=<a checked-in ktime.md> adds a before -> after table (ktime_compare.md).
@@ -81,6 +83,19 @@ if has ncu; then
   done
   grep -E "^  [a-z_A-Z].*\(|^-- |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|L1/TEX Hit|L2 Hit" \
     "$OUT/ncu.log" | sed 's/void deft::kern:://' | cut -c1-120 | tail -n 120
+fi
+if has sass; then
+  # Source counters of the runs in SASS_SPECS (profile_bwd.py arguments, one process), the SASS
+  # page as gzip'd CSV (sass.csv.gz) and its phase split (sass_phases.txt, benchmarks/ncu_phases.py).
+  echo "== sass ($(date -u +%T))"
+  rm -f /tmp/deft_sass.ncu-rep
+  timeout ${NCU_TIMEOUT:-300} ncu --clock-control none --kernel-name "${NCU_KERNELS:-regex:deform}" \
+    --section SourceCounters --section InstructionStats --section WarpStateStats -o /tmp/deft_sass \
+    "$PY" benchmarks/profile_bwd.py ${SASS_SPECS:-S4,float32,fwd S2,float32} > "$OUT/sass.log" 2>&1 \
+    && ncu -i /tmp/deft_sass.ncu-rep --page source --csv --print-source sass | gzip > "$OUT/sass.csv.gz" \
+    && "$PY" benchmarks/ncu_phases.py "$OUT/sass.csv.gz" > "$OUT/sass_phases.txt" 2>&1
+  [[ $? -eq 0 ]] || { status=1; echo "sass: ncu or its export failed; the log's tail:"; tail -n 20 "$OUT/sass.log"; }
+  head -n 60 "$OUT/sass_phases.txt" 2>/dev/null
 fi
 if has ktime; then
   echo "== ktime ($(date -u +%T))"

@@ -88,6 +88,8 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     tile_k in {128, 256, 512}. The backward passes use the spatial tile when it has 64
     pixels, else 8 x 8, and follow ``stages`` too: 2 = the pipelined data pass (3 cp.async stages)
     and weight pass (double-buffered) on the tensor-core vector path (NOTES.md "Backward v4").
+    The pipelined forward and weight loops keep 32-bit element offsets into x: for an x of 2^31
+    or more elements the CUDA launcher runs their simple loops whatever ``stages`` says.
     """
     del sm_count  # the suite's grids already fill 132 SMs with these tiles; see NOTES.md
     pixels_per_image = s.h_out * s.w_out

@@ -209,17 +209,25 @@ def test_suite_shapes(name, dtype):
     assert rel_err(y, y_ref) < tol
 
 
-@pytest.mark.parametrize("c", [1, 4], ids=["scalar-highest", "vector-tf32"])
-def test_large_index_over_2_31(c):
-    """x with more than 2^31 elements, sampled near its end: 64-bit indexing in every kernel.
+@pytest.mark.parametrize("c,h", [(1, 46341), (4, 23171), (4, 23170)],
+                         ids=["scalar-highest", "vector-tf32", "vector-tf32-below-2-31"])
+def test_large_index_over_2_31(c, h, monkeypatch):
+    """x with about 2^31 elements, sampled near its end (bottom/right edge): indexing in every
+    kernel.
 
-    c = 1 at Precision.HIGHEST: the scalar SIMT paths. c = 4 at default precision: the tensor-core
-    vector path, whose pipelined forward and weight loops keep 32-bit corner offsets and so must
-    hand this x to the simple loops (Geo::x32), while the data pass stays pipelined.
+    c = 1 at Precision.HIGHEST: the scalar SIMT paths, 64-bit. c = 4 at default precision: the
+    tensor-core vector path with stages=2, whose pipelined forward and weight loops keep 32-bit
+    element offsets into x: above 2^31 elements (h = 23171) the launcher must hand x to the simple
+    loops (Geo::x32), just below (h = 23170: 2^31 - 88048 elements) the pipelined loops run with
+    offsets at the top of the int32 range.
     The oracle is bilinear interpolation written out in numpy on the 2x2 neighbourhoods (the
     pure-JAX reference itself cannot index past 2^31 elements)."""
-    h = w = 46341 if c == 1 else 23171  # h * w * c > 2^31
-    assert h * w * c > 2**31
+    w = h
+    assert (h * w * c > 2**31) == (h != 23170)
+    if c == 4:  # the pipelined configuration, whatever the tiling rules pick for this shape
+        from deft_jax import tiling
+        tc = tiling.TileConfig(8, 8, 64, 32, 4, 2)
+        monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, h, w, c), jnp.float32)
     # 1x1 kernel, C_in = c -> C_out = 2 (scalar) or 4 (a whole 16-byte vector).
     k_np = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (c, 2 if c == 1 else 4)), np.float32)

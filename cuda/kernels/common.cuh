@@ -84,17 +84,23 @@ struct Geo {
 
 // Channel chunk `q` of feature group `fg`: chunks never straddle an offset group, so one bilinear
 // record per (pixel, tap) serves the whole chunk. Returns false when q is past the last chunk.
-__host__ __device__ inline bool chunk_of(const Geo& g, int64_t fg, int64_t q, int64_t bk, int64_t* c0,
-                                         int64_t* cnt, int64_t* og) {
-  const int64_t beg = fg * g.Cg, end = beg + g.Cg;
-  int64_t c = beg, idx = 0;
+// I = int64_t on the host and in the weight pass; int in the kernels' 32-bit block decode
+// (tile_tap_chunk: check_extents bounds the channel counts). The index arguments take I's type
+// from the outputs (common_type<I>::type is not deduced).
+template <typename I>
+__host__ __device__ __forceinline__ bool chunk_of(const Geo& g, typename std::common_type<I>::type fg,
+                                                  typename std::common_type<I>::type q,
+                                                  typename std::common_type<I>::type bk, I* c0, I* cnt, I* og) {
+  const I cg = static_cast<I>(g.Cg), cpog = static_cast<I>(g.Cpog);
+  const I beg = fg * cg, end = beg + cg;
+  I c = beg, idx = 0;
   while (c < end) {
-    const int64_t o = c / g.Cpog;
-    const int64_t se = ((o + 1) * g.Cpog < end) ? (o + 1) * g.Cpog : end;
-    const int64_t n = (se - c + bk - 1) / bk;
+    const I o = c / cpog;
+    const I se = (o + 1) * cpog < end ? (o + 1) * cpog : end;
+    const I n = (se - c + bk - 1) / bk;
     if (q < idx + n) {
       *c0 = c + (q - idx) * bk;
-      *cnt = (se - *c0 < bk) ? se - *c0 : bk;
+      *cnt = se - *c0 < bk ? se - *c0 : bk;
       *og = o;
       return true;
     }
@@ -127,27 +133,6 @@ struct TileTapChunk {
   int64_t img, b, th0, tw0, tap, fg, c0, og;  // img over batch*n, b the problem of the batch
   int cnt;                                    // channels of the chunk [c0, c0 + cnt)
 };
-// chunk_of in 32-bit for the kernels' block decode (check_extents bounds the channel counts).
-__device__ __forceinline__ bool chunk_of32(const Geo& g, int fg, int q, int bk, int* c0, int* cnt, int* og) {
-  const int cg = static_cast<int>(g.Cg), cpog = static_cast<int>(g.Cpog);
-  const int beg = fg * cg, end = beg + cg;
-  int c = beg, idx = 0;
-  while (c < end) {
-    const int o = c / cpog;
-    const int se = (o + 1) * cpog < end ? (o + 1) * cpog : end;
-    const int n = (se - c + bk - 1) / bk;
-    if (q < idx + n) {
-      *c0 = c + (q - idx) * bk;
-      *cnt = se - *c0 < bk ? se - *c0 : bk;
-      *og = o;
-      return true;
-    }
-    idx += n;
-    c = se;
-  }
-  return false;
-}
-
 // False when the block's chunk q is past its feature group's last one (uniform over the block).
 // 32-bit throughout: the launchers bound gridDim.x < 2^31, gridDim.y <= 65535 and, image-major,
 // gridDim.x * gridDim.y < 2^31. A 64-bit division is a range check plus a subroutine: this decode
@@ -174,7 +159,7 @@ __device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int b
   w->tap = ft - fg * K;
   w->fg = fg;
   int c0, cnt, og;
-  if (!chunk_of32(g, static_cast<int>(fg), static_cast<int>(q), bc, &c0, &cnt, &og)) return false;
+  if (!chunk_of<int>(g, static_cast<int>(fg), static_cast<int>(q), bc, &c0, &cnt, &og)) return false;
   w->c0 = c0;
   w->og = og;
   w->cnt = cnt;

@@ -46,7 +46,7 @@ Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
 }
 
 // Image extents must fit the int32 corner arithmetic, channel counts the int32 block decode
-// (common.cuh, chunk_of32); element offsets are 64-bit.
+// (common.cuh, chunk_of<int>); element offsets are 64-bit.
 inline cudaError_t check_extents(const ConvParams& p) {
   if (p.h > 0x3fffffffLL || p.w > 0x3fffffffLL || p.h * p.w > 0x3fffffffffffLL) return cudaErrorInvalidValue;
   if (p.c_in > 0x3fffffffLL || p.c_out > 0x3fffffffLL) return cudaErrorInvalidValue;

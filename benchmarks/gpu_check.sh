@@ -40,6 +40,9 @@ fi
 if has test; then
   echo "== pytest ($(date -u +%T))"
   kargs=(); [[ -n "${PYTEST_K:-}" ]] && kargs=(-k "$PYTEST_K")
+  # With workers (-n), tests marked xdist_group share one worker (the large-index tests: ~25 GiB
+  # of device memory each, which four workers' allocators would hold at once).
+  [[ " ${PYTEST_ARGS:-} " == *" -n "* ]] && kargs+=(--dist loadgroup)
   # No up-front 75% reservation: lets PYTEST_ARGS="-n 4" run four workers on one GPU.
   XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false} \
   "$PY" -m pytest -q -rf --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \

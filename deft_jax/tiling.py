@@ -19,7 +19,9 @@ class TileConfig:
     """A tile choice. GPU: a block computes tile_h x tile_w output pixels x tile_n output channels,
     reducing over input channels tile_k at a time, with ``warps`` warps and ``stages`` pipeline
     stages (tile_k > 32: the split forward, where a block keeps tile_k sampled input channels of
-    one tap resident and walks all output channels). ``bwd_tile_n``: output channels per block
+    one tap resident and walks all output channels). tile_h = 1 makes the streaming forward's
+    tile flat: tile_w consecutive output pixels in (n, h_out, w_out) order, across rows and
+    images (the split forward and the backward passes then take 8 x 8 tiles). ``bwd_tile_n``: output channels per block
     of the backward weight pass (64, or 128 on its pipelined tensor-core path). CPU: one task
     processes tile_h x tile_w output pixels (the rest is unused)."""
 
@@ -78,6 +80,21 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 
 
 def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
+    """The forward tile: the rectangle below, made flat where it would overhang the image."""
+    tile = _gpu_forward_rect(s, sm_count)
+    # A rectangle that does not divide the output image runs MMA rows on padding (a 14 x 14 or
+    # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 256 of
+    # 1 block per SM, two waves on 132 SMs, against 98 flat tiles, one). The split forward keeps
+    # its 8 x 8 tiles (its blocks meet per pixel in atomics; a flat tile buys it nothing there).
+    # Prediction before any run (NOTES.md "Flat forward tiles"): fp32 forward S4 127 -> ~70 us,
+    # S3/S6 0-10% (196 blocks instead of 256: still two waves).
+    overhangs = s.h_out % tile.tile_h != 0 or s.w_out % tile.tile_w != 0
+    if overhangs and tile.tile_k == 32:
+        tile = dataclasses.replace(tile, tile_h=1, tile_w=tile.tile_h * tile.tile_w)
+    return tile
+
+
+def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in benchmarks/NOTES.md, "tile sweep").
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in

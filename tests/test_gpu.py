@@ -209,6 +209,9 @@ def test_suite_shapes(name, dtype):
     assert rel_err(y, y_ref) < tol
 
 
+# ~25 GiB of device memory each: under pytest-xdist --dist loadgroup the three run on one worker
+# (whose allocator then reuses its pool) instead of three workers holding ~25 GiB apiece.
+@pytest.mark.xdist_group("large_index")
 @pytest.mark.parametrize("c,h", [(1, 46341), (4, 23171), (4, 23170)],
                          ids=["scalar-highest", "vector-tf32", "vector-tf32-below-2-31"])
 def test_large_index_over_2_31(c, h, monkeypatch):
@@ -243,6 +246,9 @@ def test_large_index_over_2_31(c, h, monkeypatch):
     f = lambda *a: deft_jax.deform_conv2d(*a, **kw)
     y, vjp = jax.vjp(f, x, jnp.asarray(off_np), kernel, jnp.asarray(mask_np))
     dx, doff, dk, dm = vjp(jnp.asarray(dy_np))
+    del vjp  # its residuals hold another copy of x
+    # A 2 x 2 window as one slice: eager x[0, a:b, c:d] materialised x[0] (8 GiB) first.
+    window = lambda a, y0, x0: lax.slice(a, (0, y0, x0, 0), (1, y0 + 2, x0 + 2, c))[0]
     k = k_np.astype(np.float64)  # (c, C_out)
     y_want = np.zeros((2, 2, k.shape[1])); doff_want = np.zeros((2, 2, 2)); dm_want = np.zeros((2, 2))
     dk_want = np.zeros_like(k)
@@ -255,7 +261,7 @@ def test_large_index_over_2_31(c, h, monkeypatch):
             px = float(np.float32(j * (w - 1)) + off_np[0, i, j, 1])
             y0, x0 = int(np.floor(py)), int(np.floor(px))
             ly, lx = py - y0, px - x0
-            v = np.asarray(x[0, y0:y0 + 2, x0:x0 + 2, :], np.float64)  # (2, 2, c)
+            v = np.asarray(window(x, y0, x0), np.float64)  # (2, 2, c)
             wts = np.array([[(1 - ly) * (1 - lx), (1 - ly) * lx], [ly * (1 - lx), ly * lx]])
             val = np.einsum("ab,abc->c", wts, v)  # sampled column, per channel
             m = float(mask_np[0, i, j, 0])
@@ -266,7 +272,7 @@ def test_large_index_over_2_31(c, h, monkeypatch):
             dvy = -(1 - lx) * v[0, 0] - lx * v[0, 1] + (1 - lx) * v[1, 0] + lx * v[1, 1]
             dvx = -(1 - ly) * v[0, 0] + (1 - ly) * v[0, 1] - ly * v[1, 0] + ly * v[1, 1]
             doff_want[i, j] = m * float(g @ dvy), m * float(g @ dvx)
-            got = np.asarray(dx[0, y0:y0 + 2, x0:x0 + 2, :], np.float64)
+            got = np.asarray(window(dx, y0, x0), np.float64)
             want = m * wts[:, :, None] * g[None, None, :]
             np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
             dx_checked += float(np.sum(np.abs(got)))  # the four windows are far apart
@@ -275,7 +281,8 @@ def test_large_index_over_2_31(c, h, monkeypatch):
     np.testing.assert_allclose(np.asarray(dm, np.float64)[0, ..., 0], dm_want, rtol=rtol, atol=atol)
     np.testing.assert_allclose(np.asarray(dk, np.float64)[0, 0], dk_want, rtol=rtol, atol=atol)
     # Nothing written anywhere else in dx.
-    assert float(jnp.sum(jnp.abs(dx))) == pytest.approx(dx_checked, rel=1e-5)
+    l1 = jax.jit(lambda a: jnp.sum(jnp.abs(a)))  # fused: eager jnp.abs(dx) would be another 8 GiB
+    assert float(l1(dx)) == pytest.approx(dx_checked, rel=1e-5)
 
 
 def test_every_instantiated_tile(rng, monkeypatch):
@@ -323,6 +330,47 @@ def test_wide_weight_tile(rng, monkeypatch):
     ks, ms = jnp.stack([kernel, kernel * 2.0]), jnp.stack([mask, 1 - mask])
     gv = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3))))(xs, offs, ks, ms)
     for i in range(2):
+        gi = jax.grad(loss, argnums=(0, 1, 2, 3))(xs[i], offs[i], ks[i], ms[i])
+        for a, b in zip(gv, gi):
+            assert rel_err(a[i], b) < 1e-4
+
+
+FLAT_CASES = [
+    # 7 x 5 images: a 64- or 128-pixel tile spans rows and several images, the last one partial.
+    Case(n=5, h=7, w=5, c_in=72, c_out=136, offset_groups=2),
+    # Stride, padding, two feature groups, scalar channels (the simple loop), 1 image of 9 x 10.
+    Case(n=1, h=9, w=10, c_in=6, c_out=9, feature_groups=3, offset_groups=2, strides=(2, 1),
+         padding=((1, 0), (2, 1))),
+    Case(n=3, h=14, w=14, c_in=64, c_out=128),
+]
+
+
+@pytest.mark.parametrize("cfg", [(1, 64, 64, 32, 4, 2), (1, 128, 128, 32, 8, 2), (1, 128, 128, 32, 16, 1),
+                                 (1, 128, 64, 32, 4, 2), (1, 64, 64, 256, 4, 2)], ids=str)
+def test_flat_tiles(cfg, rng, monkeypatch):
+    """Flat tiles (tile_h = 1: tile_w consecutive pixels across rows and images of one problem) in
+    the streaming forward, both pipeline depths; the backward passes and the split forward (last
+    configuration) take 8 x 8 tiles then. Every dtype; vmap with a kernel per problem, where a
+    tile must not run into the next problem."""
+    from deft_jax import tiling
+    tc = tiling.TileConfig(*cfg)
+    monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
+    for case in FLAT_CASES:
+        _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
+        _compare(case, rng, jnp.float32, precision=lax.Precision.HIGHEST, tol_key="float32-highest")
+        _compare(case, rng, jnp.bfloat16)
+        if cfg[:3] == (1, 64, 64) and cfg[3] == 32:  # the one float64 tile
+            _compare(case, rng, jnp.float64)
+    case = FLAT_CASES[0]
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    f = _op(case, None, None)
+    loss = lambda *a: jnp.sum(f(*a) ** 2)
+    xs, offs = jnp.stack([x, -x, x]), jnp.stack([off, off * 0.5, -off])
+    ks, ms = jnp.stack([kernel, kernel * 2.0, -kernel]), jnp.stack([mask, 1 - mask, mask])
+    yv = jax.jit(jax.vmap(f))(xs, offs, ks, ms)
+    gv = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3))))(xs, offs, ks, ms)
+    for i in range(3):
+        assert rel_err(yv[i], f(xs[i], offs[i], ks[i], ms[i])) < 1e-5
         gi = jax.grad(loss, argnums=(0, 1, 2, 3))(xs[i], offs[i], ks[i], ms[i])
         for a, b in zip(gv, gi):
             assert rel_err(a[i], b) < 1e-4

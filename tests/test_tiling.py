@@ -45,16 +45,36 @@ def test_split_forward_where_output_channels_dominate():
 
 def test_wide_layers_get_the_128x128_tile():
     """S3/S4/S6-like layers (>= 128 output pixels, > 64 output channels): 128 pixels x 128 output
-    channels on an 8x16 tile; fp32 on 8 warps, 16-bit types on 16 (measured; NOTES.md
+    channels (8 x 16, or flat where that overhangs the image); fp32 on 8 warps, 16-bit types on 16 (measured; NOTES.md
     "Forward address arithmetic and bank conflicts"); not S1/S2 (64 channels)."""
     for dt in ("float32", "bfloat16", "float16"):
-        want = (8, 16, 128, 8) if dt == "float32" else (8, 16, 128, 16)
+        want = (128, 128, 8) if dt == "float32" else (128, 128, 16)
         for name in SUITE:
             t = tiling.choose_tiling("cuda", _shape(name, dt))
             wide = name in ("S3", "S6") or (name == "S4" and dt == "float32")
-            assert ((t.tile_h, t.tile_w, t.tile_n, t.warps) == want) == wide, (name, dt, t)
+            assert ((t.tile_h * t.tile_w, t.tile_n, t.warps) == want) == wide, (name, dt, t)
             if wide:
                 tiling.check_gpu_tile(t, dt)  # an instantiated configuration
+    # 8 x 16 where it divides the image.
+    t = tiling.choose_tiling("cuda", _shape("S3", "float32", h_out=32, w_out=32))
+    assert (t.tile_h, t.tile_w) == (8, 16)
+
+
+def test_flat_tile_where_the_rectangle_overhangs():
+    """tile_h = 1 (flat) exactly when the rectangle leaves padding on the output image, for the
+    streaming forward only; the split forward keeps 8 x 8 (NOTES.md "Flat forward tiles")."""
+    for dt in DTYPES:
+        for name in SUITE:
+            for hw in (SUITE[name][1], 16, 28, 30, 64, 7, 1):
+                t = tiling.choose_tiling("cuda", _shape(name, dt, h_out=hw, w_out=hw))
+                if t.tile_k > 32:
+                    assert (t.tile_h, t.tile_w) == (8, 8), (name, dt, hw, t)
+                    continue
+                rect = tiling._gpu_forward_rect(_shape(name, dt, h_out=hw, w_out=hw), 0)
+                overhangs = hw % rect.tile_h != 0 or hw % rect.tile_w != 0
+                assert (t.tile_h == 1) == overhangs, (name, dt, hw, t)
+                assert t.tile_h * t.tile_w == rect.tile_h * rect.tile_w
+                tiling.check_gpu_tile(t, dt)
 
 
 def test_distinct_shapes_get_distinct_tiles():

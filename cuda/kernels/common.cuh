@@ -75,11 +75,12 @@ struct Geo {
   ConvParams p;
   int64_t K, Cg, Cog, Cpog;  // taps, C_in per feature group, C_out per group, C_in per offset group
   int64_t tile_h, tile_w;    // spatial output tile of the pixel-tiled kernels
-  int64_t tiles_w, tiles_img;
+  int64_t tiles_w, tiles_img;  // tiles per image row / per image (flat: per problem)
   int64_t pixels;            // n * h_out * w_out of one problem
   bool vec;                  // every channel count and start is a multiple of the 16-byte vector
   bool pipeline;             // forward: register-prefetch + double-buffered pipeline (stages=2)
   bool x32;                  // x has < 2^31 elements: corner offsets fit int32 (the pipelined loaders)
+  bool flat;                 // streaming forward: tile_w consecutive pixels of (n, h_out, w_out)
 };
 
 // Channel chunk `q` of feature group `fg`: chunks never straddle an offset group, so one bilinear

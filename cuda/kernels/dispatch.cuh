@@ -14,9 +14,14 @@
 namespace deft {
 namespace kern {
 
-// Spatial tile of the backward passes (BM = 64 pixels there).
+// A tile of height 1 is flat (TileConfig docs): tile_w consecutive output pixels in (n, h_out,
+// w_out) order, across rows and images. Only the streaming forward walks pixels that way.
+inline bool is_flat_tile(const TileConfig& t) { return t.tile_h == 1; }
+
+// 2D tile of the backward passes and the split forward (BM = 64 pixels there): the configured one
+// when it is a 64-pixel rectangle, else 8 x 8.
 inline void bwd_spatial_tile(const TileConfig& t, int64_t* th, int64_t* tw) {
-  if (t.tile_h * t.tile_w == DataCfg::BM) {
+  if (t.tile_h * t.tile_w == DataCfg::BM && !is_flat_tile(t)) {
     *th = t.tile_h;
     *tw = t.tile_w;
   } else {
@@ -26,7 +31,7 @@ inline void bwd_spatial_tile(const TileConfig& t, int64_t* th, int64_t* tw) {
 }
 
 template <typename T>
-Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
+Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w, bool flat = false) {
   Geo g;
   g.p = p;
   g.K = p.kh * p.kw;
@@ -35,9 +40,10 @@ Geo make_geo(const ConvParams& p, int64_t tile_h, int64_t tile_w) {
   g.Cpog = p.c_per_offset_group();
   g.tile_h = tile_h;
   g.tile_w = tile_w;
-  g.tiles_w = (p.w_out + tile_w - 1) / tile_w;
-  g.tiles_img = ((p.h_out + tile_h - 1) / tile_h) * g.tiles_w;
   g.pixels = p.n * p.h_out * p.w_out;
+  g.flat = flat;
+  g.tiles_w = flat ? 1 : (p.w_out + tile_w - 1) / tile_w;
+  g.tiles_img = flat ? (g.pixels + tile_w - 1) / tile_w : ((p.h_out + tile_h - 1) / tile_h) * g.tiles_w;
   constexpr int64_t V = kVec<T>;
   g.pipeline = false;
   g.x32 = p.batch * p.x_size() <= 0x7fffffffLL;
@@ -116,7 +122,9 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
   T* ys = static_cast<T*>(y);
   if constexpr (!std::is_same<T, double>::value) {
     if (is_split_tile(t)) {
-      Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
+      int64_t th, tw;
+      bwd_spatial_tile(t, &th, &tw);
+      Geo g = make_geo<T>(p, th, tw);
       // The split loader fetches 16-byte vectors only; other channel counts take the streaming
       // kernel of the same 64 x 64 tile (same result up to summation order).
       if (g.vec) {
@@ -141,7 +149,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
       return run_forward<T>(stream, p, streaming, allow_tf32, x, offset, mask, kernel, y, workspace);
     }
   }
-  Geo g = make_geo<T>(p, t.tile_h, t.tile_w);
+  Geo g = make_geo<T>(p, t.tile_h, t.tile_w, is_flat_tile(t));
   g.pipeline = t.stages >= 2;
   return with_fwd_cfg<T>(t, [&](auto cfg) -> cudaError_t {
     using Cfg = decltype(cfg);

@@ -82,8 +82,53 @@ struct ChunkWalk {
   }
 };
 
-// The block's output pixel `r` (row of the A tile): its linear index over (batch*n, h_out, w_out),
-// or -1 when the tile overhangs the image.
+// The output pixels of one streaming-forward block. A tile_h x tile_w rectangle of one image, or
+// (Geo::flat) tile_w consecutive pixels of one problem in (n, h_out, w_out) order, across rows and
+// images: small images then waste no MMA rows on a tile overhanging them (a 14 x 14 image in 8 x 16
+// tiles is 23% padding), and fewer blocks carry the same work (S4: 256 -> 98, one wave of
+// 1-block-per-SM tiles instead of two; NOTES.md "Flat forward tiles").
+struct PixTile {
+  int64_t base;      // 2D: the tile's image over batch*n; flat: the linear index of its row 0
+  int64_t th0, tw0;  // 2D: the tile's origin; flat: th0 = row 0's pixel within the problem
+  int64_t b;         // the problem of the batch (its kernel)
+  __device__ __forceinline__ static PixTile of_block(const Geo& g, int64_t blk) {
+    PixTile t;
+    const int64_t tile = blk % g.tiles_img, outer = blk / g.tiles_img;
+    if (g.flat) {
+      t.b = outer, t.th0 = tile * g.tile_w, t.tw0 = 0, t.base = outer * g.pixels + t.th0;
+    } else {
+      t.base = outer, t.b = outer / g.p.n;
+      t.th0 = (tile / g.tiles_w) * g.tile_h, t.tw0 = (tile % g.tiles_w) * g.tile_w;
+    }
+    return t;
+  }
+  // Row r of the A tile: its linear index over (batch*n, h_out, w_out), or -1 past the image
+  // (2D) or the problem (flat); with its image and position.
+  __device__ __forceinline__ int64_t pixel(const Geo& g, int r, int64_t* img, int64_t* ho, int64_t* wo) const {
+    const ConvParams& p = g.p;
+    if (g.flat) {
+      const int64_t lin = base + r, hw = p.h_out * p.w_out;
+      *img = lin / hw;
+      const int64_t rem = lin - *img * hw;
+      *ho = rem / p.w_out, *wo = rem - *ho * p.w_out;
+      return th0 + r < g.pixels ? lin : -1;
+    }
+    const int tw = static_cast<int>(g.tile_w);
+    *img = base, *ho = th0 + r / tw, *wo = tw0 + r % tw;
+    if (*ho >= p.h_out || *wo >= p.w_out) return -1;
+    return (base * p.h_out + *ho) * p.w_out + *wo;
+  }
+  // The same linear index alone (the epilogue: no division on the flat path).
+  __device__ __forceinline__ int64_t out_pixel(const Geo& g, int r) const {
+    if (g.flat) return th0 + r < g.pixels ? base + r : -1;
+    const int tw = static_cast<int>(g.tile_w);
+    const int64_t ho = th0 + r / tw, wo = tw0 + r % tw;
+    if (ho >= g.p.h_out || wo >= g.p.w_out) return -1;
+    return (base * g.p.h_out + ho) * g.p.w_out + wo;
+  }
+};
+
+// The split forward's pixel r of a 2D tile (tile_tap_chunk's decode).
 __device__ __forceinline__ int64_t tile_pixel(const Geo& g, int64_t img, int64_t th0, int64_t tw0, int r,
                                               int64_t* ho, int64_t* wo) {
   const int tw = static_cast<int>(g.tile_w);
@@ -102,7 +147,7 @@ template <typename T, typename Cfg, typename L, typename Mma>
 __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsigned char* smem,
                                                    const T* __restrict__ x, const T* __restrict__ offset,
                                                    const T* __restrict__ mask, const T* __restrict__ kb,
-                                                   int64_t img, int64_t th0, int64_t tw0, int fg,
+                                                   const PixTile& pt, int fg,
                                                    int64_t o0, int ocnt) {
   using A = Acc<T>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::kThreads, V = kVec<T>;
@@ -119,8 +164,8 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   const int bc = (tid % BVPR) * V, br0 = tid / BVPR;
   // The output pixel whose bilinear records this thread builds (one per thread, BM <= NT).
   static_assert(BM <= NT, "one record per thread");
-  int64_t my_ho = 0, my_wo = 0;
-  const int64_t my_pix = tid < BM ? tile_pixel(g, img, th0, tw0, tid, &my_ho, &my_wo) : -1;
+  int64_t my_img = 0, my_ho = 0, my_wo = 0;
+  const int64_t my_pix = tid < BM ? pt.pixel(g, tid, &my_img, &my_ho, &my_wo) : -1;
   const int64_t ldo = p.c_out;
   // This thread's weight rows: the walk consumes the (tap, channel) rows of the kernel in order,
   // cnt per chunk, so one pointer advanced per prefetch replaces the per-chunk 64-bit row products
@@ -135,7 +180,7 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
 
   auto build_recs = [&](int tap, int og, int buf) {
     if (tid < BM)
-      recs[buf * BM + tid] = make_samp<T, A, int32_t>(g, offset, mask, my_pix >= 0, my_pix, img, my_ho, my_wo, tap, og);
+      recs[buf * BM + tid] = make_samp<T, A, int32_t>(g, offset, mask, my_pix >= 0, my_pix, my_img, my_ho, my_wo, tap, og);
   };
   auto prefetch = [&](const ChunkWalk& ch) {
     const Rec* rb = recs + (ch.group & 1) * BM;
@@ -209,9 +254,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   const ConvParams& p = g.p;
   const int tid = threadIdx.x;
-  const int64_t tile = blockIdx.x % g.tiles_img, img = blockIdx.x / g.tiles_img;  // img over batch*n
-  const int64_t b = img / p.n;
-  const int64_t th0 = (tile / g.tiles_w) * g.tile_h, tw0 = (tile % g.tiles_w) * g.tile_w;
+  const PixTile pt = PixTile::of_block(g, blockIdx.x);
+  const int64_t b = pt.b;
   const int64_t nblk = (g.Cog + BN - 1) / BN;
   const int fg = static_cast<int>(blockIdx.y / nblk);
   const int64_t ob = blockIdx.y % nblk;
@@ -224,16 +268,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   mma.zero();
 
   if constexpr (PIPE) {
-    fwd_main_pipelined<T, Cfg, L>(g, mma, smem, x, offset, mask, kb, img, th0, tw0, fg, o0, ocnt);
+    fwd_main_pipelined<T, Cfg, L>(g, mma, smem, x, offset, mask, kb, pt, fg, o0, ocnt);
   } else {
     for (int tap = 0; tap < g.K; ++tap) {
       for (int64_t cs = cbeg; cs < cend;) {
         const int64_t og = cs / g.Cpog;
         const int64_t se = (og + 1) * g.Cpog < cend ? (og + 1) * g.Cpog : cend;
         for (int r = tid; r < BM; r += NT) {
-          int64_t ho, wo;
-          const int64_t pix = tile_pixel(g, img, th0, tw0, r, &ho, &wo);
-          recs[r] = make_samp<T, A>(g, offset, mask, pix >= 0, pix, img, ho, wo, tap, og);
+          int64_t im, ho, wo;
+          const int64_t pix = pt.pixel(g, r, &im, &ho, &wo);
+          recs[r] = make_samp<T, A>(g, offset, mask, pix >= 0, pix, im, ho, wo, tap, og);
         }
         __syncthreads();
         for (int64_t c0 = cs; c0 < se; c0 += BK) {
@@ -258,19 +302,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   if (g.vec) {
     for (int idx = tid; idx < BM * (BN / V); idx += NT) {
       const int r = idx / (BN / V), c = (idx % (BN / V)) * V;
-      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
-      if (ho >= p.h_out || wo >= p.w_out || c >= ocnt) continue;
+      const int64_t pix = pt.out_pixel(g, r);
+      if (pix < 0 || c >= ocnt) continue;
       A v[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) v[e] = Cs[r * L::LDC + c + e];
-      store_elems<T, A, V>(y + ((img * p.h_out + ho) * p.w_out + wo) * p.c_out + o0 + c, v);
+      store_elems<T, A, V>(y + pix * p.c_out + o0 + c, v);
     }
   } else {
     for (int idx = tid; idx < BM * BN; idx += NT) {
       const int r = idx / BN, c = idx % BN;
-      const int64_t ho = th0 + r / g.tile_w, wo = tw0 + r % g.tile_w;
-      if (ho >= p.h_out || wo >= p.w_out || c >= ocnt) continue;
-      y[((img * p.h_out + ho) * p.w_out + wo) * p.c_out + o0 + c] = from_acc<T>(Cs[r * L::LDC + c]);
+      const int64_t pix = pt.out_pixel(g, r);
+      if (pix < 0 || c >= ocnt) continue;
+      y[pix * p.c_out + o0 + c] = from_acc<T>(Cs[r * L::LDC + c]);
     }
   }
 }
@@ -442,7 +486,7 @@ cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const 
                            const T* mask, const T* kernel, T* y) {
   using L = FwdLayout<T, TC, Cfg>;
   const ConvParams& p = g.p;
-  const int64_t gx = p.batch * p.n * g.tiles_img;
+  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
   const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
   if (gx == 0 || gy == 0) return cudaSuccess;
   if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;

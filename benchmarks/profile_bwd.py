@@ -1,5 +1,7 @@
 """Forward or backward runs of suite layers, for Nsight Compute (per-kernel durations, stalls).
-Each argument is SHAPE,DTYPE[,fwd|bwd] (default bwd); the old form `S2 bfloat16 [fwd]` also works.
+Each argument is SHAPE,DTYPE[,fwd|bwd[,TILE]] (default bwd); the old form `S2 bfloat16 [fwd]` also
+works. TILE overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
+(e.g. S6,bfloat16,fwd,1:128:128:32:8:2), for a per-kernel A/B of two tiles in one process.
 Runs execute in argument order, one jit call each (compiled and warmed up first, so the profiled
 launches are exactly one per run, in order).
   ncu --kernel-name regex:deform --section SpeedOfLight python benchmarks/profile_bwd.py S2,bfloat16
@@ -12,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import deft_jax
+from deft_jax import tiling
 
 SUITE = {"S1": (8, 64, 64, 64, 64, 1), "S2": (32, 64, 64, 64, 64, 1), "S3": (32, 28, 28, 128, 128, 1),
          "S4": (32, 14, 14, 256, 256, 1), "S5": (32, 7, 7, 512, 512, 1), "S6": (32, 56, 56, 64, 128, 2)}
 
 
-def make_run(name, dtype, mode):
+def make_run(name, dtype, mode, tile=None):
     n, h, w, c, co, s = SUITE[name]
     dt = jnp.dtype(dtype)
     ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
@@ -33,7 +36,14 @@ def make_run(name, dtype, mode):
     else:
         f = jax.jit(lambda *a: jax.vjp(conv, *a)[1](dy))
     args = (x, off, kern, m)
-    f.lower(*args).compile()
+    orig = tiling.choose_tiling
+    if tile is not None:  # the tile is read at trace time: compile under the override
+        tc = tiling.TileConfig(*(int(v) for v in tile.split(":")))
+        tiling.choose_tiling = lambda *a, **kw: tc
+    try:
+        f.lower(*args).compile()
+    finally:
+        tiling.choose_tiling = orig
     return lambda: jax.block_until_ready(f(*args))
 
 
@@ -44,7 +54,7 @@ def main(argv):
     for a in argv:
         parts = a.split(",")
         name, dtype, mode = parts[0], parts[1], parts[2] if len(parts) > 2 else "bwd"
-        runs.append((a, make_run(name, dtype, mode)))
+        runs.append((a, make_run(name, dtype, mode, parts[3] if len(parts) > 3 else None)))
     for label, run in runs:
         print("run", label, flush=True)
         run()

@@ -363,7 +363,9 @@ def test_flat_tiles(cfg, rng, monkeypatch):
             _compare(case, rng, jnp.float64)
     case = FLAT_CASES[0]
     x, off, kernel, mask = make_inputs(case, rng, np.float32)
-    f = _op(case, None, None)
+    # Exact fp32: with TF32 the split forward's atomic order moves y by ~1e-7, and rounding dy = 2y
+    # to TF32 turns that into ~1e-4 in the gradients (seen: 1.2e-4).
+    f = _op(case, None, lax.Precision.HIGHEST)
     loss = lambda *a: jnp.sum(f(*a) ** 2)
     xs, offs = jnp.stack([x, -x, x]), jnp.stack([off, off * 0.5, -off])
     ks, ms = jnp.stack([kernel, kernel * 2.0, -kernel]), jnp.stack([mask, 1 - mask, mask])

@@ -89,8 +89,8 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     # Measured per kernel in one process (H200, a799c94, ktime, fwd us, 8x16 -> flat): fp32 S3
     # 141.1 -> 137.1, S4 128.3 -> 124.7, S6 82.0 -> 79.3; bf16 (16 warps) S3 95.1 -> 94.5, S6
     # 58.8 -> 58.4. Predicted S4 ~70: the forward is not wave-bound (NOTES.md "Flat forward tiles").
-    # Flat 128 x 128 tiles run 8 warps for every dtype: bf16 S3 94.5 -> 93.3, S6 58.4 -> 57.9 (16
-    # -> 8), and S4 86.5 against the split forward's 94.2 with its conversion (_SPLIT_MAX_PIXELS).
+    # Flat 128 x 128 tiles run 8 warps for every dtype: bf16 S3 94.5 -> 93.3, S6 58.4 -> 57.9 us
+    # (16 -> 8 warps, same process; tile sweep S3 98 -> 94, S6 63 -> 54).
     overhangs = s.h_out % tile.tile_h != 0 or s.w_out % tile.tile_w != 0
     if overhangs and tile.tile_k == 32:
         warps = 8 if (tile.tile_h * tile.tile_w, tile.tile_n) == (128, 128) else tile.warps
@@ -117,9 +117,9 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
-    if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS.get(s.dtype, 64)
+    if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS.get(s.dtype, 196)
             and _vector_channels(s)):
-        # S5: few pixels per image, many output channels. The streaming
+        # S5 (and S4 for 16-bit types): few pixels per image, many output channels. The streaming
         # kernel re-samples x once per output-channel block (8x at S5 with 64-wide blocks, 2x at S4
         # with the 8x16 x 128 tile, whose 128 blocks are one wave at 1 block/SM); the split forward
         # samples each (pixel, tap, channel) once and meets over taps in fp32 atomics.
@@ -167,10 +167,12 @@ _SPLIT_TILE_K = (128, 256, 512)
 # tile_k of the split forward: a 32 KiB resident segment, 256 channels of 16-bit types (.get
 # default) or 128 of float32 (256 fp32 channels, 64 KiB, measured slower at S5: 319 vs 264 us).
 _SPLIT_K = {"float32": 128}
-# Largest output image (pixels) for which the split forward wins: 64 (S5). S4 (196) went back to
-# the streaming kernel on a flat 8-warp tile: bf16 86.5 us against the split's 89.6 + 4.6 (its fp32
-# accumulator's conversion; H200 ktime, a799c94); fp32 was a tie before flat tiles (161 vs 158).
-_SPLIT_MAX_PIXELS: dict[str, int] = {}
+# Largest output image (pixels) for which the split forward wins: 196 (S4) for 16-bit types (.get
+# default), 64 (S5) for float32 (tied at S4). With flat tiles the per-kernel durations favour the
+# streaming kernel at S4 bf16 (87.0 us against the split's 89.6 + 4.6 conversion, ktime a799c94 /
+# 7df5eb4), but end to end the split stays ahead (bench fwd 93.5-99.5 us against 102.5; tile sweep
+# 85 against 88): 16-bit S4 keeps the split (NOTES.md "Flat forward tiles").
+_SPLIT_MAX_PIXELS = {"float32": 64}
 
 
 def _vector_channels(s: LayerShape) -> bool:

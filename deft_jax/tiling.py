@@ -83,9 +83,9 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     """The forward tile: the rectangle below, made flat where it would overhang the image."""
     tile = _gpu_forward_rect(s, sm_count)
     # A rectangle that does not divide the output image runs MMA rows on padding (a 14 x 14 or
-    # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 256 of
-    # 1 block per SM, two waves on 132 SMs, against 98 flat tiles, one). The split forward keeps
-    # its 8 x 8 tiles (its blocks meet per pixel in atomics; a flat tile buys it nothing there).
+    # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 128 blocks
+    # against 98; S3/S6: 256 against 196, two waves of 1 block per SM either way). The split
+    # forward keeps its 8 x 8 tiles (its blocks meet per pixel in atomics; a flat tile buys it nothing there).
     # Measured per kernel in one process (H200, a799c94, ktime, fwd us, 8x16 -> flat): fp32 S3
     # 141.1 -> 137.1, S4 128.3 -> 124.7, S6 82.0 -> 79.3; bf16 (16 warps) S3 95.1 -> 94.5, S6
     # 58.8 -> 58.4. Predicted S4 ~70: the forward is not wave-bound (NOTES.md "Flat forward tiles").

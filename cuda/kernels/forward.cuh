@@ -85,8 +85,8 @@ struct ChunkWalk {
 // The output pixels of one streaming-forward block. A tile_h x tile_w rectangle of one image, or
 // (Geo::flat) tile_w consecutive pixels of one problem in (n, h_out, w_out) order, across rows and
 // images: small images then waste no MMA rows on a tile overhanging them (a 14 x 14 image in 8 x 16
-// tiles is 23% padding), and fewer blocks carry the same work (S4: 256 -> 98, one wave of
-// 1-block-per-SM tiles instead of two; NOTES.md "Flat forward tiles").
+// tiles is 23% padding), and fewer blocks carry the same work (S4: 128 -> 98; 2-3% faster per
+// kernel, NOTES.md "Flat forward tiles").
 struct PixTile {
   int64_t base;      // 2D: the tile's image over batch*n; flat: the linear index of its row 0
   int64_t th0, tw0;  // 2D: the tile's origin; flat: th0 = row 0's pixel within the problem

@@ -13,6 +13,8 @@
 # micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # sass = Nsight Compute source counters for SASS_SPECS (profile_bwd.py arguments, default
 # "S4,float32,fwd S2,float32"): sass.csv.gz (the SASS page) and sass_phases.txt (ncu_phases.py).
+# Each kernel takes ~50 s of replays (12 passes): NCU_TIMEOUT (300 s) fits about five kernels
+# (a backward run is two, a forward run one; six timed out on 2026-12-02).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log);
 # KTIME_BASE=<a checked-in ktime.md> adds a before -> after table (ktime_compare.md).

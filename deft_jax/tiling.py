@@ -21,9 +21,10 @@ class TileConfig:
     stages (tile_k > 32: the split forward, where a block keeps tile_k sampled input channels of
     one tap resident and walks all output channels). tile_h = 1 makes the streaming forward's
     tile flat: tile_w consecutive output pixels in (n, h_out, w_out) order, across rows and
-    images (the split forward and the backward passes then take 8 x 8 tiles). ``bwd_tile_n``: output channels per block
-    of the backward weight pass (64, or 128 on its pipelined tensor-core path). CPU: one task
-    processes tile_h x tile_w output pixels (the rest is unused)."""
+    images (the split forward and the backward passes then take 8 x 8 tiles). ``bwd_tile_n``:
+    output channels per block of the backward weight pass (64, or 128 on its pipelined
+    tensor-core path). CPU: one task processes tile_h x tile_w output pixels (the rest is
+    unused)."""
 
     tile_h: int
     tile_w: int
@@ -85,7 +86,8 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     # A rectangle that does not divide the output image runs MMA rows on padding (a 14 x 14 or
     # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 128 blocks
     # against 98; S3/S6: 256 against 196, two waves of 1 block per SM either way). The split
-    # forward keeps its 8 x 8 tiles (its blocks meet per pixel in atomics; a flat tile buys it nothing there).
+    # forward keeps its 8 x 8 tiles (its blocks meet per pixel in atomics; a flat tile buys it
+    # nothing there).
     # Measured per kernel in one process (H200, a799c94, ktime, fwd us, 8x16 -> flat): fp32 S3
     # 141.1 -> 137.1, S4 128.3 -> 124.7, S6 82.0 -> 79.3; bf16 (16 warps) S3 95.1 -> 94.5, S6
     # 58.8 -> 58.4. Predicted S4 ~70: the forward is not wave-bound (NOTES.md "Flat forward tiles").

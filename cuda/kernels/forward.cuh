@@ -113,30 +113,23 @@ struct PixTile {
       *ho = rem / p.w_out, *wo = rem - *ho * p.w_out;
       return th0 + r < g.pixels ? lin : -1;
     }
+    *img = base;
+    return rect_pixel(g, r, ho, wo);
+  }
+  // Row r of a 2D tile (not flat; the split forward's tiles are always 2D).
+  __device__ __forceinline__ int64_t rect_pixel(const Geo& g, int r, int64_t* ho, int64_t* wo) const {
     const int tw = static_cast<int>(g.tile_w);
-    *img = base, *ho = th0 + r / tw, *wo = tw0 + r % tw;
-    if (*ho >= p.h_out || *wo >= p.w_out) return -1;
-    return (base * p.h_out + *ho) * p.w_out + *wo;
+    *ho = th0 + r / tw, *wo = tw0 + r % tw;
+    if (*ho >= g.p.h_out || *wo >= g.p.w_out) return -1;
+    return (base * g.p.h_out + *ho) * g.p.w_out + *wo;
   }
   // The same linear index alone (the epilogue: no division on the flat path).
   __device__ __forceinline__ int64_t out_pixel(const Geo& g, int r) const {
     if (g.flat) return th0 + r < g.pixels ? base + r : -1;
-    const int tw = static_cast<int>(g.tile_w);
-    const int64_t ho = th0 + r / tw, wo = tw0 + r % tw;
-    if (ho >= g.p.h_out || wo >= g.p.w_out) return -1;
-    return (base * g.p.h_out + ho) * g.p.w_out + wo;
+    int64_t ho, wo;
+    return rect_pixel(g, r, &ho, &wo);
   }
 };
-
-// The split forward's pixel r of a 2D tile (tile_tap_chunk's decode).
-__device__ __forceinline__ int64_t tile_pixel(const Geo& g, int64_t img, int64_t th0, int64_t tw0, int r,
-                                              int64_t* ho, int64_t* wo) {
-  const int tw = static_cast<int>(g.tile_w);
-  *ho = th0 + r / tw;
-  *wo = tw0 + r % tw;
-  if (*ho >= g.p.h_out || *wo >= g.p.w_out) return -1;
-  return (img * g.p.h_out + *ho) * g.p.w_out + *wo;
-}
 
 // Pipelined main loop (tensor cores, 16-byte vector path): the global loads of chunk i+1 (four
 // corners per vector, weights tile) are in flight in registers while the MMA of chunk i runs from
@@ -377,8 +370,9 @@ __global__ void __launch_bounds__(SplitCfg::kThreads, SplitCfg::kMinBlocks)
   const int64_t krow0 = tap * g.Cg + (c0 - fg * g.Cg);  // the segment's first weight row
 
   if (tid < BM) {
+    const PixTile pt{img, th0, tw0, w.b};
     int64_t ho, wo;
-    const int64_t pix = tile_pixel(g, img, th0, tw0, tid, &ho, &wo);
+    const int64_t pix = pt.rect_pixel(g, tid, &ho, &wo);
     recs[tid] = make_samp<T, A>(g, offset, mask, pix >= 0, pix, img, ho, wo, static_cast<int>(tap), og);
     rowpix[tid] = pix;
   }

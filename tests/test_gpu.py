@@ -378,6 +378,43 @@ def test_flat_tiles(cfg, rng, monkeypatch):
             assert rel_err(a[i], b) < 1e-4
 
 
+WS_CASES = FLAT_CASES + [
+    # Offset-group segments of 48 channels (chunks of 32 and 16) and two feature groups of 40
+    # output channels: 16-byte vectors for every dtype, so the ring runs for bf16/fp16 too.
+    Case(n=2, h=11, w=13, c_in=96, c_out=80, feature_groups=2, offset_groups=2),
+    Case(n=2, h=16, w=16, c_in=64, c_out=64, with_mask=False),
+]
+
+
+@pytest.mark.parametrize("cfg", [(1, 128, 128, 32, 8, 3), (8, 16, 128, 32, 16, 3), (8, 8, 64, 32, 8, 3),
+                                 (1, 64, 64, 32, 8, 3)], ids=str)
+def test_warp_specialized_tiles(cfg, rng, monkeypatch):
+    """The warp-specialized forward (stages = 3: producer warps fill a ring of shared-memory tiles
+    that consumer warps multiply): flat and 2D tiles, partial chunks and channel blocks, feature
+    and offset groups, no mask; fp32 at HIGHEST and scalar channel counts take the streaming
+    kernel of the same tile. Every dtype; the outputs of the kernel under test start as NaN
+    (poisoned pool), and vmap runs a kernel per problem."""
+    from deft_jax import tiling
+    tc = tiling.TileConfig(*cfg)
+    monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
+    poison = [jnp.full((1 << 20,), jnp.nan, jnp.float32) for _ in range(8)]
+    jax.block_until_ready(poison)
+    del poison
+    for case in WS_CASES:
+        _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
+        _compare(case, rng, jnp.bfloat16)
+        _compare(case, rng, jnp.float16)
+    _compare(WS_CASES[0], rng, jnp.float32, precision=lax.Precision.HIGHEST, tol_key="float32-highest")
+    case = WS_CASES[-2]
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    f = _op(case, None, None)
+    xs, offs = jnp.stack([x, -x, x]), jnp.stack([off, off * 0.5, -off])
+    ks, ms = jnp.stack([kernel, kernel * 2.0, -kernel]), jnp.stack([mask, 1 - mask, mask])
+    yv = jax.jit(jax.vmap(f))(xs, offs, ks, ms)
+    for i in range(3):
+        assert rel_err(yv[i], f(xs[i], offs[i], ks[i], ms[i])) < 1e-6
+
+
 def _tf32_rna(a):
     """float32 -> TF32 as cvt.rna.tf32.f32 rounds (to nearest, ties away from zero), as float64."""
     a = np.asarray(a, np.float32)

@@ -9,6 +9,7 @@
 
 #include "kernels/backward.cuh"
 #include "kernels/forward.cuh"
+#include "kernels/forward_ws.cuh"
 #include "kernels/launch.h"
 
 namespace deft {
@@ -90,6 +91,38 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Warp-specialized forward tiles (forward_ws.cuh): stages = 3 names the producer/consumer ring of 3
+// slots; (pixels, tile_n, warps) in {(128, 128, 8): 2 x 2 consumer warps (64 x 64 each) + 4
+// producers; (128, 128, 16): 4 x 2 consumers + 8 producers (128-register cap); (64, 64, 8): 2 x 2
+// consumers + 4 producers, 2 blocks per SM}, tile_k = 32. Not float64. Where the ring does not
+// apply (fp32 without TF32, channel counts off the 16-byte vector, x of 2^31 or more elements)
+// the streaming kernel of the same tile runs (ws_fallback).
+using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
+using Ws128x128w16 = WsCfg<128, 128, 32, 4, 2, 8, 3, 1>;
+using Ws64x64w8 = WsCfg<64, 64, 32, 2, 2, 4, 3, 2>;
+
+inline bool is_ws_tile(const TileConfig& t) {
+  const int64_t px = t.pixels();
+  return t.stages == 3 && t.tile_k == 32 &&
+         ((px == 128 && t.tile_n == 128 && (t.warps == 8 || t.warps == 16)) ||
+          (px == 64 && t.tile_n == 64 && t.warps == 8));
+}
+
+template <typename F>
+cudaError_t with_ws_cfg(const TileConfig& t, F&& f) {
+  if (!is_ws_tile(t)) return cudaErrorInvalidValue;
+  if (t.pixels() == 64) return f(Ws64x64w8{});
+  return t.warps == 8 ? f(Ws128x128w8{}) : f(Ws128x128w16{});
+}
+
+// The streaming tile of the same shape (register-prefetch pipeline).
+inline TileConfig ws_fallback(const TileConfig& t) {
+  TileConfig s = t;
+  s.stages = 2;
+  if (t.pixels() == 64) s.warps = 4;
+  return s;
+}
+
 // Split-forward tiles (forward.cuh, deform_fwd_split_kernel): tile_k input channels resident per
 // block, on the 64-pixel x 64-channel tile with 4 warps and the cp.async weight pipeline.
 inline bool is_split_tile(const TileConfig& t) {
@@ -150,6 +183,17 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
     }
   }
   Geo g = make_geo<T>(p, t.tile_h, t.tile_w, is_flat_tile(t));
+  if constexpr (!std::is_same<T, double>::value) {
+    if (is_ws_tile(t)) {
+      const bool tc = kIsHalf<T> || allow_tf32;
+      if (!(tc && g.vec && g.x32)) {
+        return run_forward<T>(stream, p, ws_fallback(t), allow_tf32, x, offset, mask, kernel, y, workspace);
+      }
+      return with_ws_cfg(t, [&](auto cfg) -> cudaError_t {
+        return launch_forward_ws<T, decltype(cfg)>(stream, g, xs, os, ms, ks, ys);
+      });
+    }
+  }
   g.pipeline = t.stages >= 2;
   return with_fwd_cfg<T>(t, [&](auto cfg) -> cudaError_t {
     using Cfg = decltype(cfg);

@@ -55,6 +55,16 @@ struct ChunkWalk {
     cnt = se - c0 < bk ? se - c0 : bk;
   }
   __device__ __forceinline__ bool valid() const { return tap < K && cbeg < cend; }
+  // Chunks of the whole walk (K taps x the chunks of every segment).
+  __device__ __forceinline__ int count() const {
+    int per_tap = 0;
+    for (int c = cbeg; c < cend;) {
+      const int o = c / Cpog, e = (o + 1) * Cpog < cend ? (o + 1) * Cpog : cend;
+      per_tap += (e - c + bk - 1) / bk;
+      c = e;
+    }
+    return K * per_tap;
+  }
   // (tap, first channel) of the group after the current one; false past the end.
   __device__ __forceinline__ bool next_group(int* ntap, int* ncs) const {
     if (se < cend) {
@@ -130,6 +140,33 @@ struct PixTile {
     return rect_pixel(g, r, &ho, &wo);
   }
 };
+
+// The block's output tile from the accumulator tile Cs (BM x BN, row stride LDC) into y.
+template <typename T, int BM, int BN, int NT, int LDC>
+__device__ __forceinline__ void fwd_epilogue(const Geo& g, const PixTile& pt, const Acc<T>* Cs, T* __restrict__ y,
+                                             int64_t o0, int ocnt, int tid) {
+  using A = Acc<T>;
+  const ConvParams& p = g.p;
+  constexpr int V = kVec<T>;
+  if (g.vec) {
+    for (int idx = tid; idx < BM * (BN / V); idx += NT) {
+      const int r = idx / (BN / V), c = (idx % (BN / V)) * V;
+      const int64_t pix = pt.out_pixel(g, r);
+      if (pix < 0 || c >= ocnt) continue;
+      A v[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = Cs[r * LDC + c + e];
+      store_elems<T, A, V>(y + pix * p.c_out + o0 + c, v);
+    }
+  } else {
+    for (int idx = tid; idx < BM * BN; idx += NT) {
+      const int r = idx / BN, c = idx % BN;
+      const int64_t pix = pt.out_pixel(g, r);
+      if (pix < 0 || c >= ocnt) continue;
+      y[pix * p.c_out + o0 + c] = from_acc<T>(Cs[r * LDC + c]);
+    }
+  }
+}
 
 // Pipelined main loop (tensor cores, 16-byte vector path): the global loads of chunk i+1 (four
 // corners per vector, weights tile) are in flight in registers while the MMA of chunk i runs from
@@ -291,25 +328,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   mma.store(Cs, L::LDC, tid);
   __syncthreads();
-  constexpr int V = kVec<T>;
-  if (g.vec) {
-    for (int idx = tid; idx < BM * (BN / V); idx += NT) {
-      const int r = idx / (BN / V), c = (idx % (BN / V)) * V;
-      const int64_t pix = pt.out_pixel(g, r);
-      if (pix < 0 || c >= ocnt) continue;
-      A v[V];
-#pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = Cs[r * L::LDC + c + e];
-      store_elems<T, A, V>(y + pix * p.c_out + o0 + c, v);
-    }
-  } else {
-    for (int idx = tid; idx < BM * BN; idx += NT) {
-      const int r = idx / BN, c = idx % BN;
-      const int64_t pix = pt.out_pixel(g, r);
-      if (pix < 0 || c >= ocnt) continue;
-      y[pix * p.c_out + o0 + c] = from_acc<T>(Cs[r * L::LDC + c]);
-    }
-  }
+  fwd_epilogue<T, BM, BN, NT, L::LDC>(g, pt, Cs, y, o0, ocnt, tid);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
     return kern::with_fwd_cfg<decltype(tag)>(tile, [](auto) { return cudaSuccess; }) == cudaSuccess;
   };
   const bool good = dtype == DType::kF64 ? ok(double{})
-                    : kern::is_split_tile(tile) || (dtype == DType::kF32 ? ok(float{}) : ok(__half{}));
+                    : kern::is_split_tile(tile) || kern::is_ws_tile(tile) ||
+                          (dtype == DType::kF32 ? ok(float{}) : ok(__half{}));
   const bool bwd_good = tile.bwd_tile_n == kern::WeightCfg::BN ||
                         (dtype != DType::kF64 && tile.bwd_tile_n == kern::WeightCfgWide::BN);
   std::ostringstream s;
@@ -34,7 +35,9 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
     << ", all with tile_k=32"
     << " and stages 1 or 2"
     << (dtype == DType::kF64 ? "" : "; or the split forward: tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "
-                                    "tile_k in {128, 256, 512}");
+                                    "tile_k in {128, 256, 512}; or the warp-specialized forward: stages=3, "
+                                    "tile_k=32, tile_h*tile_w=128, tile_n=128, warps=8 or 16, or "
+                                    "tile_h*tile_w=64, tile_n=64, warps=8");
   return s.str();
 }
 

@@ -1,0 +1,183 @@
+// Warp-specialized forward: producer warps sample x into a ring of shared-memory A tiles (and copy
+// the weight tiles in by cp.async) while consumer warps run the MMA on the slots already filled.
+// Same GEMM, tiles and epilogue as the streaming forward (forward.cuh); what changes is the
+// schedule. There, every warp gathers, blends, waits at a block barrier and then multiplies, so the
+// tensor cores idle while the block samples and the gather latency is exposed once per chunk (S4
+// fp32 on an H200: 2 warps per scheduler, 0.62 eligible, 33% of issue slots used; NOTES.md
+// "Warp-specialized forward"). Here the two halves run concurrently and meet only at the ring
+// slots' named barriers.
+#pragma once
+
+#include "kernels/forward.cuh"
+
+namespace deft {
+namespace kern {
+
+// Named barriers (id 0 is __syncthreads'): `threads` counts the arriving and the waiting threads.
+// bar.arrive orders the arriving thread's prior shared-memory writes before the waiters' reads.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// BM x BN block tile, BK channels per chunk; WM x WN consumer warps (the MMA), PW producer warps
+// (gather, blend, weight copies), S ring slots; MINB blocks per SM for the register allocation.
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int PW_, int S_, int MINB_>
+struct WsCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, kStages = S_, kMinBlocks = MINB_;
+  static constexpr int kConsumers = WM * WN * 32, kProducers = PW_ * 32, kThreads = kConsumers + kProducers;
+};
+
+template <typename T, typename Cfg>
+struct WsLayout {
+  using A = Acc<T>;
+  using Rec = Samp<A, int32_t>;                   // Geo::x32 (the launcher checks it)
+  static constexpr int LDA = Cfg::BK + kPad<T>;   // A slot [BM][LDA]: pixels x channels
+  static constexpr int LDB = Cfg::BN + kPadK<T>;  // B slot [BK][LDB]: channels x output channels
+  static constexpr int LDC = Cfg::BN + kCPad;     // Cs[BM][LDC] after the loop (aliases the ring)
+  static constexpr size_t kAElems = size_t(Cfg::BM) * LDA;
+  static constexpr size_t kSlot = align_up((kAElems + size_t(Cfg::BK) * LDB) * sizeof(T), 128);
+  static constexpr size_t kRing = Cfg::kStages * kSlot;
+  static constexpr size_t kC = align_up(size_t(Cfg::BM) * LDC * sizeof(A), 128);
+  static constexpr size_t kMain = kRing > kC ? kRing : kC;
+  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Rec);  // + two record buffers
+};
+
+// The producers' side of the ring: for each chunk of the walk, gather the four corners of every
+// (pixel, channel vector) into registers, wait until slot s is free, copy the weight rows in by
+// cp.async, blend the samples into the slot's A tile and announce the slot. Bilinear records are
+// built one (tap, segment) group ahead into a double buffer; a producer-only barrier at each
+// group's first chunk publishes them and retires the buffer the next build overwrites.
+template <typename T, typename Cfg, typename L>
+__device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, const T* __restrict__ x,
+                                           const T* __restrict__ offset, const T* __restrict__ mask,
+                                           const T* __restrict__ kb, const PixTile& pt, ChunkWalk walk,
+                                           int nchunks, int64_t o0, int ocnt, int ptid) {
+  using A = Acc<T>;
+  using Rec = typename L::Rec;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, S = Cfg::kStages, V = kVec<T>;
+  constexpr int NT = Cfg::kThreads, PT = Cfg::kProducers;
+  constexpr int kFull = 1, kEmpty = 1 + S, kProd = 1 + 2 * S;
+  constexpr int VPR = BK / V, RSTEP = PT / VPR, IT = BM / RSTEP;      // A: vectors per thread
+  constexpr int BVPR = BN / V, BRSTEP = PT / BVPR, IB = BK / BRSTEP;  // B: vectors per thread
+  static_assert(PT % VPR == 0 && BM % RSTEP == 0 && PT % BVPR == 0 && BK % BRSTEP == 0, "producer split");
+  static_assert(BM <= PT, "one record per producer thread");
+  const ConvParams& p = g.p;
+  Rec* recs = reinterpret_cast<Rec*>(smem + L::kMain);  // (2, BM)
+  const int cv = (ptid % VPR) * V, r0 = ptid / VPR;
+  const int bc = (ptid % BVPR) * V, br0 = ptid / BVPR;
+  int64_t my_img = 0, my_ho = 0, my_wo = 0;
+  const int64_t my_pix = ptid < BM ? pt.pixel(g, ptid, &my_img, &my_ho, &my_wo) : -1;
+  const int64_t ldo = p.c_out;
+  // Weight rows by one pointer: the walk consumes the kernel's (tap, channel) rows in order.
+  const bool bok = bc < ocnt;
+  const T* wp = kb + o0 + bc + static_cast<int64_t>(br0) * ldo;
+  const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
+  auto build_recs = [&](int tap, int og, int buf) {
+    if (ptid < BM)
+      recs[buf * BM + ptid] = make_samp<T, A, int32_t>(g, offset, mask, my_pix >= 0, my_pix, my_img, my_ho, my_wo, tap, og);
+  };
+
+  build_recs(walk.tap, walk.og, 0);
+  for (int i = 0, s = 0; i < nchunks; ++i) {
+    if (walk.is_first) named_sync(kProd, PT);
+    const Rec* rb = recs + (walk.group & 1) * BM;
+    const bool cok = cv < walk.cnt;
+    const T* xc = x + (walk.c0 + cv);
+    uint4 cr[IT][4];
+#pragma unroll
+    for (int it = 0; it < IT; ++it) fetch_corners<T, A>(cr[it], xc, rb[r0 + it * RSTEP], cok);
+    if (walk.is_first) {  // the next group's records, while the corners are in flight
+      int ntap, ncs;
+      if (walk.next_group(&ntap, &ncs)) build_recs(ntap, ncs / walk.Cpog, (walk.group + 1) & 1);
+    }
+    if (i >= S) named_sync(kEmpty + s, NT);  // the consumers are done with the slot's last chunk
+    T* as = reinterpret_cast<T*>(smem + s * L::kSlot);
+    T* bs = as + L::kAElems;
+#pragma unroll
+    for (int j = 0; j < IB; ++j) {
+      const int r = br0 + j * BRSTEP;
+      const bool ok = bok && r < walk.cnt;
+      cp_async16(bs + r * L::LDB + bc, ok ? wp + j * wstep : kb, ok);
+    }
+    cp_async_commit();
+    wp += walk.cnt * ldo;
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int r = r0 + it * RSTEP;
+      blend_store<T, A>(as + r * L::LDA + cv, cr[it], rb[r]);
+    }
+    cp_async_wait<0>();
+    named_arrive(kFull + s, NT);
+    walk.next();
+    s = s + 1 == S ? 0 : s + 1;
+  }
+}
+
+// Tensor-core vector path only (bf16/fp16, fp32 with TF32; x32): the launcher hands every other
+// case to the streaming kernel of the same tile.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    deform_fwd_ws_kernel(const Geo g, const T* __restrict__ x, const T* __restrict__ offset,
+                         const T* __restrict__ mask, const T* __restrict__ kernel, T* __restrict__ y) {
+  using A = Acc<T>;
+  using L = WsLayout<T, Cfg>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, S = Cfg::kStages;
+  constexpr int NT = Cfg::kThreads, CT = Cfg::kConsumers;
+  constexpr int kFull = 1, kEmpty = 1 + S;
+  static_assert(1 + 2 * S < 16, "16 named barriers per block");
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const ConvParams& p = g.p;
+  const int tid = threadIdx.x;
+  const PixTile pt = PixTile::of_block(g, blockIdx.x);
+  const int64_t nblk = (g.Cog + BN - 1) / BN;
+  const int fg = static_cast<int>(blockIdx.y / nblk);
+  const int64_t ob = blockIdx.y % nblk;
+  const int64_t o0 = fg * g.Cog + ob * BN;
+  const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
+  ChunkWalk walk;
+  walk.init(g, fg, BK);
+  const int nchunks = walk.valid() ? walk.count() : 0;
+
+  MmaTile<T, true, BM, BN, BK, Cfg::WM, Cfg::WN, false, false> mma;
+  if (tid < CT) {  // consumers: warps 0 .. WM*WN-1, as the MMA tile numbers them
+    mma.zero();
+    for (int i = 0, s = 0; i < nchunks; ++i) {
+      named_sync(kFull + s, NT);
+      const T* as = reinterpret_cast<const T*>(smem + s * L::kSlot);
+      mma.compute(as, L::LDA, as + L::kAElems, L::LDB, tid);
+      if (i + S < nchunks) named_arrive(kEmpty + s, NT);  // the producers wait for it at chunk i + S
+      s = s + 1 == S ? 0 : s + 1;
+    }
+  } else if (nchunks > 0) {
+    ws_produce<T, Cfg, L>(g, smem, x, offset, mask, kernel + pt.b * p.kernel_size(), pt, walk, nchunks, o0,
+                          ocnt, tid - CT);
+  }
+  __syncthreads();  // the accumulator tile aliases the ring
+  if (tid < CT) mma.store(reinterpret_cast<A*>(smem), L::LDC, tid);
+  __syncthreads();
+  fwd_epilogue<T, BM, BN, NT, L::LDC>(g, pt, reinterpret_cast<const A*>(smem), y, o0, ocnt, tid);
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_forward_ws(cudaStream_t stream, const Geo& g, const T* x, const T* offset, const T* mask,
+                              const T* kernel, T* y) {
+  using L = WsLayout<T, Cfg>;
+  const ConvParams& p = g.p;
+  if (!g.vec || !g.x32) return cudaErrorInvalidValue;  // run_forward routes these elsewhere
+  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
+  const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  auto fn = deform_fwd_ws_kernel<T, Cfg>;
+  if (const cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
+  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Cfg::kThreads, L::kBytes, stream>>>(
+      g, x, offset, mask, kernel, y);
+  return cudaGetLastError();
+}
+
+}  // namespace kern
+}  // namespace deft

@@ -1,5 +1,5 @@
 """Per-kernel durations from `ncu --csv --metrics gpu__time_duration.sum` of profile_bwd.py runs,
-grouped per run (a run starts at its forward kernel, streaming or split, or its backward
+grouped per run (a run starts at its forward kernel, streaming, warp-specialized or split, or its backward
 data-pass kernel), as a markdown table:
   python benchmarks/ktime_table.py ncu.log SPEC [SPEC ...]
 Two such tables side by side (runs present in both; after / before per kernel):
@@ -51,11 +51,11 @@ def compare(before_path, after_path):
 def main(path, specs):
     runs, cur = [], None
     for name, us in kernels(path):
-        if name in ("deform_fwd_kernel", "deform_fwd_split_kernel", "deform_bwd_data_kernel"):
+        if name in ("deform_fwd_kernel", "deform_fwd_ws_kernel", "deform_fwd_split_kernel", "deform_bwd_data_kernel"):
             cur = {}
             runs.append(cur)
         if cur is not None:
-            key = {"deform_fwd_kernel": "fwd", "deform_fwd_split_kernel": "fwd", "deform_bwd_data_kernel": "data",
+            key = {"deform_fwd_kernel": "fwd", "deform_fwd_ws_kernel": "fwd", "deform_fwd_split_kernel": "fwd", "deform_bwd_data_kernel": "data",
                    "deform_bwd_weight_kernel": "weight"}.get(name, "other")
             cur[key] = cur.get(key, 0.0) + us
     print("| run | fwd us | data us | weight us | other us | total us |")

@@ -160,10 +160,10 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
 # (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
-# The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): stages = 3 (a ring of
-# three shared-memory slots), tile_k = 32, (pixels, tile_n, warps) below; consumer + producer warps
-# 4 + 4, 8 + 8 and 4 + 4 (dispatch.cuh, WsCfg).
-_GPU_WS_TILES = ((128, 128, 8), (128, 128, 16), (64, 64, 8))
+# The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): tile_k = 32,
+# (pixels, tile_n, warps, stages = shared-memory ring slots) below; consumer + producer warps
+# 4 + 4, 4 + 4, 4 + 8, 8 + 8 and 4 + 4 (dispatch.cuh, WsCfg).
+_GPU_WS_TILES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 12, 3), (128, 128, 16, 3), (64, 64, 8, 3))
 # Output channels per block of the weight pass (backward.cuh, WeightCfg / WeightCfgWide; 128 not
 # for float64, and on the pipelined path only: the simple loop has the 64-wide tile).
 _GPU_BWD_TILE_N = (64, 128)
@@ -203,14 +203,15 @@ def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
     if (dtype != "float64" and key == _GPU_TILES[0] and tile.tile_k in _SPLIT_TILE_K
             and tile.stages == 2):
         return
-    if dtype != "float64" and key in _GPU_WS_TILES and tile.tile_k == 32 and tile.stages == 3:
+    if dtype != "float64" and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32:
         return
     raise ValueError(f"GPU tile configuration {tile} is not instantiated for {dtype}; "
                      f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
                      "stages 1 or 2" + ("" if dtype == "float64" else
                                         f"; or the split forward: (64, 64, 4), tile_k in "
                                         f"{_SPLIT_TILE_K}, stages 2; or the warp-specialized "
-                                        f"forward: one of {_GPU_WS_TILES}, tile_k=32, stages 3"))
+                                        f"forward: (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
+                                        f"tile_k=32"))
 
 
 @functools.lru_cache(maxsize=4096)

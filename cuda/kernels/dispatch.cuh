@@ -98,21 +98,25 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 // apply (fp32 without TF32, channel counts off the 16-byte vector, x of 2^31 or more elements)
 // the streaming kernel of the same tile runs (ws_fallback).
 using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
+using Ws128x128w8s4 = WsCfg<128, 128, 32, 2, 2, 4, 4, 1>;
+using Ws128x128w12 = WsCfg<128, 128, 32, 2, 2, 8, 3, 1>;
 using Ws128x128w16 = WsCfg<128, 128, 32, 4, 2, 8, 3, 1>;
 using Ws64x64w8 = WsCfg<64, 64, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
-  return t.stages == 3 && t.tile_k == 32 &&
-         ((px == 128 && t.tile_n == 128 && (t.warps == 8 || t.warps == 16)) ||
-          (px == 64 && t.tile_n == 64 && t.warps == 8));
+  if (t.tile_k != 32) return false;
+  if (px == 128 && t.tile_n == 128)
+    return (t.stages == 3 && (t.warps == 8 || t.warps == 12 || t.warps == 16)) || (t.stages == 4 && t.warps == 8);
+  return px == 64 && t.tile_n == 64 && t.warps == 8 && t.stages == 3;
 }
 
 template <typename F>
 cudaError_t with_ws_cfg(const TileConfig& t, F&& f) {
   if (!is_ws_tile(t)) return cudaErrorInvalidValue;
   if (t.pixels() == 64) return f(Ws64x64w8{});
-  return t.warps == 8 ? f(Ws128x128w8{}) : f(Ws128x128w16{});
+  if (t.stages == 4) return f(Ws128x128w8s4{});
+  return t.warps == 8 ? f(Ws128x128w8{}) : t.warps == 12 ? f(Ws128x128w12{}) : f(Ws128x128w16{});
 }
 
 // The streaming tile of the same shape (register-prefetch pipeline).

@@ -22,6 +22,85 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// The producers' bilinear record: four corner offsets that are always inside x, so a corner load
+// is one IMAD.WIDE.U32 + LDG with no predicate and no zero fill. (The streaming records mark a
+// corner outside the image with -1, and each corner then cost ~11 instructions: sign test, zero
+// fill, 64-bit address; S4 fp32 ws profile: 71 instructions per 4-corner vector, the producers the
+// bottleneck.) A corner outside the image is redirected to the valid corner of its row or column,
+// and that valid corner's weight is split evenly over the copies: the rows and columns of a sample
+// inside the image are valid in at least one of each, so the copies number 1, 2 or 4 and the
+// halves and quarters are exact; the sum equals the masked bilinear sum up to summation order,
+// infinities included (no 0 x inf). A sample outside the image (it contributes nothing) points at
+// the image's pixel 0 with w[0] = -0.0, which no live record carries (a live -0 weight is stored as
+// +0: only the sign of a zero product changes), and its blend is replaced by zeros. (A flag bit in
+// off[0] cost six 64-bit address instructions per vector.) float accumulators only (no fp64 ring).
+template <typename A>
+struct alignas(16) WsSamp {
+  uint32_t off[4];
+  A w[4];
+};
+constexpr uint32_t kWsDead = 0x80000000u;  // the bits of -0.0f
+__device__ __forceinline__ bool ws_live(float w0) { return __float_as_uint(w0) != kWsDead; }
+
+template <typename A>
+__device__ __forceinline__ WsSamp<A> build_ws_samp(const Geo& g, const SampIn<A>& in, bool valid, int64_t img,
+                                                   int64_t ho, int64_t wo, int tap) {
+  const ConvParams& p = g.p;
+  WsSamp<A> s;
+  const uint32_t base = static_cast<uint32_t>(img * p.h * p.w * p.c_in);  // the image's pixel 0
+#pragma unroll
+  for (int k = 0; k < 4; ++k) s.off[k] = base, s.w[k] = A(0);
+  s.w[0] = __uint_as_float(kWsDead);
+  if (!valid) return s;
+  const int kw = static_cast<int>(p.kw);
+  const int i = tap / kw, j = tap - i * kw;
+  const Bilinear<A> b = make_bilinear<A>(A(p.base_y(ho, i)) + in.dy, A(p.base_x(wo, j)) + in.dx, p.h, p.w);
+  if (!b.inside) return s;
+  const bool y0ok = b.y0 >= 0, y1ok = b.y0 + 1 < p.h, x0ok = b.x0 >= 0, x1ok = b.x0 + 1 < p.w;
+  const int64_t ya = y0ok ? b.y0 : b.y0 + 1, yb = y1ok ? b.y0 + 1 : b.y0;  // rows of corners (0, 1) / (2, 3)
+  const int64_t xa = x0ok ? b.x0 : b.x0 + 1, xb = x1ok ? b.x0 + 1 : b.x0;
+  const A hy = A(1) - b.ly, hx = A(1) - b.lx;
+  // Row weights (top, bottom) and column weights (left, right), halved where both copies are one row.
+  const A ry0 = y0ok && y1ok ? hy : (y0ok ? hy : b.ly) * A(0.5), ry1 = y0ok && y1ok ? b.ly : ry0;
+  const A cx0 = x0ok && x1ok ? hx : (x0ok ? hx : b.lx) * A(0.5), cx1 = x0ok && x1ok ? b.lx : cx0;
+  const A m = in.m;
+  s.w[0] = ry0 * cx0 * m, s.w[1] = ry0 * cx1 * m, s.w[2] = ry1 * cx0 * m, s.w[3] = ry1 * cx1 * m;
+  if (!ws_live(s.w[0])) s.w[0] = A(0);
+  const int64_t row_a = (img * p.h + ya) * p.w, row_b = (img * p.h + yb) * p.w;
+  s.off[0] = static_cast<uint32_t>((row_a + xa) * p.c_in);
+  s.off[1] = static_cast<uint32_t>((row_a + xb) * p.c_in);
+  s.off[2] = static_cast<uint32_t>((row_b + xa) * p.c_in);
+  s.off[3] = static_cast<uint32_t>((row_b + xb) * p.c_in);
+  return s;
+}
+
+// Four corner vectors at channels xc[0, kVec) of one record; no predicates (see WsSamp).
+template <typename T, typename A>
+__device__ __forceinline__ void ws_fetch(uint4 (&cr)[4], const T* __restrict__ xc, const WsSamp<A>& q) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) cr[k] = __ldg(reinterpret_cast<const uint4*>(xc + q.off[k]));
+}
+
+// Blend (as blend_store) and store kVec elements; zeros where `live` is false.
+template <typename T, typename A>
+__device__ __forceinline__ void ws_blend_store(T* dst, const uint4 (&cr)[4], const WsSamp<A>& q, bool live) {
+  constexpr int V = kVec<T>;
+  A acc[V];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    A v[V];
+    unpack_vec<T, A>(cr[k], v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = k == 0 ? q.w[0] * v[e] : fma(q.w[k], v[e], acc[e]);
+  }
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < V; ++k) e[k] = from_acc<T>(acc[k]);
+  if (!live) raw = make_uint4(0, 0, 0, 0);
+  *reinterpret_cast<uint4*>(dst) = raw;
+}
+
 // BM x BN block tile, BK channels per chunk; WM x WN consumer warps (the MMA), PW producer warps
 // (gather, blend, weight copies), S ring slots; MINB blocks per SM for the register allocation.
 template <int BM_, int BN_, int BK_, int WM_, int WN_, int PW_, int S_, int MINB_>
@@ -33,7 +112,7 @@ struct WsCfg {
 template <typename T, typename Cfg>
 struct WsLayout {
   using A = Acc<T>;
-  using Rec = Samp<A, int32_t>;                   // Geo::x32 (the launcher checks it)
+  using Rec = WsSamp<A>;                         // Geo::x32 (the launcher checks it)
   static constexpr int LDA = Cfg::BK + kPad<T>;   // A slot [BM][LDA]: pixels x channels
   static constexpr int LDB = Cfg::BN + kPadK<T>;  // B slot [BK][LDB]: channels x output channels
   static constexpr int LDC = Cfg::BN + kCPad;     // Cs[BM][LDC] after the loop (aliases the ring)
@@ -76,19 +155,22 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
   const T* wp = kb + o0 + bc + static_cast<int64_t>(br0) * ldo;
   const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
   auto build_recs = [&](int tap, int og, int buf) {
-    if (ptid < BM)
-      recs[buf * BM + ptid] = make_samp<T, A, int32_t>(g, offset, mask, my_pix >= 0, my_pix, my_img, my_ho, my_wo, tap, og);
+    if (ptid < BM) {
+      const SampIn<A> in = load_samp_in<T, A>(g, offset, mask, my_pix >= 0, my_pix, tap, og);
+      recs[buf * BM + ptid] = build_ws_samp<A>(g, in, my_pix >= 0, my_img, my_ho, my_wo, tap);
+    }
   };
 
   build_recs(walk.tap, walk.og, 0);
   for (int i = 0, s = 0; i < nchunks; ++i) {
     if (walk.is_first) named_sync(kProd, PT);
     const Rec* rb = recs + (walk.group & 1) * BM;
+    // Past the chunk's channels the thread loads channel 0 (in bounds) and stores zeros.
     const bool cok = cv < walk.cnt;
-    const T* xc = x + (walk.c0 + cv);
+    const T* xc = cok ? x + (walk.c0 + cv) : x;
     uint4 cr[IT][4];
 #pragma unroll
-    for (int it = 0; it < IT; ++it) fetch_corners<T, A>(cr[it], xc, rb[r0 + it * RSTEP], cok);
+    for (int it = 0; it < IT; ++it) ws_fetch<T, A>(cr[it], xc, rb[r0 + it * RSTEP]);
     if (walk.is_first) {  // the next group's records, while the corners are in flight
       int ntap, ncs;
       if (walk.next_group(&ntap, &ncs)) build_recs(ntap, ncs / walk.Cpog, (walk.group + 1) & 1);
@@ -107,7 +189,7 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
 #pragma unroll
     for (int it = 0; it < IT; ++it) {
       const int r = r0 + it * RSTEP;
-      blend_store<T, A>(as + r * L::LDA + cv, cr[it], rb[r]);
+      ws_blend_store<T, A>(as + r * L::LDA + cv, cr[it], rb[r], cok && ws_live(rb[r].w[0]));
     }
     cp_async_wait<0>();
     named_arrive(kFull + s, NT);

@@ -415,6 +415,31 @@ def test_warp_specialized_tiles(cfg, rng, monkeypatch):
         assert rel_err(yv[i], f(xs[i], offs[i], ks[i], ms[i])) < 1e-6
 
 
+@pytest.mark.parametrize("cfg", [None, (1, 128, 128, 32, 8, 3)], ids=str)
+def test_infinite_input_propagates_like_the_reference(cfg, rng, monkeypatch):
+    """+inf in x at the image border and inside: the outputs that turn inf or NaN are the
+    reference's, sample for sample (the ring's producers redirect corners outside the image onto
+    valid ones with split weights, which must not create 0 x inf where the reference has none)."""
+    from deft_jax import tiling
+    if cfg is not None:
+        tc = tiling.TileConfig(*cfg)
+        monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
+    case = Case(n=2, h=9, w=11, c_in=32, c_out=16, offset_scale=3.0)
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    x = np.array(x)
+    x[0, 0, 0, 3] = np.inf      # a corner pixel: many samples straddle the border there
+    x[1, 4, 5, :] = np.inf      # a whole pixel inside
+    args = [jnp.asarray(a) for a in (x, off, kernel, mask)]
+    with jax.default_device(CPU):
+        want = np.asarray(_op(case, "xla")(*jax.device_put(args, CPU)))
+    got = np.asarray(_op(case, None)(*jax.device_put(args, GPU)))
+    assert not np.all(np.isfinite(want))  # the test has teeth
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    assert rel_err(got[fin], want[fin]) < TOL["float32-tf32"]
+
+
 def _tf32_rna(a):
     """float32 -> TF32 as cvt.rna.tf32.f32 rounds (to nearest, ties away from zero), as float64."""
     a = np.asarray(a, np.float32)

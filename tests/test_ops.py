@@ -121,3 +121,22 @@ def test_deterministic(rng):
     a, b = f(x, off, kernel, mask), f(x, off, kernel, mask)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
+
+
+def test_infinite_input_reads_no_outside_corner(rng):
+    """+inf in x: a corner outside the image reads nothing (torchvision), so the reference and the
+    CPU handler turn the same outputs inf or NaN. (The reference once multiplied the stand-in
+    pixel 0 by a zero weight: 0 x inf made 1584 of 3168 outputs NaN from one corner pixel.)"""
+    case = Case(n=2, h=9, w=11, c_in=32, c_out=16, offset_scale=3.0)
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    x = np.array(x)
+    x[0, 0, 0, 3] = np.inf
+    x[1, 4, 5, :] = np.inf
+    f = lambda impl: np.asarray(deft_jax.deform_conv2d(jnp.asarray(x), off, kernel, mask,
+                                                       implementation=impl, **case.kwargs()))
+    want, got = f("xla"), f(None)
+    assert np.isinf(want).any() and np.isnan(want).any() and np.isfinite(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    assert rel_err(got[fin], want[fin]) < 1e-5

@@ -81,7 +81,25 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 
 
 def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
-    """The forward tile: the rectangle below, made flat where it would overhang the image."""
+    """The forward tile: the rectangle below, made flat where it would overhang the image, on the
+    warp-specialized ring for float32."""
+    tile = _gpu_forward_flat(s, sm_count)
+    # float32 (TF32) streaming tiles -> the warp-specialized forward of the same tile: 4 producer
+    # warps gather and blend into a 3-slot shared-memory ring while 4 consumer warps run the MMA.
+    # Measured per kernel (H200, d38ddae, ktime, fwd us, streaming -> ring): S1 65.7 -> 57.3, S2
+    # 243.5 -> 216.3, S3 136.2 -> 119.3, S4 126.0 -> 113.3, S6 80.7 -> 71.8 (0.87-0.90x); S5 stays
+    # on the split forward (130 against 204). 16-bit types keep the streaming tiles: the ring was
+    # within -5%..+2% on the 8-warp tile and 19-24% slower than the 4-block 64 x 64 tile at S1/S2
+    # (NOTES.md "Warp-specialized forward"). At Precision.HIGHEST the same tile runs the streaming
+    # kernel (the CUDA launcher's fallback), as it did before.
+    key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps, tile.stages)
+    if s.dtype == "float32" and tile.tile_k == 32 and key in ((128, 128, 8, 2), (64, 64, 4, 2)):
+        tile = dataclasses.replace(tile, warps=8, stages=3)
+    return tile
+
+
+def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:
+    """The rectangle below, made flat where it would overhang the image."""
     tile = _gpu_forward_rect(s, sm_count)
     # A rectangle that does not divide the output image runs MMA rows on padding (a 14 x 14 or
     # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 128 blocks
@@ -161,9 +179,8 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
 # The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): tile_k = 32,
-# (pixels, tile_n, warps, stages = shared-memory ring slots) below; consumer + producer warps
-# 4 + 4, 4 + 4, 4 + 8, 8 + 8 and 4 + 4 (dispatch.cuh, WsCfg).
-_GPU_WS_TILES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 12, 3), (128, 128, 16, 3), (64, 64, 8, 3))
+# (pixels, tile_n, warps, stages = shared-memory ring slots) below; 4 consumer + 4 producer warps.
+_GPU_WS_TILES = ((128, 128, 8, 3), (64, 64, 8, 3))
 # Output channels per block of the weight pass (backward.cuh, WeightCfg / WeightCfgWide; 128 not
 # for float64, and on the pipelined path only: the simple loop has the 64-wide tile).
 _GPU_BWD_TILE_N = (64, 128)

@@ -386,7 +386,7 @@ WS_CASES = FLAT_CASES + [
 ]
 
 
-@pytest.mark.parametrize("cfg", [(1, 128, 128, 32, 8, 3), (8, 16, 128, 32, 16, 3), (8, 8, 64, 32, 8, 3),
+@pytest.mark.parametrize("cfg", [(1, 128, 128, 32, 8, 3), (8, 16, 128, 32, 8, 3), (8, 8, 64, 32, 8, 3),
                                  (1, 64, 64, 32, 8, 3)], ids=str)
 def test_warp_specialized_tiles(cfg, rng, monkeypatch):
     """The warp-specialized forward (stages = 3: producer warps fill a ring of shared-memory tiles

@@ -105,3 +105,24 @@ def test_weight_pass_tile():
                   (tiling.TileConfig(8, 8, 64, 32, 4, 2, 128), "float64")]:
         with pytest.raises(ValueError, match="bwd_tile_n"):
             tiling.check_gpu_tile(t, dt)
+
+
+def test_float32_takes_the_warp_specialized_forward():
+    """float32 streaming tiles run on the producer/consumer ring (stages = 3, 8 warps); 16-bit types
+    and float64 keep the streaming kernel, the split forward stays where it was (NOTES.md
+    "Warp-specialized forward"). Only the two ring tiles pass the guard, and not for float64."""
+    for name in SUITE:
+        for dt in DTYPES:
+            t = tiling.choose_tiling("cuda", _shape(name, dt))
+            ring = dt == "float32" and t.tile_k == 32
+            assert (t.stages == 3) == ring, (name, dt, t)
+            if ring:
+                assert (t.tile_h * t.tile_w, t.tile_n, t.warps) in ((128, 128, 8), (64, 64, 8))
+            tiling.check_gpu_tile(t, dt)
+    assert tiling.choose_tiling("cuda", _shape("S5", "float32")).tile_k > 32  # the split forward
+    for t in (tiling.TileConfig(1, 128, 128, 32, 16, 3), tiling.TileConfig(8, 8, 64, 32, 4, 3),
+              tiling.TileConfig(1, 128, 128, 64, 8, 3)):
+        with pytest.raises(ValueError, match="not instantiated"):
+            tiling.check_gpu_tile(t, "float32")
+    with pytest.raises(ValueError, match="not instantiated"):
+        tiling.check_gpu_tile(tiling.TileConfig(1, 128, 128, 32, 8, 3), "float64")

@@ -92,31 +92,25 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 }
 
 // Warp-specialized forward tiles (forward_ws.cuh): stages = 3 names the producer/consumer ring of 3
-// slots; (pixels, tile_n, warps) in {(128, 128, 8): 2 x 2 consumer warps (64 x 64 each) + 4
-// producers; (128, 128, 16): 4 x 2 consumers + 8 producers (128-register cap); (64, 64, 8): 2 x 2
-// consumers + 4 producers, 2 blocks per SM}, tile_k = 32. Not float64. Where the ring does not
-// apply (fp32 without TF32, channel counts off the 16-byte vector, x of 2^31 or more elements)
-// the streaming kernel of the same tile runs (ws_fallback).
+// slots, tile_k = 32; (pixels, tile_n, warps) = (128, 128, 8): 2 x 2 consumer warps (64 x 64
+// each) + 4 producers, or (64, 64, 8): 2 x 2 consumers (32 x 32) + 4 producers, 2 blocks per SM.
+// Not float64. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
+// vector, x of 2^31 or more elements) the streaming kernel of the same tile runs (ws_fallback).
+// Measured and not kept (NOTES.md "Warp-specialized forward"): a 4-slot ring (within 1-2%),
+// 4 + 8 warps (168-register cap: fp32 spills, 10-15% slower; bf16 3-6% faster), 8 + 8 warps.
 using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
-using Ws128x128w8s4 = WsCfg<128, 128, 32, 2, 2, 4, 4, 1>;
-using Ws128x128w12 = WsCfg<128, 128, 32, 2, 2, 8, 3, 1>;
-using Ws128x128w16 = WsCfg<128, 128, 32, 4, 2, 8, 3, 1>;
 using Ws64x64w8 = WsCfg<64, 64, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
-  if (t.tile_k != 32) return false;
-  if (px == 128 && t.tile_n == 128)
-    return (t.stages == 3 && (t.warps == 8 || t.warps == 12 || t.warps == 16)) || (t.stages == 4 && t.warps == 8);
-  return px == 64 && t.tile_n == 64 && t.warps == 8 && t.stages == 3;
+  return t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
+         ((px == 128 && t.tile_n == 128) || (px == 64 && t.tile_n == 64));
 }
 
 template <typename F>
 cudaError_t with_ws_cfg(const TileConfig& t, F&& f) {
   if (!is_ws_tile(t)) return cudaErrorInvalidValue;
-  if (t.pixels() == 64) return f(Ws64x64w8{});
-  if (t.stages == 4) return f(Ws128x128w8s4{});
-  return t.warps == 8 ? f(Ws128x128w8{}) : t.warps == 12 ? f(Ws128x128w12{}) : f(Ws128x128w16{});
+  return t.pixels() == 64 ? f(Ws64x64w8{}) : f(Ws128x128w8{});
 }
 
 // The streaming tile of the same shape (register-prefetch pipeline).

@@ -125,8 +125,9 @@ struct WsLayout {
 };
 
 // The producers' side of the ring: for each chunk of the walk, gather the four corners of every
-// (pixel, channel vector) into registers, wait until slot s is free, copy the weight rows in by
-// cp.async, blend the samples into the slot's A tile and announce the slot. Bilinear records are
+// (pixel, channel vector) into registers, copy the next chunk's weight rows into the next slot by
+// cp.async once the consumers have freed it, blend the samples into this slot's A tile and
+// announce the slot. Bilinear records are
 // built one (tap, segment) group ahead into a double buffer; a producer-only barrier at each
 // group's first chunk publishes them and retires the buffer the next build overwrites.
 template <typename T, typename Cfg, typename L>
@@ -161,7 +162,26 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
     }
   };
 
+  // Weight rows go out one chunk ahead (chunk i + 1's during chunk i), so their L2 round trip
+  // overlaps the corner gather instead of following the blend: issued after the blend, the copy's
+  // wait was the producers' second exposed latency per chunk (profile of f18a4a0: the wait and the
+  // stall it caused on the empty-slot barrier, ~17% of the producers' stall samples).
+  ChunkWalk bwalk = walk;  // the chunk whose weight rows are copied next
+  auto issue_b = [&](int slot) {
+    T* bs = reinterpret_cast<T*>(smem + slot * L::kSlot) + L::kAElems;
+#pragma unroll
+    for (int j = 0; j < IB; ++j) {
+      const int r = br0 + j * BRSTEP;
+      const bool ok = bok && r < bwalk.cnt;
+      cp_async16(bs + r * L::LDB + bc, ok ? wp + j * wstep : kb, ok);
+    }
+    wp += bwalk.cnt * ldo;
+    bwalk.next();
+  };
+
   build_recs(walk.tap, walk.og, 0);
+  issue_b(0);  // every slot is free at the start
+  cp_async_commit();
   for (int i = 0, s = 0; i < nchunks; ++i) {
     if (walk.is_first) named_sync(kProd, PT);
     const Rec* rb = recs + (walk.group & 1) * BM;
@@ -175,27 +195,25 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
       int ntap, ncs;
       if (walk.next_group(&ntap, &ncs)) build_recs(ntap, ncs / walk.Cpog, (walk.group + 1) & 1);
     }
-    if (i >= S) named_sync(kEmpty + s, NT);  // the consumers are done with the slot's last chunk
-    T* as = reinterpret_cast<T*>(smem + s * L::kSlot);
-    T* bs = as + L::kAElems;
-#pragma unroll
-    for (int j = 0; j < IB; ++j) {
-      const int r = br0 + j * BRSTEP;
-      const bool ok = bok && r < walk.cnt;
-      cp_async16(bs + r * L::LDB + bc, ok ? wp + j * wstep : kb, ok);
+    const int s1 = s + 1 == S ? 0 : s + 1;
+    if (i + 1 < nchunks) {
+      if (i + 1 >= S) named_sync(kEmpty + s1, NT);  // the consumers are done with slot s1's last chunk
+      issue_b(s1);
     }
-    cp_async_commit();
-    wp += walk.cnt * ldo;
+    cp_async_commit();  // (empty past the last chunk: the wait below counts groups)
+    // Slot s: its empty-slot wait came with its weight rows, an iteration ago.
+    T* as = reinterpret_cast<T*>(smem + s * L::kSlot);
 #pragma unroll
     for (int it = 0; it < IT; ++it) {
       const int r = r0 + it * RSTEP;
       ws_blend_store<T, A>(as + r * L::LDA + cv, cr[it], rb[r], cok && ws_live(rb[r].w[0]));
     }
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // chunk i's weight rows (all but the group just committed)
     named_arrive(kFull + s, NT);
     walk.next();
-    s = s + 1 == S ? 0 : s + 1;
+    s = s1;
   }
+  cp_async_wait<0>();
 }
 
 // Tensor-core vector path only (bf16/fp16, fp32 with TF32; x32): the launcher hands every other

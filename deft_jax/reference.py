@@ -61,9 +61,10 @@ def sample_columns(x, offset, mask, *, kernel_size, strides, padding, kernel_dil
         valid = inside & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
         flat = jnp.where(valid, yy * w + xx, 0)
         vals = xg[n_idx, flat, g_idx]  # [N, Ho, Wo, G, K, C/G]
-        # Select, not multiply by a zero weight: a corner outside the image reads nothing
-        # (torchvision), so a non-finite x at the stand-in pixel 0 must not become 0 * inf = NaN.
-        return jnp.where(valid[..., None], vals.astype(acc) * weight[..., None], 0)
+        # Select the value, not a zero weight: a corner outside the image reads nothing
+        # (torchvision), so a non-finite x at the stand-in pixel 0 must not become 0 * inf = NaN,
+        # in the forward or in the weight's (offset's) gradient.
+        return jnp.where(valid[..., None], vals, 0).astype(acc) * weight[..., None]
 
     cols = (corner(0, 0, (1 - ly) * (1 - lx)) + corner(0, 1, (1 - ly) * lx)
             + corner(1, 0, ly * (1 - lx)) + corner(1, 1, ly * lx))

@@ -303,14 +303,20 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ src, A (&v)[kVec<
   unpack_vec<T, A>(__ldg(reinterpret_cast<const uint4*>(src)), v);
 }
 
+// kVec<T> accumulators as one 16-byte vector of T.
+template <typename T, typename A>
+__device__ __forceinline__ uint4 pack_vec(const A (&v)[kVec<T>]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) e[k] = from_acc<T>(v[k]);
+  return raw;
+}
+
 template <typename T, typename A, int N>
 __device__ __forceinline__ void store_elems(T* dst, const A (&v)[N]) {
   if constexpr (N * sizeof(T) == 16) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int k = 0; k < N; ++k) e[k] = from_acc<T>(v[k]);
-    *reinterpret_cast<uint4*>(dst) = raw;
+    *reinterpret_cast<uint4*>(dst) = pack_vec<T, A>(v);
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) dst[k] = from_acc<T>(v[k]);
@@ -334,21 +340,23 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 // (bf16x2/half2, rounded per step) was measured: bf16 forward up to 10% faster, its error vs the
 // reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "Data order, weight bounds, 16-warp tile,
 // packed blend: outcomes").
-template <typename T, typename A, typename I>
-__device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A, I>& q) {
-  constexpr int V = kVec<T>;
-  A wq[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) wq[k] = q.w[k];
-  A acc[V];
+// acc = sum over the four corners of w[k] * corner k (kVec elements), in corner order.
+template <typename T, typename A>
+__device__ __forceinline__ void blend_corners(const uint4 (&cr)[4], const A (&w)[4], A (&acc)[kVec<T>]) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    A v[V];
+    A v[kVec<T>];
     unpack_vec<T, A>(cr[k], v);
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = k == 0 ? wq[0] * v[e] : fma(wq[k], v[e], acc[e]);
+    for (int e = 0; e < kVec<T>; ++e) acc[e] = k == 0 ? w[0] * v[e] : fma(w[k], v[e], acc[e]);
   }
-  store_elems<T, A, V>(dst, acc);
+}
+
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void blend_store(T* dst, const uint4 (&cr)[4], const Samp<A, I>& q) {
+  A acc[kVec<T>];
+  blend_corners<T, A>(cr, q.w, acc);
+  store_elems<T, A, kVec<T>>(dst, acc);
 }
 
 // Sampled tile: dst[r * ld + c] = sample(recs[r])[c0 + c] for c < cnt, 0 elsewhere (ROWS x COLS).

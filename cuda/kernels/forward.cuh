@@ -494,25 +494,33 @@ cudaError_t launch_forward_split(cudaStream_t stream, const Geo& g, int ks, cons
   return cudaGetLastError();
 }
 
+// Launch a pixel-tiled forward (the streaming kernel, the warp-specialized one) on its grid:
+// x = pixel tiles (flat tiles: per problem; 2D: per image), y = (feature group, bn-wide block of
+// output channels). Nothing to do for an empty problem.
+template <typename F, typename... Args>
+cudaError_t launch_tiled_forward(cudaStream_t stream, const Geo& g, F* fn, int64_t bn, int threads, size_t smem,
+                                 Args... args) {
+  const ConvParams& p = g.p;
+  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
+  const int64_t gy = p.feature_groups * ((g.Cog + bn - 1) / bn);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  if (const cudaError_t e = allow_smem(fn, smem); e != cudaSuccess) return e;
+  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), threads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 template <typename T, bool TC, typename Cfg>
 cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const T* offset,
                            const T* mask, const T* kernel, T* y) {
-  using L = FwdLayout<T, TC, Cfg>;
-  const ConvParams& p = g.p;
-  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
-  const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
-  if (gx == 0 || gy == 0) return cudaSuccess;
-  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
   auto fn = deform_fwd_kernel<T, TC, false, Cfg>;
   if constexpr (TC) {
     // The pipelined loop keeps 32-bit corner offsets: x with 2^31 or more elements takes the
     // simple loop (64-bit records).
     if (g.vec && g.pipeline && g.x32) fn = deform_fwd_kernel<T, TC, true, Cfg>;
   }
-  if (const cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
-  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Cfg::kThreads, L::kBytes, stream>>>(
-      g, x, offset, mask, kernel, y);
-  return cudaGetLastError();
+  return launch_tiled_forward(stream, g, fn, Cfg::BN, Cfg::kThreads, FwdLayout<T, TC, Cfg>::kBytes, g, x, offset,
+                              mask, kernel, y);
 }
 
 }  // namespace kern

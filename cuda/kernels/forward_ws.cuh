@@ -84,21 +84,10 @@ __device__ __forceinline__ void ws_fetch(uint4 (&cr)[4], const T* __restrict__ x
 // Blend (as blend_store) and store kVec elements; zeros where `live` is false.
 template <typename T, typename A>
 __device__ __forceinline__ void ws_blend_store(T* dst, const uint4 (&cr)[4], const WsSamp<A>& q, bool live) {
-  constexpr int V = kVec<T>;
-  A acc[V];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    A v[V];
-    unpack_vec<T, A>(cr[k], v);
-#pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = k == 0 ? q.w[0] * v[e] : fma(q.w[k], v[e], acc[e]);
-  }
-  uint4 raw;
-  T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < V; ++k) e[k] = from_acc<T>(acc[k]);
-  if (!live) raw = make_uint4(0, 0, 0, 0);
-  *reinterpret_cast<uint4*>(dst) = raw;
+  A acc[kVec<T>];
+  blend_corners<T, A>(cr, q.w, acc);
+  const uint4 raw = pack_vec<T, A>(acc);
+  *reinterpret_cast<uint4*>(dst) = live ? raw : make_uint4(0, 0, 0, 0);
 }
 
 // BM x BN block tile, BK channels per chunk; WM x WN consumer warps (the MMA), PW producer warps
@@ -265,18 +254,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 template <typename T, typename Cfg>
 cudaError_t launch_forward_ws(cudaStream_t stream, const Geo& g, const T* x, const T* offset, const T* mask,
                               const T* kernel, T* y) {
-  using L = WsLayout<T, Cfg>;
-  const ConvParams& p = g.p;
   if (!g.vec || !g.x32) return cudaErrorInvalidValue;  // run_forward routes these elsewhere
-  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
-  const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
-  if (gx == 0 || gy == 0) return cudaSuccess;
-  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
-  auto fn = deform_fwd_ws_kernel<T, Cfg>;
-  if (const cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
-  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Cfg::kThreads, L::kBytes, stream>>>(
-      g, x, offset, mask, kernel, y);
-  return cudaGetLastError();
+  return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg>, Cfg::BN, Cfg::kThreads,
+                              WsLayout<T, Cfg>::kBytes, g, x, offset, mask, kernel, y);
 }
 
 }  // namespace kern

@@ -82,22 +82,24 @@ def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
 
 def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     """The forward tile: the rectangle below, made flat where it would overhang the image, on the
-    warp-specialized ring for float32."""
+    warp-specialized ring where it was measured faster."""
     tile = _gpu_forward_flat(s, sm_count)
-    # float32 (TF32) streaming tiles -> the warp-specialized forward of the same tile: 4 producer
-    # warps gather and blend into a 3-slot shared-memory ring while 4 consumer warps run the MMA.
-    # Measured per kernel (H200, ktime 07eaeb7, fwd us, streaming -> ring): S1 67.0 -> 57.1, S2
-    # 245.0 -> 217.0, S3 138.3 -> 120.8, S4 125.3 -> 112.9, S6 78.7 -> 73.7; end to end (bench
-    # --quick 07eaeb7 against 7df5eb4) fwd S1 79.0 -> 74.7, S2 267.2 -> 235.7, S3 154.4 -> 138.6, S4
-    # 143.5 -> 131.5, S6 98.1 -> 89.6. S5 stays on the split forward (130 against 204 on the ring).
-    # 16-bit types keep the streaming tiles and the split forward for now: on the 64 x 64 tile
-    # (S1/S2) the ring is 19-24% slower than 4 blocks of 4 warps per SM; on the flat 128 x 128 tile
-    # it measured per kernel (07eaeb7) bf16 S3 93.5 -> 82.2, S6 57.4 -> 53.2 and S4 75.8 against
-    # the split's 87.2 + 4.6, but not yet end to end, which a change of kernel needs (NOTES.md
-    # "Flat forward tiles": ktime and the benchmark disagreed at S4 bf16 before). At
-    # Precision.HIGHEST the same tile runs the streaming kernel (the CUDA launcher's fallback).
+    # Streaming tiles -> the warp-specialized forward of the same tile: 4 producer warps gather and
+    # blend into a 3-slot shared-memory ring while 4 consumer warps run the MMA (NOTES.md
+    # "Warp-specialized forward"). Measured (H200, fwd us, streaming -> ring):
+    # - float32, per kernel (ktime 07eaeb7): S1 67.0 -> 57.1, S2 245.0 -> 217.0, S3 138.3 -> 120.8,
+    #   S4 125.3 -> 112.9, S6 78.7 -> 73.7; end to end (bench --quick, 07eaeb7 against 7df5eb4) S1
+    #   79.0 -> 74.7, S2 267.2 -> 235.7, S3 154.4 -> 138.6, S4 143.5 -> 131.5, S6 98.1 -> 89.6.
+    #   S5 stays on the split forward (130 against 204 on the ring).
+    # - 16-bit types on the flat 128 x 128 tile: per kernel (ktime 07eaeb7) bf16 S3 93.5 -> 82.2,
+    #   S6 57.4 -> 53.2, S4 75.8 against the split forward's 87.2 + 4.6 (_SPLIT_MAX_PIXELS); end to
+    #   end (tile sweep 618e10b, one process) S3 96 -> 82, S6 65 -> 59, S4 75 against the split's
+    #   90. Not on the 64 x 64 tile (S1/S2: 19-24% slower than 4 blocks of 4 warps per SM, d38ddae)
+    #   nor the 16-warp 8 x 16 tile (not measured).
+    # At Precision.HIGHEST the same tile runs the streaming kernel (the CUDA launcher's fallback).
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps, tile.stages)
-    if s.dtype == "float32" and tile.tile_k == 32 and key in ((128, 128, 8, 2), (64, 64, 4, 2)):
+    ring = ((128, 128, 8, 2), (64, 64, 4, 2)) if s.dtype == "float32" else ((128, 128, 8, 2),)
+    if s.dtype != "float64" and tile.tile_k == 32 and key in ring:
         tile = dataclasses.replace(tile, warps=8, stages=3)
     return tile
 
@@ -141,9 +143,9 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
-    if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS.get(s.dtype, 196)
+    if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS
             and _vector_channels(s)):
-        # S5 (and S4 for 16-bit types): few pixels per image, many output channels. The streaming
+        # S5: few pixels per image, many output channels. The streaming
         # kernel re-samples x once per output-channel block (8x at S5 with 64-wide blocks, 2x at S4
         # with the 8x16 x 128 tile, whose 128 blocks are one wave at 1 block/SM); the split forward
         # samples each (pixel, tap, channel) once and meets over taps in fp32 atomics.
@@ -194,12 +196,11 @@ _SPLIT_TILE_K = (128, 256, 512)
 # tile_k of the split forward: a 32 KiB resident segment, 256 channels of 16-bit types (.get
 # default) or 128 of float32 (256 fp32 channels, 64 KiB, measured slower at S5: 319 vs 264 us).
 _SPLIT_K = {"float32": 128}
-# Largest output image (pixels) for which the split forward wins: 196 (S4) for 16-bit types (.get
-# default), 64 (S5) for float32 (tied at S4). With flat tiles the per-kernel durations favour the
-# streaming kernel at S4 bf16 (87.0 us against the split's 89.6 + 4.6 conversion, ktime a799c94 /
-# 7df5eb4), but end to end the split stays ahead (bench fwd 93.5-99.5 us against 102.5; tile sweep
-# 85 against 88): 16-bit S4 keeps the split (NOTES.md "Flat forward tiles").
-_SPLIT_MAX_PIXELS = {"float32": 64}
+# Largest output image (pixels) for which the split forward wins: 64 (S5). 16-bit S4 (196) was
+# on the split too while its alternative was the streaming kernel (end to end 93.5-99.5 us against
+# 102.5, NOTES.md "Flat forward tiles"); the warp-specialized ring beats it per kernel (75.8 us
+# against 87.2 + 4.6, ktime 07eaeb7) and end to end (NOTES.md "Warp-specialized forward").
+_SPLIT_MAX_PIXELS = 64
 
 
 def _vector_channels(s: LayerShape) -> bool:

@@ -56,7 +56,8 @@ def main():
     ap.add_argument("--per-config-bwd", action="store_true",
                     help="also time fwd+bwd for every config (the backward follows the tile's stages)")
     ap.add_argument("--configs", help="';'-separated TileConfig fields, e.g. '8,8,64,32,4,2;8,16,64,32,8,2' "
-                    "(a 7th field sets bwd_tile_n, the weight pass's width: time it with --per-config-bwd)")
+                    "(a 7th field sets bwd_tile_n, the weight pass's width: time it with --per-config-bwd; "
+                    "an 8th k_splits, the warp-specialized forward's blocks per tile)")
     ap.add_argument("--out")
     a = ap.parse_args()
     rows = []

@@ -1,7 +1,8 @@
 """Forward or backward runs of suite layers, for Nsight Compute (per-kernel durations, stalls).
 Each argument is SHAPE,DTYPE[,fwd|bwd[,TILE]] (default bwd); the old form `S2 bfloat16 [fwd]` also
 works. TILE overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
-(e.g. S6,bfloat16,fwd,1:128:128:32:8:2), for a per-kernel A/B of two tiles in one process.
+(e.g. S6,bfloat16,fwd,1:128:128:32:8:2; an 8th field is k_splits: 1:128:128:32:8:3:128:4), for a
+per-kernel A/B of two tiles in one process.
 Runs execute in argument order, one jit call each (compiled and warmed up first, so the profiled
 launches are exactly one per run, in order).
   ncu --kernel-name regex:deform --section SpeedOfLight python benchmarks/profile_bwd.py S2,bfloat16

@@ -1,9 +1,10 @@
 """Native modules: load them, register their FFI targets with XLA at import, and wrap the calls.
 
 The CPU module is always built; the CUDA module only where nvcc was found at build time.
-Target names and the attribute schema carry a version (``_v2``): a change to either gets a new name.
-v2 added the attribute ``bwd_tile_n`` (the weight pass's tile); programs exported with v1 targets
-need the deft_jax that wrote them.
+Target names and the attribute schema carry a version (``_v3``): a change to either gets a new name.
+v2 added the attribute ``bwd_tile_n`` (the weight pass's tile), v3 ``k_splits`` (the
+warp-specialized forward's blocks per tile); programs exported with older targets need the
+deft_jax that wrote them.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FWD_TARGET = "deft_deform_conv2d_fwd_v2"
-BWD_TARGET = "deft_deform_conv2d_bwd_v2"
+FWD_TARGET = "deft_deform_conv2d_fwd_v3"
+BWD_TARGET = "deft_deform_conv2d_bwd_v3"
 TARGETS = (FWD_TARGET, BWD_TARGET)
 
 try:

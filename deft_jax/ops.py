@@ -157,6 +157,15 @@ def _device_sm_count() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 0)
 
 
+def _device_cc_major() -> int:
+    """The GPU's compute capability major (0 if the runtime does not say)."""
+    cc = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    try:
+        return int(cc.split(".")[0])
+    except ValueError:
+        return 0
+
+
 def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodiff.NativeCall:
     """FFI attributes (geometry + tiling) and output shape for one native call."""
     platform = _native_platform()
@@ -166,9 +175,12 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodi
                               offset_groups=geo.offset_groups,
                               feature_groups=geo.feature_group_count,
                               dtype=jnp.dtype(x.dtype).name)
-    tile = tiling.choose_tiling(platform, shape, _device_sm_count() if platform == "cuda" else 0)
     if platform == "cuda":
-        tiling.check_gpu_tile(tile, shape.dtype)  # a ValueError at trace time, not a kernel error
+        cc = _device_cc_major()
+        tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc)
+        tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
+    else:
+        tile = tiling.choose_tiling(platform, shape)
     (pt, pb), (pl, pr) = geo.padding
     attrs = dict(stride_h=geo.strides[0], stride_w=geo.strides[1], pad_top=pt, pad_bottom=pb,
                  pad_left=pl, pad_right=pr, dil_h=geo.kernel_dilation[0],

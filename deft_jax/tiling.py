@@ -23,7 +23,10 @@ class TileConfig:
     tile flat: tile_w consecutive output pixels in (n, h_out, w_out) order, across rows and
     images (the split forward and the backward passes then take 8 x 8 tiles). ``bwd_tile_n``:
     output channels per block of the backward weight pass (64, or 128 on its pipelined
-    tensor-core path). CPU: one task processes tile_h x tile_w output pixels (the rest is
+    tensor-core path). ``k_splits``: the warp-specialized forward's blocks per output tile (1, or
+    2 / 4 on devices with thread-block clusters, compute capability 9.0+): a cluster of that many
+    blocks splits the tile's reduction over (tap, channel chunk) and sums the partial tiles in
+    distributed shared memory. CPU: one task processes tile_h x tile_w output pixels (the rest is
     unused)."""
 
     tile_h: int
@@ -33,6 +36,7 @@ class TileConfig:
     warps: int
     stages: int
     bwd_tile_n: int = 64
+    k_splits: int = 1
 
     def as_attrs(self) -> dict[str, np.int64]:
         return {f.name: np.int64(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -66,9 +70,11 @@ def _cpu_tiling(s: LayerShape) -> TileConfig:
     return TileConfig(tile_h=1, tile_w=pixels, tile_n=s.c_out, tile_k=s.c_in, warps=1, stages=1)
 
 
-def _gpu_tiling(s: LayerShape, sm_count: int) -> TileConfig:
-    """The forward's tile (below) and the weight pass's output-channel tile."""
+def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
+    """The forward's tile (below), its k-split and the weight pass's output-channel tile."""
     tile = _gpu_forward_tile(s, sm_count)
+    if tile.stages == 3 and cc_major >= 9:
+        tile = dataclasses.replace(tile, k_splits=_ws_k_splits(s, tile, sm_count))
     # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: from
     # C_out = 128 on, the 64 x 128 tile halves that (2x -> 1x at S3/S6, 8x -> 4x at S5).
     # Measured (H200, NOTES.md "Wide weight tile"): ktime weight pass fp32 S4 194 -> 160 us, S5
@@ -102,6 +108,31 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     if s.dtype != "float64" and tile.tile_k == 32 and key in ring:
         tile = dataclasses.replace(tile, warps=8, stages=3)
     return tile
+
+
+# Blocks per SM of the warp-specialized tiles (their register allocation: 1 for the 128 x 128 tile,
+# 2 for 64 x 64; dispatch.cuh's WsCfg).
+_WS_BLOCKS_PER_SM = {128: 1, 64: 2}
+
+
+def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
+    """Blocks per output tile of the warp-specialized forward (1, 2 or 4).
+
+    A ring block's time is its chain of (tap, chunk) steps, not its pixel count (latency-bound:
+    the padding rows that flat tiles turned into real pixels cost nothing, NOTES.md "Flat forward
+    tiles"). So a grid that leaves SMs idle (S4: 98 blocks, 1 per SM, on 132 SMs) or ends in a
+    half-empty wave (S3/S6: 196) runs faster as k blocks per tile, each 1/k of the chain: time ~
+    ceil(k * blocks / resident) / k. k is the smallest that minimises it, taken only where that
+    saves a quarter or more (S3/S6: 2 -> 1.5 waves, S4: 1 -> 0.75).
+    """
+    if sm_count <= 0:
+        return 1
+    pixels = tile.tile_h * tile.tile_w
+    blocks = -(-s.n * s.h_out * s.w_out // pixels) * s.feature_groups * -(-(s.c_out // s.feature_groups) // tile.tile_n)
+    resident = sm_count * _WS_BLOCKS_PER_SM[pixels]
+    waves = {k: -(-k * blocks // resident) / k for k in (1, 2, 4)}
+    best = min(waves, key=lambda k: (waves[k], k))
+    return best if waves[best] <= 0.75 * waves[1] else 1
 
 
 def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:
@@ -187,6 +218,8 @@ _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
 # The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): tile_k = 32,
 # (pixels, tile_n, warps, stages = shared-memory ring slots) below; 4 consumer + 4 producer warps.
 _GPU_WS_TILES = ((128, 128, 8, 3), (64, 64, 8, 3))
+# Blocks per tile (one cluster) of the warp-specialized forward (forward_ws.cuh).
+_GPU_WS_K_SPLITS = (1, 2, 4)
 # Output channels per block of the weight pass (backward.cuh, WeightCfg / WeightCfgWide; 128 not
 # for float64, and on the pipelined path only: the simple loop has the 64-wide tile).
 _GPU_BWD_TILE_N = (64, 128)
@@ -211,21 +244,27 @@ def _vector_channels(s: LayerShape) -> bool:
     return all(c % v == 0 for c in (s.c_in, cg, cpog, s.c_out, cog))
 
 
-def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
+def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
     """ValueError unless the CUDA kernels instantiate ``tile`` for ``dtype`` (mirrors the C++
-    CheckGpuTileConfig, so a bad configuration is caught at trace time, before any kernel)."""
+    CheckGpuTileConfig, so a bad configuration is caught at trace time, before any kernel), and,
+    given the device's compute capability (``cc_major`` > 0), unless the device can run it."""
     allowed = _GPU_TILES[:1] if dtype == "float64" else _GPU_TILES
     bwd_allowed = (64,) if dtype == "float64" else _GPU_BWD_TILE_N
     if tile.bwd_tile_n not in bwd_allowed:
         raise ValueError(f"GPU tile configuration {tile}: bwd_tile_n must be one of {bwd_allowed} "
                          f"for {dtype}")
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps)
-    if key in allowed and tile.tile_k == 32 and tile.stages in (1, 2):
+    if key in allowed and tile.tile_k == 32 and tile.stages in (1, 2) and tile.k_splits == 1:
         return
     if (dtype != "float64" and key == _GPU_TILES[0] and tile.tile_k in _SPLIT_TILE_K
-            and tile.stages == 2):
+            and tile.stages == 2 and tile.k_splits == 1):
         return
-    if dtype != "float64" and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32:
+    if (dtype != "float64" and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32
+            and tile.k_splits in _GPU_WS_K_SPLITS):
+        if tile.k_splits > 1 and 0 < cc_major < 9:
+            raise ValueError(f"GPU tile configuration {tile}: k_splits={tile.k_splits} needs "
+                             f"thread-block clusters (compute capability 9.0+); this device has "
+                             f"{cc_major}.x: use k_splits=1")
         return
     raise ValueError(f"GPU tile configuration {tile} is not instantiated for {dtype}; "
                      f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
@@ -233,14 +272,16 @@ def check_gpu_tile(tile: TileConfig, dtype: str) -> None:
                                         f"; or the split forward: (64, 64, 4), tile_k in "
                                         f"{_SPLIT_TILE_K}, stages 2; or the warp-specialized "
                                         f"forward: (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
-                                        f"tile_k=32"))
+                                        f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
+                     + "; k_splits=1 everywhere else")
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0) -> TileConfig:
-    """Tile configuration for ``shape`` on ``platform`` ("cpu" or "cuda")."""
+def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0) -> TileConfig:
+    """Tile configuration for ``shape`` on ``platform`` ("cpu" or "cuda"); on "cuda", the device's
+    SM count and compute capability (major) refine it (0: unknown, no rule that needs them)."""
     if platform == "cpu":
         return _cpu_tiling(shape)
     if platform == "cuda":
-        return _gpu_tiling(shape, sm_count)
+        return _gpu_tiling(shape, sm_count, cc_major)
     raise ValueError(f"no tiling rules for platform {platform!r}")

@@ -4,6 +4,7 @@ The oracle is the reference in float64 on the CPU, fed the same (dtype-rounded) 
 tolerances below measure the kernels' arithmetic only. Skipped without a GPU or the CUDA module.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -413,6 +414,43 @@ def test_warp_specialized_tiles(cfg, rng, monkeypatch):
     yv = jax.jit(jax.vmap(f))(xs, offs, ks, ms)
     for i in range(3):
         assert rel_err(yv[i], f(xs[i], offs[i], ks[i], ms[i])) < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [(1, 128, 128, 32, 8, 3, 128, 2), (1, 128, 128, 32, 8, 3, 128, 4),
+                                 (8, 8, 64, 32, 8, 3, 64, 4), (1, 64, 64, 32, 8, 3, 64, 2)], ids=str)
+def test_k_split_ring(cfg, rng, monkeypatch):
+    """k_splits > 1: a cluster of blocks splits each output tile's (tap, chunk) walk and sums the
+    partial tiles in distributed shared memory. Ranges that start inside a (tap, segment) group
+    (WS_CASES[0]: groups of 2 chunks, 9 chunks per block at k_splits 4), blocks with no chunk (a
+    1 x 1 kernel over 32 channels: one chunk for 4 blocks), every dtype against the reference with
+    poisoned outputs; the same result as k_splits = 1 up to summation order, bit-identical from run
+    to run (the partial tiles are summed in rank order); the backward (which ignores k_splits)
+    under jit."""
+    from deft_jax import tiling
+    tc = tiling.TileConfig(*cfg)
+    one = dataclasses.replace(tc, k_splits=1)
+    use = [tc]
+    monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: use[0])
+    poison = [jnp.full((1 << 20,), jnp.nan, jnp.float32) for _ in range(8)]
+    jax.block_until_ready(poison)
+    del poison
+    cases = WS_CASES + [Case(n=2, h=8, w=12, c_in=32, c_out=64, kernel_size=(1, 1), padding=0)]
+    for case in cases:
+        _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
+        _compare(case, rng, jnp.bfloat16)
+        _compare(case, rng, jnp.float16)
+    case = WS_CASES[0]
+    x, off, kernel, mask = make_inputs(case, rng, np.float32)
+    f = jax.jit(_op(case, None, None))
+    y1, y2 = np.asarray(f(x, off, kernel, mask)), np.asarray(f(x, off, kernel, mask))
+    np.testing.assert_array_equal(y1, y2)
+    use[0] = one
+    y_one = np.asarray(jax.jit(_op(case, None, None))(x, off, kernel, mask))
+    assert rel_err(y1, y_one) < 1e-5
+    use[0] = tc
+    loss = lambda *a: jnp.sum(_op(case, None, None)(*a) ** 2)
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, off, kernel, mask)
+    assert all(np.all(np.isfinite(np.asarray(gi))) for gi in g)
 
 
 @pytest.mark.parametrize("cfg", [None, (1, 128, 128, 32, 8, 3)], ids=str)

@@ -1,6 +1,7 @@
 """deft_jax.tiling: the GPU rules are pure functions of the shape, and every choice is a
 configuration the CUDA kernels instantiate (so check_gpu_tile, the trace-time guard, accepts it)."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -127,3 +128,34 @@ def test_warp_specialized_forward_where_measured():
             tiling.check_gpu_tile(t, "float32")
     with pytest.raises(ValueError, match="not instantiated"):
         tiling.check_gpu_tile(tiling.TileConfig(1, 128, 128, 32, 8, 3), "float64")
+
+
+def test_k_splits_where_the_grid_leaves_sms_idle():
+    """The ring's k-split (NOTES.md "k-split ring"): on 132 SMs with clusters, S3/S6 (196 blocks, 1
+    per SM: 2 waves -> 1.5) take 2 blocks per tile, S4 (98 blocks: 1 -> 0.75 waves) 4; nothing
+    else. Without clusters (compute capability 8) or an unknown SM count: 1."""
+    for dt in ("float32", "bfloat16", "float16"):
+        for name in SUITE:
+            want = {"S3": 2, "S4": 4, "S6": 2}.get(name, 1)
+            t = tiling.choose_tiling("cuda", _shape(name, dt), 132, 9)
+            assert t.k_splits == want, (name, dt, t)
+            tiling.check_gpu_tile(t, dt, 9)
+            assert tiling.choose_tiling("cuda", _shape(name, dt), 132, 8).k_splits == 1
+            assert tiling.choose_tiling("cuda", _shape(name, dt), 0, 9).k_splits == 1
+    # A wide grid keeps 1 block per tile: S3 with 8x the batch is 1568 blocks (11.9 waves).
+    assert tiling.choose_tiling("cuda", _shape("S3", "float32", n=256), 132, 9).k_splits == 1
+
+
+def test_k_splits_validation():
+    """k_splits > 1 only on the ring tiles, only 2 or 4, only with clusters."""
+    ring = tiling.TileConfig(1, 128, 128, 32, 8, 3, 128, 2)
+    tiling.check_gpu_tile(ring, "float32")
+    tiling.check_gpu_tile(ring, "bfloat16", 9)
+    with pytest.raises(ValueError, match="thread-block clusters"):
+        tiling.check_gpu_tile(ring, "float32", 8)
+    for bad in (dataclasses.replace(ring, k_splits=3), dataclasses.replace(ring, stages=2),
+                tiling.TileConfig(8, 8, 64, 256, 4, 2, 64, 2)):
+        with pytest.raises(ValueError, match="k_splits"):
+            tiling.check_gpu_tile(bad, "float32")
+    with pytest.raises(ValueError):
+        tiling.check_gpu_tile(ring, "float64")

@@ -16,7 +16,7 @@ namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
-// Every attribute of the deft_deform_conv2d_{fwd,bwd}_v2 targets; Python passes them by name
+// Every attribute of the deft_deform_conv2d_{fwd,bwd}_v3 targets; Python passes them by name
 // (deft_jax/_ffi.py). Flags are int64 0/1 so the schema needs no bool attribute support.
 struct ConvAttrs {
   int64_t stride_h, stride_w;
@@ -24,7 +24,7 @@ struct ConvAttrs {
   int64_t dil_h, dil_w;
   int64_t offset_groups, feature_groups;
   int64_t with_mask, allow_tf32;
-  int64_t tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n;
+  int64_t tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits;
 };
 
 inline std::string dims_str(ffi::Span<const int64_t> d) {
@@ -50,7 +50,7 @@ inline ffi::ErrorOr<deft::DType> to_dtype(ffi::DataType t) {
 }
 
 inline deft::TileConfig tile_of(const ConvAttrs& a) {
-  return deft::TileConfig{a.tile_h, a.tile_w, a.tile_n, a.tile_k, a.warps, a.stages, a.bwd_tile_n};
+  return deft::TileConfig{a.tile_h, a.tile_w, a.tile_n, a.tile_k, a.warps, a.stages, a.bwd_tile_n, a.k_splits};
 }
 
 // Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
@@ -107,7 +107,7 @@ inline ffi::Error BuildParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& off
                       md[lead + 3] != q.mask_channels()))
     return invalid("mask " + dims_str(md) + " must be [..., N, H_out, W_out, G*kh*kw]");
   if (a.tile_h < 1 || a.tile_w < 1 || a.tile_n < 1 || a.tile_k < 1 || a.warps < 1 || a.stages < 1 ||
-      a.bwd_tile_n < 1)
+      a.bwd_tile_n < 1 || a.k_splits < 1)
     return invalid("tile configuration entries must be >= 1");
   *p = q;
   return ffi::Error::Success();
@@ -154,4 +154,5 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("allow_tf32"), ::xla::ffi::StructMember<int64_t>("tile_h"),
     ::xla::ffi::StructMember<int64_t>("tile_w"), ::xla::ffi::StructMember<int64_t>("tile_n"),
     ::xla::ffi::StructMember<int64_t>("tile_k"), ::xla::ffi::StructMember<int64_t>("warps"),
-    ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"));
+    ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
+    ::xla::ffi::StructMember<int64_t>("k_splits"));

@@ -112,8 +112,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCpu, deft_ffi::BackwardImpl,
 NB_MODULE(_deft_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_deform_conv2d_fwd_v2"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCpu));
-    d["deft_deform_conv2d_bwd_v2"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCpu));
+    d["deft_deform_conv2d_fwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCpu));
+    d["deft_deform_conv2d_bwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCpu));
     return d;
   });
 }

@@ -118,8 +118,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
 NB_MODULE(_deft_cuda, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_deform_conv2d_fwd_v2"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
-    d["deft_deform_conv2d_bwd_v2"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
+    d["deft_deform_conv2d_fwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
+    d["deft_deform_conv2d_bwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
     return d;
   });
 }

@@ -80,7 +80,7 @@ template <typename T> using Fwd128x128w16 = FwdCfg<128, 128, kFwdBK<T>, 4, 4, 1>
 
 template <typename T, typename F>
 cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
-  if (t.tile_k != kFwdBK<T> || t.stages < 1 || t.stages > 2) return cudaErrorInvalidValue;
+  if (t.tile_k != kFwdBK<T> || t.stages < 1 || t.stages > 2 || t.k_splits != 1) return cudaErrorInvalidValue;
   const int64_t px = t.pixels();
   if (px == 64 && t.tile_n == 64 && t.warps == 4) return f(Fwd64x64<T>{});
   if constexpr (!std::is_same<T, double>::value) {
@@ -94,7 +94,8 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 // Warp-specialized forward tiles (forward_ws.cuh): stages = 3 names the producer/consumer ring of 3
 // slots, tile_k = 32; (pixels, tile_n, warps) = (128, 128, 8): 2 x 2 consumer warps (64 x 64
 // each) + 4 producers, or (64, 64, 8): 2 x 2 consumers (32 x 32) + 4 producers, 2 blocks per SM.
-// Not float64. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
+// Not float64. k_splits in {2, 4} (sm_90): clusters of that many blocks split each tile's
+// reduction (forward_ws.cuh); every other tile has k_splits = 1. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
 // vector, x of 2^31 or more elements) the streaming kernel of the same tile runs (ws_fallback).
 // Measured and not kept (NOTES.md "Warp-specialized forward"): a 4-slot ring (within 1-2%),
 // 4 + 8 warps (168-register cap: fp32 spills, 10-15% slower; bf16 3-6% faster), 8 + 8 warps.
@@ -103,7 +104,7 @@ using Ws64x64w8 = WsCfg<64, 64, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
-  return t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
+  return (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
          ((px == 128 && t.tile_n == 128) || (px == 64 && t.tile_n == 64));
 }
 
@@ -117,6 +118,7 @@ cudaError_t with_ws_cfg(const TileConfig& t, F&& f) {
 inline TileConfig ws_fallback(const TileConfig& t) {
   TileConfig s = t;
   s.stages = 2;
+  s.k_splits = 1;
   if (t.pixels() == 64) s.warps = 4;
   return s;
 }
@@ -124,7 +126,7 @@ inline TileConfig ws_fallback(const TileConfig& t) {
 // Split-forward tiles (forward.cuh, deform_fwd_split_kernel): tile_k input channels resident per
 // block, on the 64-pixel x 64-channel tile with 4 warps and the cp.async weight pipeline.
 inline bool is_split_tile(const TileConfig& t) {
-  return (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.pixels() == SplitCfg::BM &&
+  return (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.k_splits == 1 && t.pixels() == SplitCfg::BM &&
          t.tile_n == SplitCfg::BN && t.warps * 32 == SplitCfg::kThreads && t.stages == 2;
 }
 
@@ -188,7 +190,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
         return run_forward<T>(stream, p, ws_fallback(t), allow_tf32, x, offset, mask, kernel, y, workspace);
       }
       return with_ws_cfg(t, [&](auto cfg) -> cudaError_t {
-        return launch_forward_ws<T, decltype(cfg)>(stream, g, xs, os, ms, ks, ys);
+        return launch_forward_ws<T, decltype(cfg)>(stream, g, static_cast<int>(t.k_splits), xs, os, ms, ks, ys);
       });
     }
   }

@@ -22,6 +22,44 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Thread-block clusters (sm_90; the launcher runs the k-split ring only there): the barrier over
+// every thread of the cluster (release/acquire: shared-memory writes before it are visible to the
+// other blocks' reads after it), this block's rank, and a 16-byte load from the shared memory of
+// block `rank` at the address that `local` has in ours.
+__device__ __forceinline__ void cluster_sync_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return static_cast<int>(r);
+#else
+  __trap();
+  return 0;
+#endif
+}
+__device__ __forceinline__ float4 ld_cluster_f4(const float* local, int rank) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  uint32_t ra;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(ra)
+               : "memory");
+#else
+  (void)local, (void)rank;
+  __trap();
+#endif
+  return v;
+}
+
 // The producers' bilinear record: four corner offsets that are always inside x, so a corner load
 // is one IMAD.WIDE.U32 + LDG with no predicate and no zero fill. (The streaming records mark a
 // corner outside the image with -1, and each corner then cost ~11 instructions: sign test, zero
@@ -140,9 +178,11 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
   int64_t my_img = 0, my_ho = 0, my_wo = 0;
   const int64_t my_pix = ptid < BM ? pt.pixel(g, ptid, &my_img, &my_ho, &my_wo) : -1;
   const int64_t ldo = p.c_out;
-  // Weight rows by one pointer: the walk consumes the kernel's (tap, channel) rows in order.
+  // Weight rows by one pointer: the walk consumes the kernel's (tap, channel) rows in order, from
+  // the row of its current chunk (a k-split block starts inside the walk).
   const bool bok = bc < ocnt;
-  const T* wp = kb + o0 + bc + static_cast<int64_t>(br0) * ldo;
+  const int64_t row0 = static_cast<int64_t>(walk.tap) * (walk.cend - walk.cbeg) + (walk.c0 - walk.cbeg);
+  const T* wp = kb + o0 + bc + (row0 + br0) * ldo;
   const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
   auto build_recs = [&](int tap, int og, int buf) {
     if (ptid < BM) {
@@ -168,11 +208,14 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
     bwalk.next();
   };
 
-  build_recs(walk.tap, walk.og, 0);
+  // A k-split block may start inside a group: its first chunk publishes the records and builds
+  // the next group's, as a group's first chunk does.
+  build_recs(walk.tap, walk.og, walk.group & 1);
   issue_b(0);  // every slot is free at the start
   cp_async_commit();
   for (int i = 0, s = 0; i < nchunks; ++i) {
-    if (walk.is_first) named_sync(kProd, PT);
+    const bool opens = walk.is_first || i == 0;
+    if (opens) named_sync(kProd, PT);
     const Rec* rb = recs + (walk.group & 1) * BM;
     // Past the chunk's channels the thread loads channel 0 (in bounds) and stores zeros.
     const bool cok = cv < walk.cnt;
@@ -180,7 +223,7 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
     uint4 cr[IT][4];
 #pragma unroll
     for (int it = 0; it < IT; ++it) ws_fetch<T, A>(cr[it], xc, rb[r0 + it * RSTEP]);
-    if (walk.is_first) {  // the next group's records, while the corners are in flight
+    if (opens) {  // the next group's records, while the corners are in flight
       int ntap, ncs;
       if (walk.next_group(&ntap, &ncs)) build_recs(ntap, ncs / walk.Cpog, (walk.group + 1) & 1);
     }
@@ -205,9 +248,41 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
   cp_async_wait<0>();
 }
 
+// The k-split ring's epilogue: the cluster's blocks computed the same output tile over disjoint
+// chunk ranges, each left its fp32 partial tile in its own shared memory (Cs, same address in
+// every block), and block `rank` sums rows [rank, rank + 1) * BM / splits of all of them, in rank
+// order (deterministic), and stores them. Vector path only (the ring's).
+template <typename T, int BM, int BN, int NT, int LDC>
+__device__ __forceinline__ void ws_split_epilogue(const Geo& g, const PixTile& pt, const float* Cs,
+                                                  T* __restrict__ y, int64_t o0, int ocnt, int tid,
+                                                  int splits, int rank) {
+  constexpr int V = kVec<T>, F4 = V / 4;  // 16-byte stores of T, from V / 4 16-byte loads per block
+  const int rows = BM / splits, rbeg = rank * rows;
+  for (int idx = tid; idx < rows * (BN / V); idx += NT) {
+    const int r = rbeg + idx / (BN / V), c = (idx % (BN / V)) * V;
+    const int64_t pix = pt.out_pixel(g, r);
+    if (pix < 0 || c >= ocnt) continue;
+    float v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = 0.f;
+    for (int q = 0; q < splits; ++q) {
+#pragma unroll
+      for (int f = 0; f < F4; ++f) {
+        const float4 t = ld_cluster_f4(Cs + r * LDC + c + 4 * f, q);
+        v[4 * f] += t.x, v[4 * f + 1] += t.y, v[4 * f + 2] += t.z, v[4 * f + 3] += t.w;
+      }
+    }
+    store_elems<T, float, V>(y + pix * g.p.c_out + o0 + c, v);
+  }
+}
+
 // Tensor-core vector path only (bf16/fp16, fp32 with TF32; x32): the launcher hands every other
-// case to the streaming kernel of the same tile.
-template <typename T, typename Cfg>
+// case to the streaming kernel of the same tile. KSPLIT: the blocks of one cluster (gridDim.z of
+// them, sm_90) split the (tap, chunk) walk of one output tile into equal ranges and meet in
+// distributed shared memory. That gives a layer whose tiles leave SMs idle (S4: 98 blocks of 1 per
+// SM on 132 SMs) or a half-empty last wave (S3/S6: 196) more, shorter blocks: each block's time is
+// its chain of chunks (latency-bound, NOTES.md "Flat forward tiles"), not its pixel count.
+template <typename T, typename Cfg, bool KSPLIT>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     deform_fwd_ws_kernel(const Geo g, const T* __restrict__ x, const T* __restrict__ offset,
                          const T* __restrict__ mask, const T* __restrict__ kernel, T* __restrict__ y) {
@@ -229,7 +304,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
   ChunkWalk walk;
   walk.init(g, fg, BK);
-  const int nchunks = walk.valid() ? walk.count() : 0;
+  int nchunks = walk.valid() ? walk.count() : 0;
+  int splits = 1, rank = 0;
+  if constexpr (KSPLIT) {  // this block's range of the walk: chunks [i0, i1)
+    splits = static_cast<int>(gridDim.z), rank = cluster_rank();
+    const int per = (nchunks + splits - 1) / splits;
+    const int i0 = min(rank * per, nchunks), i1 = min(i0 + per, nchunks);
+    for (int i = 0; i < i0; ++i) walk.next();
+    nchunks = i1 - i0;
+  }
 
   MmaTile<T, true, BM, BN, BK, Cfg::WM, Cfg::WN, false, false> mma;
   if (tid < CT) {  // consumers: warps 0 .. WM*WN-1, as the MMA tile numbers them
@@ -247,16 +330,60 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
   __syncthreads();  // the accumulator tile aliases the ring
   if (tid < CT) mma.store(reinterpret_cast<A*>(smem), L::LDC, tid);
-  __syncthreads();
-  fwd_epilogue<T, BM, BN, NT, L::LDC>(g, pt, reinterpret_cast<const A*>(smem), y, o0, ocnt, tid);
+  if constexpr (KSPLIT) {
+    cluster_sync_all();  // every block's partial tile is in its shared memory
+    ws_split_epilogue<T, BM, BN, NT, L::LDC>(g, pt, reinterpret_cast<const float*>(smem), y, o0, ocnt, tid,
+                                             splits, rank);
+    cluster_sync_all();  // ... and stays there until the whole cluster has read it
+  } else {
+    __syncthreads();
+    fwd_epilogue<T, BM, BN, NT, L::LDC>(g, pt, reinterpret_cast<const A*>(smem), y, o0, ocnt, tid);
+  }
 }
 
+// Whether this device runs thread-block clusters (compute capability 9.0 or newer).
+inline bool device_has_clusters() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 9;
+}
+
+// splits = 1: the plain ring. splits in {2, 4}: clusters of `splits` blocks along the grid's z
+// (tiling.py picks it; BM / splits rows per block in the epilogue). Not on devices without
+// clusters: an error, never a silent change of kernel.
 template <typename T, typename Cfg>
-cudaError_t launch_forward_ws(cudaStream_t stream, const Geo& g, const T* x, const T* offset, const T* mask,
-                              const T* kernel, T* y) {
+cudaError_t launch_forward_ws(cudaStream_t stream, const Geo& g, int splits, const T* x, const T* offset,
+                              const T* mask, const T* kernel, T* y) {
   if (!g.vec || !g.x32) return cudaErrorInvalidValue;  // run_forward routes these elsewhere
-  return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg>, Cfg::BN, Cfg::kThreads,
-                              WsLayout<T, Cfg>::kBytes, g, x, offset, mask, kernel, y);
+  constexpr size_t smem = WsLayout<T, Cfg>::kBytes;
+  if (splits == 1) {
+    return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, false>, Cfg::BN, Cfg::kThreads, smem, g,
+                                x, offset, mask, kernel, y);
+  }
+  if ((splits != 2 && splits != 4) || Cfg::BM % splits != 0) return cudaErrorInvalidValue;
+  if (!device_has_clusters()) return cudaErrorNotSupported;
+  const ConvParams& p = g.p;
+  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
+  const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
+  auto fn = deform_fwd_ws_kernel<T, Cfg, true>;
+  if (const cudaError_t e = allow_smem(fn, smem); e != cudaSuccess) return e;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
+  cfg.blockDim = dim3(Cfg::kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = static_cast<unsigned>(splits);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (const cudaError_t e = cudaLaunchKernelEx(&cfg, fn, g, x, offset, mask, kernel, y); e != cudaSuccess) return e;
+  return cudaGetLastError();
 }
 
 }  // namespace kern

@@ -29,14 +29,15 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
   if (good) return "";
   s << "GPU tile configuration (tile_h=" << tile.tile_h << ", tile_w=" << tile.tile_w
     << ", tile_n=" << tile.tile_n << ", tile_k=" << tile.tile_k << ", warps=" << tile.warps
-    << ", stages=" << tile.stages << ") is not instantiated for " << dtype_name(dtype)
+    << ", stages=" << tile.stages << ", k_splits=" << tile.k_splits << ") is not instantiated for " << dtype_name(dtype)
     << "; instantiated: tile_h*tile_w=64, tile_n=64, warps=4"
     << (dtype == DType::kF64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8 or 16")
     << ", all with tile_k=32"
-    << " and stages 1 or 2"
+    << " and stages 1 or 2, k_splits=1"
     << (dtype == DType::kF64 ? "" : "; or the split forward: tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "
                                     "tile_k in {128, 256, 512}; or the warp-specialized forward: tile_k=32, warps=8, "
-                                    "stages=3 and (tile_h*tile_w, tile_n) = (128, 128) or (64, 64)");
+                                    "stages=3, (tile_h*tile_w, tile_n) = (128, 128) or (64, 64) and k_splits in {1, 2, 4} (2 and 4: "
+                                    "thread-block clusters, compute capability 9.0+)");
   return s.str();
 }
 

@@ -14,6 +14,7 @@ struct TileConfig {
   int64_t warps;   // warps per block (GPU)
   int64_t stages;  // pipeline depth (GPU)
   int64_t bwd_tile_n;  // output channels per block of the backward weight pass (GPU: 64 or 128)
+  int64_t k_splits;    // blocks (one cluster) that split the forward's reduction of one tile (GPU)
 
   int64_t pixels() const { return tile_h * tile_w; }
 };

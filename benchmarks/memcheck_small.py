@@ -1,7 +1,7 @@
 """Small forward + backward through the CUDA kernels, for compute-sanitizer (memcheck).
 
 Shapes that are not multiples of any tile (odd channels: scalar loads; 72 channels: 16-byte
-vectors with partial chunks), DCNv1 and DCNv2, offsets far out of bounds, every dtype.
+vectors with partial chunks), DCNv1 and DCNv2, offsets far out of bounds, every dtype; the k-split ring forward.
 Run: XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck python memcheck_small.py
 (the platform allocator gives every buffer its own allocation, so an overrun is seen).
 """
@@ -35,4 +35,15 @@ for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64):
     run(2, 9, 7, 5, 3, 1, 1, True, dtype, 3.0)
     run(1, 11, 10, 72, 80, 2, 2, False, dtype, 20.0, strides=2)
     run(1, 8, 8, 64, 64, 4, 1, True, dtype, 2.0)
+# The warp-specialized forward with k-split clusters (k_splits 2 and 4: ranges starting inside a
+# (tap, segment) group, the partial tiles read across the cluster), forced by a tile override.
+from deft_jax import tiling  # noqa: E402
+
+_choose = tiling.choose_tiling
+for ks in (2, 4):
+    tc = tiling.TileConfig(1, 128, 128, 32, 8, 3, 64, ks)
+    tiling.choose_tiling = lambda *a, tc=tc, **kw: tc
+    for dtype in (jnp.float32, jnp.bfloat16):
+        run(3, 9, 7, 72, 136, 2, 1, True, dtype, 3.0)
+tiling.choose_tiling = _choose
 print("memcheck workload done")

@@ -113,26 +113,47 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
 # Blocks per SM of the warp-specialized tiles (their register allocation: 1 for the 128 x 128 tile,
 # 2 for 64 x 64; dispatch.cuh's WsCfg).
 _WS_BLOCKS_PER_SM = {128: 1, 64: 2}
+# A ring block's fixed cost (records, first gather, ring fill, epilogue), in (tap, chunk) steps:
+# fitted to the k-split measurements below (fp32 ~7, bf16 ~11 steps; ~7-10 us).
+_WS_FIXED_STEPS = 9
+
+
+def _ws_steps_per_tile(s: LayerShape) -> int:
+    """(tap, 32-channel chunk) steps of one output tile: ChunkWalk::count() in forward.cuh (a
+    feature group's channels, cut at the offset-group boundaries, in chunks of 32 per tap)."""
+    cg, cpog = s.c_in // s.feature_groups, s.c_in // s.offset_groups
+    per_tap, c = 0, 0
+    while c < cg:
+        e = min((c // cpog + 1) * cpog, cg)
+        per_tap += -(-(e - c) // 32)
+        c = e
+    return s.taps * per_tap
 
 
 def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
-    """Blocks per output tile of the warp-specialized forward (1, 2 or 4).
+    """Blocks per output tile of the warp-specialized forward: 1, or 2 where the model says so.
 
-    A ring block's time is its chain of (tap, chunk) steps, not its pixel count (latency-bound:
-    the padding rows that flat tiles turned into real pixels cost nothing, NOTES.md "Flat forward
-    tiles"). So a grid that leaves SMs idle (S4: 98 blocks, 1 per SM, on 132 SMs) or ends in a
-    half-empty wave (S3/S6: 196) runs faster as k blocks per tile, each 1/k of the chain: time ~
-    ceil(k * blocks / resident) / k. k is the smallest that minimises it, taken only where that
-    saves a quarter or more (S3/S6: 2 -> 1.5 waves, S4: 1 -> 0.75).
+    A ring block's time is its chain of (tap, chunk) steps plus a fixed cost (latency-bound: the
+    padding rows that flat tiles turned into real pixels cost nothing, NOTES.md "Flat forward
+    tiles"), so a grid ending in a half-empty wave can run faster as 2 blocks per tile, each half
+    of the chain: time ~ ceil(k * blocks / resident) * (steps / k + fixed). Measured per kernel
+    (H200, 99a52ea, ktime fwd us, k = 1 / 2 / 4; NOTES.md "k-split ring"): S3 fp32 120.8 / 106.0 /
+    141.7, bf16 82.0 / 76.7 / 123.3; S6 fp32 72.4 / 69.1 / 104.4, bf16 52.1 / 53.6 / 98.1; S4 fp32
+    113.7 / 123.1 / 135.4, bf16 75.1 / 82.7 / 104.3; end to end (tile sweep, same call) S3 fp32 125
+    -> 105, bf16 85 -> 76, S6 fp32 84 -> 85, bf16 55 -> 65, S4 fp32 121 -> 121, bf16 73 -> 90.
+    With the fitted fixed cost the model picks 2 at S3 only (S6: 54 vs 54 step-units, S4: 81 vs
+    90). k = 4 is never picked: slower everywhere (clusters of 4 blocks of 1 per SM fit fewer SMs
+    per GPC, and the fixed cost is paid 4 times).
     """
     if sm_count <= 0:
         return 1
     pixels = tile.tile_h * tile.tile_w
-    blocks = -(-s.n * s.h_out * s.w_out // pixels) * s.feature_groups * -(-(s.c_out // s.feature_groups) // tile.tile_n)
+    blocks = (-(-s.n * s.h_out * s.w_out // pixels) * s.feature_groups
+              * -(-(s.c_out // s.feature_groups) // tile.tile_n))
     resident = sm_count * _WS_BLOCKS_PER_SM[pixels]
-    waves = {k: -(-k * blocks // resident) / k for k in (1, 2, 4)}
-    best = min(waves, key=lambda k: (waves[k], k))
-    return best if waves[best] <= 0.75 * waves[1] else 1
+    steps = _ws_steps_per_tile(s)
+    cost = {k: -(-k * blocks // resident) * (steps / k + _WS_FIXED_STEPS) for k in (1, 2)}
+    return 2 if cost[2] < cost[1] else 1
 
 
 def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:

@@ -110,9 +110,9 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
     return tile
 
 
-# Blocks per SM of the warp-specialized tiles (their register allocation: 1 for the 128 x 128 tile,
-# 2 for 64 x 64; dispatch.cuh's WsCfg).
-_WS_BLOCKS_PER_SM = {128: 1, 64: 2}
+# Blocks per SM of the warp-specialized tiles by (pixels, tile_n) (their register allocation: 1 for
+# the 128 x 128 tile, 2 for the 64-pixel ones; dispatch.cuh's WsCfg).
+_WS_BLOCKS_PER_SM = {(128, 128): 1, (64, 64): 2, (64, 128): 2}
 # A ring block's fixed cost (records, first gather, ring fill, epilogue), in (tap, chunk) steps:
 # fitted to the k-split measurements below (fp32 ~7, bf16 ~11 steps; ~7-10 us).
 _WS_FIXED_STEPS = 9
@@ -150,7 +150,7 @@ def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     pixels = tile.tile_h * tile.tile_w
     blocks = (-(-s.n * s.h_out * s.w_out // pixels) * s.feature_groups
               * -(-(s.c_out // s.feature_groups) // tile.tile_n))
-    resident = sm_count * _WS_BLOCKS_PER_SM[pixels]
+    resident = sm_count * _WS_BLOCKS_PER_SM[(pixels, tile.tile_n)]
     steps = _ws_steps_per_tile(s)
     cost = {k: -(-k * blocks // resident) * (steps / k + _WS_FIXED_STEPS) for k in (1, 2)}
     return 2 if cost[2] < cost[1] else 1
@@ -238,7 +238,7 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
 # The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): tile_k = 32,
 # (pixels, tile_n, warps, stages = shared-memory ring slots) below; 4 consumer + 4 producer warps.
-_GPU_WS_TILES = ((128, 128, 8, 3), (64, 64, 8, 3))
+_GPU_WS_TILES = ((128, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3))
 # Blocks per tile (one cluster) of the warp-specialized forward (forward_ws.cuh).
 _GPU_WS_K_SPLITS = (1, 2, 4)
 # Output channels per block of the weight pass (backward.cuh, WeightCfg / WeightCfgWide; 128 not

@@ -388,7 +388,8 @@ WS_CASES = FLAT_CASES + [
 
 
 @pytest.mark.parametrize("cfg", [(1, 128, 128, 32, 8, 3), (8, 16, 128, 32, 8, 3), (8, 8, 64, 32, 8, 3),
-                                 (1, 64, 64, 32, 8, 3)], ids=str)
+                                 (1, 64, 64, 32, 8, 3), (1, 64, 128, 32, 8, 3), (8, 8, 128, 32, 8, 3)],
+                         ids=str)
 def test_warp_specialized_tiles(cfg, rng, monkeypatch):
     """The warp-specialized forward (stages = 3: producer warps fill a ring of shared-memory tiles
     that consumer warps multiply): flat and 2D tiles, partial chunks and channel blocks, feature
@@ -417,7 +418,8 @@ def test_warp_specialized_tiles(cfg, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg", [(1, 128, 128, 32, 8, 3, 128, 2), (1, 128, 128, 32, 8, 3, 128, 4),
-                                 (8, 8, 64, 32, 8, 3, 64, 4), (1, 64, 64, 32, 8, 3, 64, 2)], ids=str)
+                                 (8, 8, 64, 32, 8, 3, 64, 4), (1, 64, 64, 32, 8, 3, 64, 2),
+                                 (1, 64, 128, 32, 8, 3, 128, 2)], ids=str)
 def test_k_split_ring(cfg, rng, monkeypatch):
     """k_splits > 1: a cluster of blocks splits each output tile's (tap, chunk) walk and sums the
     partial tiles in distributed shared memory. Ranges that start inside a (tap, segment) group

@@ -93,7 +93,8 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 
 // Warp-specialized forward tiles (forward_ws.cuh): stages = 3 names the producer/consumer ring of 3
 // slots, tile_k = 32; (pixels, tile_n, warps) = (128, 128, 8): 2 x 2 consumer warps (64 x 64
-// each) + 4 producers, or (64, 64, 8): 2 x 2 consumers (32 x 32) + 4 producers, 2 blocks per SM.
+// each) + 4 producers, or (64, 64, 8) / (64, 128, 8): 2 x 2 consumers (32 x 32 / 32 x 64) + 4
+// producers, 2 blocks per SM.
 // Not float64. k_splits in {2, 4} (sm_90): clusters of that many blocks split each tile's
 // reduction (forward_ws.cuh); every other tile has k_splits = 1. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
 // vector, x of 2^31 or more elements) the streaming kernel of the same tile runs (ws_fallback).
@@ -101,25 +102,31 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 // 4 + 8 warps (168-register cap: fp32 spills, 10-15% slower; bf16 3-6% faster), 8 + 8 warps.
 using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
 using Ws64x64w8 = WsCfg<64, 64, 32, 2, 2, 4, 3, 2>;
+// 64 pixels x 128 channels (2 x 2 consumers of 32 x 64), 2 blocks per SM: as many samples per
+// output channel as the 128 x 128 tile, twice its blocks and blocks per SM (S4: 196 blocks, all
+// resident at once, where the 128 x 128 tile leaves 34 of 132 SMs idle).
+using Ws64x128w8 = WsCfg<64, 128, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
   return (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
-         ((px == 128 && t.tile_n == 128) || (px == 64 && t.tile_n == 64));
+         ((px == 128 && t.tile_n == 128) || (px == 64 && (t.tile_n == 64 || t.tile_n == 128)));
 }
 
 template <typename F>
 cudaError_t with_ws_cfg(const TileConfig& t, F&& f) {
   if (!is_ws_tile(t)) return cudaErrorInvalidValue;
-  return t.pixels() == 64 ? f(Ws64x64w8{}) : f(Ws128x128w8{});
+  if (t.pixels() == 128) return f(Ws128x128w8{});
+  return t.tile_n == 64 ? f(Ws64x64w8{}) : f(Ws64x128w8{});
 }
 
-// The streaming tile of the same shape (register-prefetch pipeline).
+// The streaming tile of the same shape (register-prefetch pipeline); for 64 x 128 (no streaming
+// instantiation) the 64 x 64 one.
 inline TileConfig ws_fallback(const TileConfig& t) {
   TileConfig s = t;
   s.stages = 2;
   s.k_splits = 1;
-  if (t.pixels() == 64) s.warps = 4;
+  if (t.pixels() == 64) s.warps = 4, s.tile_n = 64;
   return s;
 }
 

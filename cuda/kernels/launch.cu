@@ -36,7 +36,7 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
     << " and stages 1 or 2, k_splits=1"
     << (dtype == DType::kF64 ? "" : "; or the split forward: tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "
                                     "tile_k in {128, 256, 512}; or the warp-specialized forward: tile_k=32, warps=8, "
-                                    "stages=3, (tile_h*tile_w, tile_n) = (128, 128) or (64, 64) and k_splits in {1, 2, 4} (2 and 4: "
+                                    "stages=3, (tile_h*tile_w, tile_n) = (128, 128), (64, 64) or (64, 128) and k_splits in {1, 2, 4} (2 and 4: "
                                     "thread-block clusters, compute capability 9.0+)");
   return s.str();
 }

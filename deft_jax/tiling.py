@@ -73,7 +73,9 @@ def _cpu_tiling(s: LayerShape) -> TileConfig:
 def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
     """The forward's tile (below), its k-split and the weight pass's output-channel tile."""
     tile = _gpu_forward_tile(s, sm_count)
-    if tile.stages == 3 and cc_major >= 9:
+    if _ws_half_tile(s, tile, sm_count):
+        tile = dataclasses.replace(tile, tile_w=tile.tile_w // 2 if tile.tile_h == 1 else 8, tile_h=min(tile.tile_h, 8))
+    elif tile.stages == 3 and tile.tile_h * tile.tile_w == 128 and cc_major >= 9:
         tile = dataclasses.replace(tile, k_splits=_ws_k_splits(s, tile, sm_count))
     # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: from
     # C_out = 128 on, the 64 x 128 tile halves that (2x -> 1x at S3/S6, 8x -> 4x at S5).
@@ -130,6 +132,31 @@ def _ws_steps_per_tile(s: LayerShape) -> int:
     return s.taps * per_tap
 
 
+def _ws_blocks(s: LayerShape, tile: TileConfig) -> int:
+    pixels = tile.tile_h * tile.tile_w
+    return (-(-s.n * s.h_out * s.w_out // pixels) * s.feature_groups
+            * -(-(s.c_out // s.feature_groups) // tile.tile_n))
+
+
+def _ws_half_tile(s: LayerShape, tile: TileConfig, sm_count: int) -> bool:
+    """float32 on the 128 x 128 ring -> the 64 x 128 ring (2 blocks per SM, twice the blocks) where
+    the 128 x 128 grid runs past one wave and each tile walks 32 or more (tap, chunk) steps.
+
+    Two co-resident blocks hide each other's gather latency, which the one 8-warp block per SM of
+    the 128 x 128 tile cannot. Measured (H200, 0c0e381, fwd us, ktime / tile sweep in one call;
+    NOTES.md "64 x 128 ring"), 128 x 128 -> 64 x 128: fp32 S3 (196 blocks, 36 steps) 122.7 / 123 ->
+    95.9 / 97 (also ahead of 2 blocks per tile: 106.6 / 113); S4 (98 blocks) 113.8 / 104 -> 105.9 /
+    108 and S6 (18 steps) 73.5 / 76 -> 67.9 / 78: per kernel ahead, end to end not, so they stay.
+    bf16: S3 82.4 / 86 -> 81.6 / 82 against 76.9 / 71 for 2 blocks per tile; S4 74.4 / 76 -> 71.0 /
+    79; S6 52.9 / 57 -> 51.3 / 58: 16-bit types stay on the 128 x 128 tile.
+    """
+    if s.dtype != "float32" or sm_count <= 0 or tile.stages != 3:
+        return False
+    if (tile.tile_h * tile.tile_w, tile.tile_n) != (128, 128) or tile.tile_h not in (1, 8):
+        return False
+    return _ws_blocks(s, tile) > sm_count and _ws_steps_per_tile(s) >= 32
+
+
 def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     """Blocks per output tile of the warp-specialized forward: 1, or 2 where the model says so.
 
@@ -142,14 +169,14 @@ def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     113.7 / 123.1 / 135.4, bf16 75.1 / 82.7 / 104.3; end to end (tile sweep, same call) S3 fp32 125
     -> 105, bf16 85 -> 76, S6 fp32 84 -> 85, bf16 55 -> 65, S4 fp32 121 -> 121, bf16 73 -> 90.
     With the fitted fixed cost the model picks 2 at S3 only (S6: 54 vs 54 step-units, S4: 81 vs
-    90). k = 4 is never picked: slower everywhere (clusters of 4 blocks of 1 per SM fit fewer SMs
+    90); fp32 S3 then takes the 64 x 128 tile instead (_ws_half_tile), so the split applies to
+    16-bit S3. Fitted on the 128 x 128 tile only, and applied only there. k = 4 is never picked: slower everywhere (clusters of 4 blocks of 1 per SM fit fewer SMs
     per GPC, and the fixed cost is paid 4 times).
     """
     if sm_count <= 0:
         return 1
     pixels = tile.tile_h * tile.tile_w
-    blocks = (-(-s.n * s.h_out * s.w_out // pixels) * s.feature_groups
-              * -(-(s.c_out // s.feature_groups) // tile.tile_n))
+    blocks = _ws_blocks(s, tile)
     resident = sm_count * _WS_BLOCKS_PER_SM[(pixels, tile.tile_n)]
     steps = _ws_steps_per_tile(s)
     cost = {k: -(-k * blocks // resident) * (steps / k + _WS_FIXED_STEPS) for k in (1, 2)}

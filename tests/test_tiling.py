@@ -131,20 +131,21 @@ def test_warp_specialized_forward_where_measured():
 
 
 def test_k_splits_where_the_model_says():
-    """The ring's k-split (NOTES.md "k-split ring"): on 132 SMs with clusters, S3 (196 blocks of 36
-    steps, 1 per SM) takes 2 blocks per tile; S4 (98 blocks: 2 waves of half the steps gain
-    nothing) and S6 (18 steps: the fixed cost eats the gain) keep 1, as measured; nothing else
-    splits. Without clusters (compute capability 8) or an unknown SM count: 1."""
+    """The ring's k-split (NOTES.md "k-split ring"): on 132 SMs with clusters, 16-bit S3 (196
+    blocks of 36 steps, 1 per SM) takes 2 blocks per tile (fp32 S3 takes the 64 x 128 tile
+    instead); S4 (98 blocks: 2 waves of half the steps gain nothing) and S6 (18 steps: the fixed
+    cost eats the gain) keep 1, as measured; nothing else splits. Without clusters (compute
+    capability 8) or an unknown SM count: 1."""
     for dt in ("float32", "bfloat16", "float16"):
         for name in SUITE:
-            want = 2 if name == "S3" else 1
+            want = 2 if name == "S3" and dt != "float32" else 1
             t = tiling.choose_tiling("cuda", _shape(name, dt), 132, 9)
             assert t.k_splits == want, (name, dt, t)
             tiling.check_gpu_tile(t, dt, 9)
             assert tiling.choose_tiling("cuda", _shape(name, dt), 132, 8).k_splits == 1
             assert tiling.choose_tiling("cuda", _shape(name, dt), 0, 9).k_splits == 1
     # A wide grid keeps 1 block per tile: S3 with 8x the batch is 1568 blocks (11.9 waves).
-    assert tiling.choose_tiling("cuda", _shape("S3", "float32", n=256), 132, 9).k_splits == 1
+    assert tiling.choose_tiling("cuda", _shape("S3", "bfloat16", n=256), 132, 9).k_splits == 1
     # The step count follows the offset-group segments: 2 groups of 36 channels -> 32 + 4 each.
     assert tiling._ws_steps_per_tile(_shape("S3", "float32", c_in=72, offset_groups=2)) == 9 * 4
 
@@ -162,3 +163,20 @@ def test_k_splits_validation():
             tiling.check_gpu_tile(bad, "float32")
     with pytest.raises(ValueError):
         tiling.check_gpu_tile(ring, "float64")
+
+
+def test_float32_half_ring_tile_where_measured():
+    """float32 S3 (196 blocks of the 128 x 128 ring, 36 steps each) takes the 64 x 128 ring (2
+    blocks per SM; NOTES.md "64 x 128 ring"), with or without clusters; S4 (98 blocks) and S6 (18
+    steps), 16-bit types and an unknown SM count keep the 128 x 128 tile. A 2D 8 x 16 tile halves to
+    8 x 8."""
+    for cc in (8, 9):
+        t = tiling.choose_tiling("cuda", _shape("S3", "float32"), 132, cc)
+        assert (t.tile_h, t.tile_w, t.tile_n, t.warps, t.stages, t.k_splits) == (1, 64, 128, 8, 3, 1)
+        tiling.check_gpu_tile(t, "float32", cc)
+    for name, dt in (("S4", "float32"), ("S6", "float32"), ("S3", "bfloat16"), ("S3", "float16")):
+        t = tiling.choose_tiling("cuda", _shape(name, dt), 132, 9)
+        assert (t.tile_h * t.tile_w, t.tile_n) == (128, 128), (name, dt, t)
+    assert tiling.choose_tiling("cuda", _shape("S3", "float32"), 0, 9).tile_w == 128
+    t = tiling.choose_tiling("cuda", _shape("S3", "float32", h_out=32, w_out=32, n=64), 132, 9)
+    assert (t.tile_h, t.tile_w, t.tile_n) == (8, 8, 128), t

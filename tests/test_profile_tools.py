@@ -39,3 +39,13 @@ def test_ktime_compare_reads_two_tables(capsys):
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
     assert len(rows) == 12  # the 12 backward runs both tables have
     assert "193.6 -> 165.5 (0.85x)" in rows["S3,float32"]  # the wide weight tile
+
+
+def test_target_floor_reads_a_checked_in_benchmark():
+    """S5 fp32 fwd+bwd (results_52c503a.json): the 4x target is the gather's 273.4 us / 4 = 68 us,
+    0.43x of lax.conv's 157.5 us."""
+    tool = _load("target_floor")
+    text = tool.table(str(ROOT / "benchmarks" / "results" / "h200_s12" / "results_52c503a.json"))
+    row = next(line for line in text.splitlines() if line.startswith("| fwdbwd float32"))
+    s5 = row.split("|")[6]
+    assert s5.strip().startswith("68 us = 0.43x conv"), row

@@ -74,7 +74,7 @@ def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
     """The forward's tile (below), its k-split and the weight pass's output-channel tile."""
     tile = _gpu_forward_tile(s, sm_count)
     if _ws_half_tile(s, tile, sm_count):
-        tile = dataclasses.replace(tile, tile_w=tile.tile_w // 2 if tile.tile_h == 1 else 8, tile_h=min(tile.tile_h, 8))
+        tile = dataclasses.replace(tile, tile_w=tile.tile_w // 2)  # flat 1 x 128 -> 1 x 64, 8 x 16 -> 8 x 8
     elif tile.stages == 3 and tile.tile_h * tile.tile_w == 128 and cc_major >= 9:
         tile = dataclasses.replace(tile, k_splits=_ws_k_splits(s, tile, sm_count))
     # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: from
@@ -170,8 +170,9 @@ def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     -> 105, bf16 85 -> 76, S6 fp32 84 -> 85, bf16 55 -> 65, S4 fp32 121 -> 121, bf16 73 -> 90.
     With the fitted fixed cost the model picks 2 at S3 only (S6: 54 vs 54 step-units, S4: 81 vs
     90); fp32 S3 then takes the 64 x 128 tile instead (_ws_half_tile), so the split applies to
-    16-bit S3. Fitted on the 128 x 128 tile only, and applied only there. k = 4 is never picked: slower everywhere (clusters of 4 blocks of 1 per SM fit fewer SMs
-    per GPC, and the fixed cost is paid 4 times).
+    16-bit S3. Fitted on the 128 x 128 tile only, and applied only there. k = 4 is never picked:
+    slower everywhere (clusters of 4 blocks of 1 per SM fit fewer SMs per GPC, and the fixed cost
+    is paid 4 times).
     """
     if sm_count <= 0:
         return 1

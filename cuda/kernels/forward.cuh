@@ -496,17 +496,35 @@ cudaError_t launch_forward_split(cudaStream_t stream, const Geo& g, int ks, cons
 
 // Launch a pixel-tiled forward (the streaming kernel, the warp-specialized one) on its grid:
 // x = pixel tiles (flat tiles: per problem; 2D: per image), y = (feature group, bn-wide block of
-// output channels). Nothing to do for an empty problem.
+// output channels), z = the `cluster` blocks of one thread-block cluster that share a tile (1: no
+// cluster; the k-split ring, forward_ws.cuh). Nothing to do for an empty problem.
 template <typename F, typename... Args>
 cudaError_t launch_tiled_forward(cudaStream_t stream, const Geo& g, F* fn, int64_t bn, int threads, size_t smem,
-                                 Args... args) {
+                                 int cluster, Args... args) {
   const ConvParams& p = g.p;
   const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
   const int64_t gy = p.feature_groups * ((g.Cog + bn - 1) / bn);
   if (gx == 0 || gy == 0) return cudaSuccess;
   if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
   if (const cudaError_t e = allow_smem(fn, smem); e != cudaSuccess) return e;
-  fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), threads, smem, stream>>>(args...);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(cluster));
+  if (cluster == 1) {
+    fn<<<grid, threads, smem, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = static_cast<unsigned>(cluster);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (const cudaError_t e = cudaLaunchKernelEx(&cfg, fn, args...); e != cudaSuccess) return e;
   return cudaGetLastError();
 }
 
@@ -519,8 +537,8 @@ cudaError_t launch_forward(cudaStream_t stream, const Geo& g, const T* x, const 
     // simple loop (64-bit records).
     if (g.vec && g.pipeline && g.x32) fn = deform_fwd_kernel<T, TC, true, Cfg>;
   }
-  return launch_tiled_forward(stream, g, fn, Cfg::BN, Cfg::kThreads, FwdLayout<T, TC, Cfg>::kBytes, g, x, offset,
-                              mask, kernel, y);
+  return launch_tiled_forward(stream, g, fn, Cfg::BN, Cfg::kThreads, FwdLayout<T, TC, Cfg>::kBytes, 1, g, x,
+                              offset, mask, kernel, y);
 }
 
 }  // namespace kern

@@ -358,32 +358,13 @@ cudaError_t launch_forward_ws(cudaStream_t stream, const Geo& g, int splits, con
   if (!g.vec || !g.x32) return cudaErrorInvalidValue;  // run_forward routes these elsewhere
   constexpr size_t smem = WsLayout<T, Cfg>::kBytes;
   if (splits == 1) {
-    return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, false>, Cfg::BN, Cfg::kThreads, smem, g,
-                                x, offset, mask, kernel, y);
+    return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, false>, Cfg::BN, Cfg::kThreads, smem, 1,
+                                g, x, offset, mask, kernel, y);
   }
   if ((splits != 2 && splits != 4) || Cfg::BM % splits != 0) return cudaErrorInvalidValue;
   if (!device_has_clusters()) return cudaErrorNotSupported;
-  const ConvParams& p = g.p;
-  const int64_t gx = (g.flat ? p.batch : p.batch * p.n) * g.tiles_img;
-  const int64_t gy = p.feature_groups * ((g.Cog + Cfg::BN - 1) / Cfg::BN);
-  if (gx == 0 || gy == 0) return cudaSuccess;
-  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidConfiguration;
-  auto fn = deform_fwd_ws_kernel<T, Cfg, true>;
-  if (const cudaError_t e = allow_smem(fn, smem); e != cudaSuccess) return e;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
-  cfg.blockDim = dim3(Cfg::kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = static_cast<unsigned>(splits);
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (const cudaError_t e = cudaLaunchKernelEx(&cfg, fn, g, x, offset, mask, kernel, y); e != cudaSuccess) return e;
-  return cudaGetLastError();
+  return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, true>, Cfg::BN, Cfg::kThreads, smem, splits,
+                              g, x, offset, mask, kernel, y);
 }
 
 }  // namespace kern

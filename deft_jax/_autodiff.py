@@ -13,8 +13,10 @@ from . import _ffi, _partition
 
 @dataclasses.dataclass(frozen=True)
 class NativeCall:
-    """Static part of a native call: the FFI attributes and the output shape (hashable)."""
+    """Static part of a native call: the platform whose targets it calls ("cpu" or "cuda"), the
+    FFI attributes and the output shape (hashable)."""
 
+    platform: str
     attrs: tuple[tuple[str, int], ...]
     out_shape: tuple[int, ...]
 

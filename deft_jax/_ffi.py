@@ -1,10 +1,10 @@
 """Native modules: load them, register their FFI targets with XLA at import, and wrap the calls.
 
 The CPU module is always built; the CUDA module only where nvcc was found at build time.
-Target names and the attribute schema carry a version (``_v3``): a change to either gets a new name.
-v2 added the attribute ``bwd_tile_n`` (the weight pass's tile), v3 ``k_splits`` (the
-warp-specialized forward's blocks per tile); programs exported with older targets need the
-deft_jax that wrote them.
+Each platform has its own target names, and a name carries a version: any change of operands,
+results or attribute schema gets a new name, so a serialized program either finds the handler it
+was written for or fails to load (never runs a handler with another contract). The CUDA targets
+return their workspace as an extra output, sized here from the C++ module's own rule.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FWD_TARGET = "deft_deform_conv2d_fwd_v3"
-BWD_TARGET = "deft_deform_conv2d_bwd_v3"
-TARGETS = (FWD_TARGET, BWD_TARGET)
+_TARGETS = {
+    "cpu": ("deft_deform_conv2d_fwd_v3", "deft_deform_conv2d_bwd_v3"),
+    "cuda": ("deft_deform_conv2d_fwd_cuda_v4", "deft_deform_conv2d_bwd_cuda_v4"),
+}
+TARGETS = tuple(t for pair in _TARGETS.values() for t in pair)
+_TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits")
 
 try:
     from . import _deft_cpu
@@ -36,6 +39,11 @@ if _deft_cuda is not None:
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
 
+def target_names(platform: str) -> tuple[str, str]:
+    """(forward, backward) FFI target names of a platform ("cpu" or "cuda")."""
+    return _TARGETS[platform]
+
+
 def cuda_available() -> bool:
     """Whether the CUDA module was built and registered."""
     return _deft_cuda is not None
@@ -46,15 +54,28 @@ def mask_placeholder(dtype):
     return jnp.zeros((0,), dtype)
 
 
-def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):
+def _workspace(nbytes: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((int(nbytes),), jnp.uint8)
+
+
+def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape, platform: str):
     """y [..., N, Ho, Wo, C_out] of the native forward; leading dims are independent problems."""
-    call = jax.ffi.ffi_call(FWD_TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype),
-                            vmap_method="broadcast_all")
-    return call(x, offset, mask, kernel, **attrs)
+    y = jax.ShapeDtypeStruct(out_shape, x.dtype)
+    if platform == "cuda":
+        nbytes = _deft_cuda.forward_workspace_bytes(
+            jnp.dtype(x.dtype).name, int(np.prod(out_shape)), **{k: int(attrs[k]) for k in _TILE_KEYS})
+        call = jax.ffi.ffi_call(_TARGETS["cuda"][0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
+        return call(x, offset, mask, kernel, **attrs)[0]
+    return jax.ffi.ffi_call(_TARGETS["cpu"][0], y, vmap_method="broadcast_all")(x, offset, mask, kernel, **attrs)
 
 
-def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
+def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64], platform: str):
     """(dx, doffset, dmask, dkernel) of the native backward for cotangent dy."""
-    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
-    call = jax.ffi.ffi_call(BWD_TARGET, out, vmap_method="broadcast_all")
+    grads = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
+    if platform == "cuda":
+        nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
+                                                     *(int(np.prod(g.shape)) for g in grads))
+        call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
+        return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
+    call = jax.ffi.ffi_call(_TARGETS["cpu"][1], grads, vmap_method="broadcast_all")
     return tuple(call(x, offset, mask, kernel, dy, **attrs))

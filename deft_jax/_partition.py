@@ -51,7 +51,8 @@ def _shardings(mesh, shapes, lead, n_axes, batched):
 # ---------------------------------------------------------------- forward
 
 def _fwd_impl(x, offset, mask, kernel, call):
-    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), (*x.shape[:-3], *call.out_shape[1:]))
+    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), (*x.shape[:-3], *call.out_shape[1:]),
+                        call.platform)
 
 
 _fwd_cp = custom_partitioning(_fwd_impl, static_argnums=(4,))
@@ -86,7 +87,7 @@ _fwd_cp.def_partition(partition=_fwd_partition, infer_sharding_from_operands=_fw
 # ---------------------------------------------------------------- backward
 
 def _bwd_impl(x, offset, mask, kernel, dy, call):
-    return _ffi.backward(x, offset, mask, kernel, dy, call.attr_dict())
+    return _ffi.backward(x, offset, mask, kernel, dy, call.attr_dict(), call.platform)
 
 
 _bwd_cp = custom_partitioning(_bwd_impl, static_argnums=(5,))

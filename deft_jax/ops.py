@@ -188,7 +188,7 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodi
                  feature_groups=geo.feature_group_count, with_mask=int(with_mask),
                  allow_tf32=int(_allow_tf32(precision)))
     attrs.update(dataclasses.asdict(tile))
-    return _autodiff.NativeCall(attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+    return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                 out_shape=(n, *geo.out_hw, kernel.shape[3]))
 
 

@@ -78,7 +78,7 @@ def test_native_rejects_inconsistent_attributes():
     """The C++ handler re-checks and returns an error instead of reading out of bounds."""
     import jax
     x = jnp.zeros((1, 4, 4, 2), jnp.float32)
-    call = jax.ffi.ffi_call(_ffi.FWD_TARGET, jax.ShapeDtypeStruct((1, 4, 4, 3), jnp.float32))
+    call = jax.ffi.ffi_call(_ffi.target_names("cpu")[0], jax.ShapeDtypeStruct((1, 4, 4, 3), jnp.float32))
     attrs = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1, dil_h=1,
                  dil_w=1, offset_groups=1, feature_groups=1, with_mask=0, allow_tf32=1, tile_h=1,
                  tile_w=4, tile_n=3, tile_k=2, warps=1, stages=1, bwd_tile_n=64, k_splits=1)

@@ -16,7 +16,7 @@ namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
-// Every attribute of the deft_deform_conv2d_{fwd,bwd}_v3 targets; Python passes them by name
+// Every attribute of the deft_deform_conv2d_{fwd,bwd} targets (CPU _v3, CUDA _cuda_v4); Python passes them by name
 // (deft_jax/_ffi.py). Flags are int64 0/1 so the schema needs no bool attribute support.
 struct ConvAttrs {
   int64_t stride_h, stride_w;

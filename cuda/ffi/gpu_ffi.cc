@@ -1,7 +1,11 @@
 // XLA typed-FFI handlers for platform "CUDA" and the nanobind module `_deft_cuda` that hands their
 // capsules to Python. Decoding, checking and launching only; the arithmetic is in cuda/kernels/.
-// Execute never synchronises, allocates device memory itself or reads device memory back: the
-// workspace comes from XLA's scratch allocator, so the handlers are command-buffer compatible.
+// Execute never synchronises, allocates device memory or reads device memory back, so the handlers
+// are command-buffer (CUDA graph) compatible. The workspace is the last output buffer, sized by
+// Python through workspace_bytes(): an output lives in XLA's buffer assignment, so its address stays
+// valid whenever a captured graph replays the kernels. (Memory from ffi::ScratchAllocator is handed
+// back when the handler returns; a replayed graph then wrote into buffers XLA had since given to
+// other ops, which corrupted bf16 training.)
 #include <cuda_runtime.h>
 
 #include <string>
@@ -9,6 +13,7 @@
 #include "ffi/conv_attrs.h"
 #include "kernels/launch.h"
 #include "nanobind/nanobind.h"
+#include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -31,18 +36,18 @@ ffi::Error CheckTile(const ConvAttrs& attrs, deft::DType dtype) {
   return why.empty() ? ffi::Error::Success() : invalid(why);
 }
 
-// Scratch from XLA's allocator (nullptr when none is needed).
-ffi::ErrorOr<void*> Workspace(ffi::ScratchAllocator& scratch, size_t bytes, const char* what) {
-  if (bytes == 0) return static_cast<void*>(nullptr);
-  auto got = scratch.Allocate(bytes, 16);  // XLA caps the requested alignment at 16; its allocator gives 256
-  if (!got.has_value())
-    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                                      "deft_jax: could not allocate " + std::to_string(bytes) + " bytes of " + what));
-  return *got;
+// The workspace output (nullptr when none is needed), checked against the bytes the launch needs.
+ffi::ErrorOr<void*> Workspace(ffi::Result<ffi::AnyBuffer>& ws, size_t bytes, const char* what) {
+  if (ws->size_bytes() < bytes)
+    return ffi::Unexpected(invalid(std::string(what) + " has " + std::to_string(ws->size_bytes()) +
+                                   " bytes, the launch needs " + std::to_string(bytes) +
+                                   " (size it with _deft_cuda.workspace_bytes)"));
+  return bytes == 0 ? nullptr : ws->untyped_data();
 }
 
-ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
-                       ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ConvAttrs attrs) {
+ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+                       ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> workspace,
+                       ConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success()) return err;
   auto dtype = to_dtype(x.element_type());
@@ -51,7 +56,8 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::
   if (auto err = CheckTile(attrs, *dtype); !err.success()) return err;
   if (y->element_count() == 0) return ffi::Error::Success();
   const deft::TileConfig tile = tile_of(attrs);
-  auto ws = Workspace(scratch, deft::DeformConvForwardWorkspaceBytes(p, tile, *dtype), "forward workspace");
+  auto ws = Workspace(workspace, deft::DeformConvForwardWorkspaceBytes(y->element_count(), tile, *dtype),
+                      "forward workspace");
   if (ws.has_error()) return ws.error();
   const cudaError_t e = deft::LaunchDeformConvForward(stream, p, tile, *dtype, attrs.allow_tf32 != 0,
                                                       x.untyped_data(), offset.untyped_data(),
@@ -61,11 +67,11 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
                         ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer kernel, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> doffset,
                         ffi::Result<ffi::AnyBuffer> dmask, ffi::Result<ffi::AnyBuffer> dkernel,
-                        ConvAttrs attrs) {
+                        ffi::Result<ffi::AnyBuffer> workspace, ConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success()) return err;
   auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
@@ -74,7 +80,10 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   if (dx->element_count() + doffset->element_count() + dmask->element_count() + dkernel->element_count() == 0)
     return ffi::Error::Success();
   const deft::TileConfig tile = tile_of(attrs);
-  auto ws = Workspace(scratch, deft::DeformConvBackwardWorkspaceBytes(p, tile, *dtype), "backward workspace");
+  auto ws = Workspace(workspace,
+                      deft::DeformConvBackwardWorkspaceBytes(dx->element_count(), doffset->element_count(),
+                                                             dmask->element_count(), dkernel->element_count(), *dtype),
+                      "backward workspace");
   if (ws.has_error()) return ws.error();
   const cudaError_t e = deft::LaunchDeformConvBackward(
       stream, p, tile, *dtype, attrs.allow_tf32 != 0, x.untyped_data(), offset.untyped_data(),
@@ -90,19 +99,18 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
                                   .Arg<ffi::AnyBuffer>()  // kernel
                                   .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
                                   .Attrs<deft_ffi::ConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
@@ -112,14 +120,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
                                   .Ret<ffi::AnyBuffer>()  // doffset
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
                                   .Ret<ffi::AnyBuffer>()  // dkernel
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
                                   .Attrs<deft_ffi::ConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
+
+namespace {
+
+deft::DType dtype_or_throw(const std::string& name) {
+  deft::DType t;
+  if (!deft::dtype_from_name(name.c_str(), &t)) throw nb::value_error(("unsupported dtype " + name).c_str());
+  return t;
+}
+
+}  // namespace
 
 NB_MODULE(_deft_cuda, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_deform_conv2d_fwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
-    d["deft_deform_conv2d_bwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
+    d["deft_deform_conv2d_fwd_cuda_v4"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
+    d["deft_deform_conv2d_bwd_cuda_v4"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
     return d;
   });
+  m.def(
+      "forward_workspace_bytes",
+      [](const std::string& dtype, int64_t y_elements, int64_t tile_h, int64_t tile_w, int64_t tile_n,
+         int64_t tile_k, int64_t warps, int64_t stages, int64_t bwd_tile_n, int64_t k_splits) {
+        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits};
+        return deft::DeformConvForwardWorkspaceBytes(y_elements, tile, dtype_or_throw(dtype));
+      },
+      nb::arg("dtype"), nb::arg("y_elements"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"),
+      nb::arg("tile_n"), nb::arg("tile_k"), nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"),
+      nb::arg("k_splits"), "Bytes of the forward's workspace output for y_elements outputs.");
+  m.def(
+      "backward_workspace_bytes",
+      [](const std::string& dtype, int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
+         int64_t kernel_elements) {
+        return deft::DeformConvBackwardWorkspaceBytes(x_elements, offset_elements, mask_elements, kernel_elements,
+                                                      dtype_or_throw(dtype));
+      },
+      nb::arg("dtype"), nb::arg("x_elements"), nb::arg("offset_elements"), nb::arg("mask_elements"),
+      nb::arg("kernel_elements"), "Bytes of the backward's workspace output.");
 }

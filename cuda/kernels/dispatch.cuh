@@ -137,13 +137,13 @@ inline bool is_split_tile(const TileConfig& t) {
          t.tile_n == SplitCfg::BN && t.warps * 32 == SplitCfg::kThreads && t.stages == 2;
 }
 
-// Forward workspace: the split forward's fp32 accumulator of y for 16-bit types.
+// Forward workspace: the split forward's fp32 accumulator of y (y_elements) for 16-bit types.
 template <typename T>
-size_t fwd_workspace(const ConvParams& p, const TileConfig& t) {
+size_t fwd_workspace(int64_t y_elements, const TileConfig& t) {
   if constexpr (kIsHalf<T>) {
-    if (is_split_tile(t)) return align_up(sizeof(float) * p.batch * p.y_size(), 256);
+    if (is_split_tile(t)) return align_up(sizeof(float) * y_elements, 256);
   }
-  (void)p, (void)t;
+  (void)y_elements, (void)t;
   return 0;
 }
 
@@ -220,16 +220,26 @@ struct BwdWorkspace {
   size_t dx, doff, dmask, dk, total;
 };
 
+// Element counts of the four cotangents (all leading batch dims included).
+struct GradCounts {
+  int64_t x, offset, mask, kernel;
+};
+
+inline GradCounts grad_counts(const ConvParams& p) {
+  return {p.batch * p.x_size(), p.batch * p.offset_size(), p.batch * p.mask_size(), p.batch * p.kernel_size()};
+}
+
 template <typename T>
-BwdWorkspace bwd_workspace(const ConvParams& p) {
+BwdWorkspace bwd_workspace(const GradCounts& n) {
   BwdWorkspace w{0, 0, 0, 0, 0};
   if constexpr (kIsHalf<T>) {
     w.dx = 0;
-    w.doff = w.dx + align_up(sizeof(float) * p.batch * p.x_size(), 256);
-    w.dmask = w.doff + align_up(sizeof(float) * p.batch * p.offset_size(), 256);
-    w.dk = w.dmask + align_up(sizeof(float) * p.batch * p.mask_size(), 256);
-    w.total = w.dk + align_up(sizeof(float) * p.batch * p.kernel_size(), 256);
+    w.doff = w.dx + align_up(sizeof(float) * n.x, 256);
+    w.dmask = w.doff + align_up(sizeof(float) * n.offset, 256);
+    w.dk = w.dmask + align_up(sizeof(float) * n.mask, 256);
+    w.total = w.dk + align_up(sizeof(float) * n.kernel, 256);
   }
+  (void)n;
   return w;
 }
 
@@ -346,11 +356,11 @@ cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileCon
   bwd_spatial_tile(t, &th, &tw);
   Geo g = make_geo<T>(p, th, tw);
   g.pipeline = t.stages >= 2;  // the backward follows the tile's stages too
-  const int64_t nx = p.batch * p.x_size(), no = p.batch * p.offset_size(), nm = p.batch * p.mask_size(),
-                nk = p.batch * p.kernel_size();
+  const GradCounts n = grad_counts(p);
+  const int64_t nx = n.x, no = n.offset, nm = n.mask, nk = n.kernel;
   Atom<T> *dxa, *doffa, *dmaska, *dka;
   if constexpr (kIsHalf<T>) {
-    const BwdWorkspace w = bwd_workspace<T>(p);
+    const BwdWorkspace w = bwd_workspace<T>(n);
     if (workspace == nullptr && w.total > 0) return cudaErrorInvalidValue;
     char* base = static_cast<char*>(workspace);
     dxa = reinterpret_cast<float*>(base + w.dx);

@@ -41,10 +41,10 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
   return s.str();
 }
 
-size_t DeformConvForwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype) {
+size_t DeformConvForwardWorkspaceBytes(int64_t y_elements, const TileConfig& tile, DType dtype) {
   switch (dtype) {
-    case DType::kBF16: return kern::fwd_workspace<__nv_bfloat16>(p, tile);
-    case DType::kF16: return kern::fwd_workspace<__half>(p, tile);
+    case DType::kBF16: return kern::fwd_workspace<__nv_bfloat16>(y_elements, tile);
+    case DType::kF16: return kern::fwd_workspace<__half>(y_elements, tile);
     default: return 0;
   }
 }
@@ -65,11 +65,12 @@ cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, co
   return cudaErrorInvalidValue;
 }
 
-size_t DeformConvBackwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype) {
-  (void)tile;
+size_t DeformConvBackwardWorkspaceBytes(int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
+                                        int64_t kernel_elements, DType dtype) {
+  const kern::GradCounts n{x_elements, offset_elements, mask_elements, kernel_elements};
   switch (dtype) {
-    case DType::kBF16: return kern::bwd_workspace<__nv_bfloat16>(p).total;
-    case DType::kF16: return kern::bwd_workspace<__half>(p).total;
+    case DType::kBF16: return kern::bwd_workspace<__nv_bfloat16>(n).total;
+    case DType::kF16: return kern::bwd_workspace<__half>(n).total;
     default: return 0;
   }
 }

@@ -16,17 +16,20 @@ namespace deft {
 // Empty string if `tile` is a configuration the kernels instantiate for `dtype`, else the reason.
 std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype);
 
-// Scratch bytes LaunchDeformConvForward needs (the split forward's fp32 accumulator of y for
-// 16-bit types; 0 otherwise).
-size_t DeformConvForwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype);
+// Workspace bytes LaunchDeformConvForward needs for y_elements outputs, all leading dims included
+// (the split forward's fp32 accumulator of y for 16-bit types; 0 otherwise). The caller owns the
+// workspace for as long as the launched work runs: XLA hands it in as an output buffer.
+size_t DeformConvForwardWorkspaceBytes(int64_t y_elements, const TileConfig& tile, DType dtype);
 
 // y = deform_conv2d(x, offset, mask, kernel). `mask` is ignored when !p.with_mask.
 cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
                                     DType dtype, bool allow_tf32, const void* x, const void* offset,
                                     const void* mask, const void* kernel, void* y, void* workspace);
 
-// Scratch bytes LaunchDeformConvBackward needs (fp32 accumulators for half types).
-size_t DeformConvBackwardWorkspaceBytes(const ConvParams& p, const TileConfig& tile, DType dtype);
+// Workspace bytes LaunchDeformConvBackward needs (fp32 accumulators of the four cotangents for
+// half types; 0 otherwise), from the cotangents' element counts.
+size_t DeformConvBackwardWorkspaceBytes(int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
+                                        int64_t kernel_elements, DType dtype);
 
 // Cotangents of x, offset, mask (skipped when !p.with_mask) and kernel, given dy.
 cudaError_t LaunchDeformConvBackward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,

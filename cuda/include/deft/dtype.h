@@ -15,4 +15,18 @@ inline const char* dtype_name(DType t) {
   return "?";
 }
 
+// The DType of a numpy dtype name; false if unsupported.
+inline bool dtype_from_name(const char* name, DType* t) {
+  for (DType d : {DType::kF32, DType::kF64, DType::kBF16, DType::kF16}) {
+    const char* n = dtype_name(d);
+    const char* a = name;
+    while (*a && *a == *n) ++a, ++n;
+    if (*a == 0 && *n == 0) {
+      *t = d;
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace deft

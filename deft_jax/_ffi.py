@@ -1,10 +1,12 @@
 """Native modules: load them, register their FFI targets with XLA at import, and wrap the calls.
 
-The CPU module is always built; the CUDA module only where nvcc was found at build time.
-Each platform has its own target names, and a name carries a version: any change of operands,
-results or attribute schema gets a new name, so a serialized program either finds the handler it
-was written for or fails to load (never runs a handler with another contract). The CUDA targets
-return their workspace as an extra output, sized here from the C++ module's own rule.
+The CPU module is always built; the CUDA module only where nvcc was found at build time. The CUDA
+targets are the fused forward and backward; the CPU targets are the column sampler and its
+col2im, around which deft_jax/_columns.py puts XLA's dot. Each platform has its own target names,
+and a name carries a version: any change of operands, results or attribute schema gets a new
+name, so a serialized program either finds the handler it was written for or fails to load (never
+runs a handler with another contract). The CUDA targets return their workspace as an extra output,
+sized here from the C++ module's own rule.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _TARGETS = {
-    "cpu": ("deft_deform_conv2d_fwd_v3", "deft_deform_conv2d_bwd_v3"),
+    "cpu": ("deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1"),
     "cuda": ("deft_deform_conv2d_fwd_cuda_v4", "deft_deform_conv2d_bwd_cuda_v4"),
 }
 TARGETS = tuple(t for pair in _TARGETS.values() for t in pair)
@@ -40,7 +42,8 @@ if _deft_cuda is not None:
 
 
 def target_names(platform: str) -> tuple[str, str]:
-    """(forward, backward) FFI target names of a platform ("cpu" or "cuda")."""
+    """(forward, backward) FFI target names of a platform: on "cuda" the fused forward and
+    backward, on "cpu" the column sampler (forward and backward) and the col2im (backward)."""
     return _TARGETS[platform]
 
 
@@ -58,24 +61,42 @@ def _workspace(nbytes: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((int(nbytes),), jnp.uint8)
 
 
-def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape, platform: str):
-    """y [..., N, Ho, Wo, C_out] of the native forward; leading dims are independent problems."""
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float64 for float64, else float32: the native code's arithmetic type."""
+    return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
+
+
+def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):
+    """y [..., N, Ho, Wo, C_out] of the fused CUDA forward; leading dims are independent problems."""
     y = jax.ShapeDtypeStruct(out_shape, x.dtype)
-    if platform == "cuda":
-        nbytes = _deft_cuda.forward_workspace_bytes(
-            jnp.dtype(x.dtype).name, int(np.prod(out_shape)), **{k: int(attrs[k]) for k in _TILE_KEYS})
-        call = jax.ffi.ffi_call(_TARGETS["cuda"][0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
-        return call(x, offset, mask, kernel, **attrs)[0]
-    return jax.ffi.ffi_call(_TARGETS["cpu"][0], y, vmap_method="broadcast_all")(x, offset, mask, kernel, **attrs)
+    nbytes = _deft_cuda.forward_workspace_bytes(
+        jnp.dtype(x.dtype).name, int(np.prod(out_shape)), **{k: int(attrs[k]) for k in _TILE_KEYS})
+    call = jax.ffi.ffi_call(_TARGETS["cuda"][0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
+    return call(x, offset, mask, kernel, **attrs)[0]
 
 
-def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64], platform: str):
-    """(dx, doffset, dmask, dkernel) of the native backward for cotangent dy."""
+def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
+    """(dx, doffset, dmask, dkernel) of the fused CUDA backward for cotangent dy."""
     grads = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
-    if platform == "cuda":
-        nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
-                                                     *(int(np.prod(g.shape)) for g in grads))
-        call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
-        return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
-    call = jax.ffi.ffi_call(_TARGETS["cpu"][1], grads, vmap_method="broadcast_all")
-    return tuple(call(x, offset, mask, kernel, dy, **attrs))
+    nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
+                                                 *(int(np.prod(g.shape)) for g in grads))
+    call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
+    return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
+
+
+def sample_columns(x, offset, mask, attrs: dict[str, np.int64]):
+    """cols [..., N, Ho, Wo, kh*kw, C] in x's dtype (CPU): cols[..., k, c] = mask x the bilinear
+    sample of channel c at tap k. Leading dims and N are all just images to the sampler."""
+    taps = int(attrs["kh"]) * int(attrs["kw"])
+    cols = jax.ShapeDtypeStruct((*offset.shape[:-1], taps, x.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call(_TARGETS["cpu"][0], cols, vmap_method="broadcast_all")(x, offset, mask, **attrs)
+
+
+def col2im(x, offset, mask, dcols, attrs: dict[str, np.int64]):
+    """(dx, doffset, dmask) for the column cotangent dcols (CPU). dcols and dx are in the
+    accumulation dtype (accumulation_dtype(x.dtype)), doffset and dmask in x's."""
+    acc = accumulation_dtype(x.dtype)
+    outs = (jax.ShapeDtypeStruct(x.shape, acc), jax.ShapeDtypeStruct(offset.shape, x.dtype),
+            jax.ShapeDtypeStruct(mask.shape, x.dtype))
+    call = jax.ffi.ffi_call(_TARGETS["cpu"][1], outs, vmap_method="broadcast_all")
+    return tuple(call(x, offset, mask, dcols.astype(acc), **attrs))

@@ -175,21 +175,31 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodi
                               offset_groups=geo.offset_groups,
                               feature_groups=geo.feature_group_count,
                               dtype=jnp.dtype(x.dtype).name)
-    if platform == "cuda":
-        cc = _device_cc_major()
-        tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc)
-        tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
-    else:
-        tile = tiling.choose_tiling(platform, shape)
     (pt, pb), (pl, pr) = geo.padding
     attrs = dict(stride_h=geo.strides[0], stride_w=geo.strides[1], pad_top=pt, pad_bottom=pb,
                  pad_left=pl, pad_right=pr, dil_h=geo.kernel_dilation[0],
                  dil_w=geo.kernel_dilation[1], offset_groups=geo.offset_groups,
-                 feature_groups=geo.feature_group_count, with_mask=int(with_mask),
-                 allow_tf32=int(_allow_tf32(precision)))
+                 with_mask=int(with_mask))
+    out_shape = (n, *geo.out_hw, kernel.shape[3])
+    if platform == "cpu":
+        # The column route: the sampler's geometry; feature groups and precision are the dots'.
+        attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1])
+        return _autodiff.NativeCall(platform=platform,
+                                    attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+                                    out_shape=out_shape, chunk=tiling.cpu_chunk_images(shape),
+                                    precision=_hashable_precision(precision))
+    cc = _device_cc_major()
+    tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc)
+    tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
+    attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)))
     attrs.update(dataclasses.asdict(tile))
     return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
-                                out_shape=(n, *geo.out_hw, kernel.shape[3]))
+                                out_shape=out_shape)
+
+
+def _hashable_precision(precision):
+    """precision as a static (hashable) value: a list of two becomes a tuple."""
+    return tuple(precision) if isinstance(precision, list) else precision
 
 
 # Jitted so an eager call costs a cache lookup instead of retracing the custom_vjp / custom_vmap /

@@ -26,8 +26,7 @@ class TileConfig:
     tensor-core path). ``k_splits``: the warp-specialized forward's blocks per output tile (1, or
     2 / 4 on devices with thread-block clusters, compute capability 9.0+): a cluster of that many
     blocks splits the tile's reduction over (tap, channel chunk) and sums the partial tiles in
-    distributed shared memory. CPU: one task processes tile_h x tile_w output pixels (the rest is
-    unused)."""
+    distributed shared memory. (The CPU route has no tiles: ``cpu_chunk_images``.)"""
 
     tile_h: int
     tile_w: int
@@ -57,17 +56,19 @@ class LayerShape:
     dtype: str  # numpy dtype name
 
 
-# Per-task working set the CPU handler keeps hot: the sampled columns of the task's pixels
-# (pixels x taps x C_in accumulators). 256 KiB stays within a typical L2 slice.
-_CPU_COLUMN_BYTES = 256 * 1024
+# Column memory of the CPU route (deft_jax/_columns.py) per chunk of images: the sampled columns in
+# x's dtype plus, in the backward, their cotangent in the accumulation type.
+CPU_COLUMN_BUDGET_BYTES = 32 * 2**20
 
 
-def _cpu_tiling(s: LayerShape) -> TileConfig:
-    acc_bytes = 8 if s.dtype == "float64" else 4
-    per_pixel = max(1, s.taps * s.c_in * acc_bytes)
-    pixels = int(np.clip(_CPU_COLUMN_BYTES // per_pixel, 16, 64))
-    pixels = min(pixels, s.h_out * s.w_out)
-    return TileConfig(tile_h=1, tile_w=pixels, tile_n=s.c_out, tile_k=s.c_in, warps=1, stages=1)
+def cpu_chunk_images(s: LayerShape) -> int:
+    """Images per chunk of the CPU column route: as many as the column budget holds (at least
+    one), so the route's extra memory is bounded independently of the batch. Not capped at
+    ``s.n``: under vmap the chunk is shared by the stacked problems (deft_jax/_columns.py)."""
+    itemsize = {"float64": 8, "float32": 4}.get(s.dtype, 2)
+    acc = 8 if s.dtype == "float64" else 4
+    per_image = max(1, s.h_out * s.w_out * s.taps * s.c_in * (itemsize + acc))
+    return int(max(1, CPU_COLUMN_BUDGET_BYTES // per_image))
 
 
 def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
@@ -327,10 +328,9 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0) -> TileConfig:
-    """Tile configuration for ``shape`` on ``platform`` ("cpu" or "cuda"); on "cuda", the device's
-    SM count and compute capability (major) refine it (0: unknown, no rule that needs them)."""
-    if platform == "cpu":
-        return _cpu_tiling(shape)
+    """Tile configuration for ``shape`` on ``platform`` ("cuda"; the CPU route's only choice is
+    ``cpu_chunk_images``); the device's SM count and compute capability (major) refine it (0:
+    unknown, no rule that needs them)."""
     if platform == "cuda":
         return _gpu_tiling(shape, sm_count, cc_major)
     raise ValueError(f"no tiling rules for platform {platform!r}")

@@ -1,0 +1,244 @@
+// CPU sampler and col2im (columns.h). Work is split into tasks that own disjoint output elements:
+//   sampler          (image, block of output pixels): cols of those pixels
+//   col2im, part A   (image, block of output pixels): doffset and dmask of those pixels, each a
+//                    reduction over its offset group's channels of its own (pixel, tap)
+//   col2im, part B   (image, offset group, block of channels): dx of those channels, scattered
+//                    from every (pixel, tap) of the image in order
+// No atomics, no per-thread partial buffers: each element's sum has one fixed order, so the
+// result does not depend on the thread count or the schedule. The bilinear math is
+// deft/geometry.h's make_bilinear, the same as the CUDA kernels'. A corner outside the image reads
+// a row of zeros (never the image), so it contributes 0 as in the reference.
+//
+// This file is compiled once per instruction set (CMakeLists.txt: baseline x86-64 or the host
+// architecture, AVX2 + FMA, AVX-512) into namespace deft::cpu::DEFT_CPU_ISA; columns_dispatch.cc
+// picks one at run time. Each build is deterministic; builds for different instruction sets may
+// differ in the last bits (vector width of the tails, FMA contraction).
+#include "cpu/columns_isa.h"
+
+#include <algorithm>
+#include <vector>
+
+#ifndef DEFT_CPU_ISA
+#error "compile with -DDEFT_CPU_ISA=<namespace> (see CMakeLists.txt)"
+#endif
+
+namespace deft::cpu::DEFT_CPU_ISA {
+namespace {
+
+// Output pixels per task: about 8 tasks per thread for balance, at least 8 pixels each.
+int64_t PixelBlock(int64_t images, int64_t pixels, int64_t threads) {
+  const int64_t want_tasks = 8 * std::max<int64_t>(1, threads);
+  const int64_t block = (images * pixels + want_tasks - 1) / want_tasks;
+  return std::clamp<int64_t>(block, 8, std::max<int64_t>(1, pixels));
+}
+
+// One (image, output pixel, offset group, tap): its bilinear sample point and modulation, and the
+// four corners' channel rows of the group in x (zeros for a corner outside the image).
+template <typename T, typename A>
+struct Tap {
+  Bilinear<A> b;
+  A m;
+  const T* src[4];
+  A w[4];
+};
+
+template <typename T, typename A>
+struct Sampler {
+  const ConvParams& p;
+  const T* x;
+  const T* offset;
+  const T* mask;
+  const T* zeros;  // c_per_offset_group() zeros
+
+  // (row = image * pixels_out + pixel) of the offset / mask / cols tensors.
+  Bilinear<A> point(int64_t img, int64_t pix, int64_t g, int64_t k, A* m) const {
+    const int64_t K = p.taps(), row = img * p.pixels_out() + pix;
+    const T* off = offset + row * p.offset_channels() + (g * K + k) * 2;
+    *m = p.with_mask ? load_as<A>(mask[row * p.mask_channels() + g * K + k]) : A(1);
+    const int64_t ho = pix / p.w_out, wo = pix % p.w_out, i = k / p.kw, j = k % p.kw;
+    return make_bilinear<A>(A(p.base_y(ho, i)) + load_as<A>(off[0]),
+                            A(p.base_x(wo, j)) + load_as<A>(off[1]), p.h, p.w);
+  }
+
+  Tap<T, A> tap(int64_t img, int64_t pix, int64_t g, int64_t k) const {
+    Tap<T, A> t;
+    t.b = point(img, pix, g, k, &t.m);
+    const T* base = x + img * p.h * p.w * p.c_in + g * p.c_per_offset_group();
+    auto row = [&](bool valid, int64_t dy, int64_t dx) {
+      return valid ? base + ((t.b.y0 + dy) * p.w + (t.b.x0 + dx)) * p.c_in : zeros;
+    };
+    t.src[0] = row(t.b.v00, 0, 0);
+    t.src[1] = row(t.b.v01, 0, 1);
+    t.src[2] = row(t.b.v10, 1, 0);
+    t.src[3] = row(t.b.v11, 1, 1);
+    t.w[0] = t.b.w00();
+    t.w[1] = t.b.w01();
+    t.w[2] = t.b.w10();
+    t.w[3] = t.b.w11();
+    return t;
+  }
+};
+
+// dst[c] = (sum over corners of x * w) * m, corners in the reference's order.
+template <typename T, typename A>
+void Blend(const Tap<T, A>& t, T* __restrict dst, int64_t n) {
+  const T* __restrict s0 = t.src[0];
+  const T* __restrict s1 = t.src[1];
+  const T* __restrict s2 = t.src[2];
+  const T* __restrict s3 = t.src[3];
+  const A w0 = t.w[0], w1 = t.w[1], w2 = t.w[2], w3 = t.w[3], m = t.m;
+  for (int64_t c = 0; c < n; ++c) {
+    const A v = load_as<A>(s0[c]) * w0 + load_as<A>(s1[c]) * w1 + load_as<A>(s2[c]) * w2 +
+                load_as<A>(s3[c]) * w3;
+    dst[c] = store_as<T>(v * m);
+  }
+}
+
+// out[j] = sum_c g[c] * src[j][c] for the four corners, in kLanes fixed partial sums (so the
+// compiler may vectorise without reassociating: the order, and so the result, is fixed).
+constexpr int64_t kLanes = 16;
+template <typename T, typename A>
+void Dot4(const A* __restrict g, const T* const src[4], int64_t n, A out[4]) {
+  const T* __restrict s0 = src[0];
+  const T* __restrict s1 = src[1];
+  const T* __restrict s2 = src[2];
+  const T* __restrict s3 = src[3];
+  A a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const A gl = g[c + l];
+      a0[l] += gl * load_as<A>(s0[c + l]);
+      a1[l] += gl * load_as<A>(s1[c + l]);
+      a2[l] += gl * load_as<A>(s2[c + l]);
+      a3[l] += gl * load_as<A>(s3[c + l]);
+    }
+  A t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (; c < n; ++c) {
+    t0 += g[c] * load_as<A>(s0[c]);
+    t1 += g[c] * load_as<A>(s1[c]);
+    t2 += g[c] * load_as<A>(s2[c]);
+    t3 += g[c] * load_as<A>(s3[c]);
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    t0 += a0[l];
+    t1 += a1[l];
+    t2 += a2[l];
+    t3 += a3[l];
+  }
+  out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
+}
+
+// dst[c] += w * g[c].
+template <typename A>
+void Axpy(A w, const A* __restrict g, A* __restrict dst, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] += w * g[c];
+}
+
+}  // namespace
+
+template <typename T>
+void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* mask, T* cols,
+                   TaskRunner& runner) {
+  using A = typename Acc<T>::type;
+  const int64_t images = p.batch * p.n, P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t G = p.offset_groups, Cg = p.c_per_offset_group();
+  if (images == 0 || P == 0 || K == 0 || C == 0) return;
+  const std::vector<T> zeros(Cg, store_as<T>(A(0)));
+  const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
+  const int64_t block = PixelBlock(images, P, runner.threads());
+  const int64_t per_image = (P + block - 1) / block;
+  runner.Run(images * per_image, [&](int64_t task) {
+    const int64_t img = task / per_image, q0 = (task % per_image) * block;
+    const int64_t q1 = std::min(P, q0 + block);
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t k = 0; k < K; ++k)
+          Blend(s.tap(img, q, g, k), cols + ((img * P + q) * K + k) * C + g * Cg, Cg);
+  });
+}
+
+template <typename T>
+void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
+            const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
+            TaskRunner& runner) {
+  using A = typename Acc<T>::type;
+  const int64_t images = p.batch * p.n, P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t G = p.offset_groups, Cg = p.c_per_offset_group(), HW = p.h * p.w;
+  if (images == 0 || C == 0) return;
+  const std::vector<T> zeros(Cg, store_as<T>(A(0)));
+  const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
+  const int64_t threads = runner.threads();
+
+  // Part A: (image, pixel block) tasks.
+  const int64_t block = PixelBlock(images, std::max<int64_t>(P, 1), threads);
+  const int64_t per_image = P == 0 ? 0 : (P + block - 1) / block;
+  const int64_t tasks_a = images * per_image;
+  // Part B: (image, offset group, channel block) tasks; blocks of >= 16 channels (a 64-byte line
+  // of float) until there are a few tasks per thread.
+  const int64_t want = (4 * threads + images * G - 1) / (images * G);
+  const int64_t nb = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, Cg / 16));
+  const int64_t cb = (Cg + nb - 1) / nb;
+  const int64_t blocks = (Cg + cb - 1) / cb;
+  const int64_t tasks_b = images * G * blocks;
+
+  runner.Run(tasks_a + tasks_b, [&](int64_t task) {
+    if (task < tasks_a) {
+      const int64_t img = task / per_image, q0 = (task % per_image) * block;
+      const int64_t q1 = std::min(P, q0 + block);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t row = img * P + q;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t k = 0; k < K; ++k) {
+            const Tap<T, A> t = s.tap(img, q, g, k);
+            A d[4];
+            Dot4(dcols + (row * K + k) * C + g * Cg, t.src, Cg, d);
+            const A ly = t.b.ly, lx = t.b.lx;
+            // d sample / d(y, x) of each corner's weight, as torchvision.
+            const A gy = -(A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
+            const A gx = -(A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
+            T* doff = doffset + row * p.offset_channels() + (g * K + k) * 2;
+            doff[0] = store_as<T>(A(t.m * gy));
+            doff[1] = store_as<T>(A(t.m * gx));
+            if (p.with_mask) {
+              const A gm = t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
+              dmask[row * p.mask_channels() + g * K + k] = store_as<T>(gm);
+            }
+          }
+      }
+      return;
+    }
+    task -= tasks_a;
+    const int64_t img = task / (G * blocks), g = (task / blocks) % G, c0 = (task % blocks) * cb;
+    const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
+    A* dxi = dx + img * HW * C + ch;
+    for (int64_t i = 0; i < HW; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
+    for (int64_t q = 0; q < P; ++q)
+      for (int64_t k = 0; k < K; ++k) {
+        A m;
+        const Bilinear<A> b = s.point(img, q, g, k, &m);
+        const A* gc = dcols + ((img * P + q) * K + k) * C + ch;
+        auto corner = [&](bool valid, int64_t dy, int64_t dxx, A w) {
+          if (valid) Axpy(A(m * w), gc, dxi + ((b.y0 + dy) * p.w + (b.x0 + dxx)) * C, n);
+        };
+        corner(b.v00, 0, 0, b.w00());
+        corner(b.v01, 0, 1, b.w01());
+        corner(b.v10, 1, 0, b.w10());
+        corner(b.v11, 1, 1, b.w11());
+      }
+  });
+}
+
+#define DEFT_INSTANTIATE(T)                                                                    \
+  template void SampleColumns<T>(const ConvParams&, const T*, const T*, const T*, T*,         \
+                                 TaskRunner&);                                                 \
+  template void Col2Im<T>(const ConvParams&, const T*, const T*, const T*,                    \
+                          const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
+                          TaskRunner&);
+DEFT_INSTANTIATE(float)
+DEFT_INSTANTIATE(double)
+DEFT_INSTANTIATE(bf16_t)
+DEFT_INSTANTIATE(f16_t)
+#undef DEFT_INSTANTIATE
+
+}  // namespace deft::cpu::DEFT_CPU_ISA

@@ -1,8 +1,9 @@
 // CPU sampler and col2im (columns.h). Work is split into tasks that own disjoint output elements:
 //   sampler          (image, block of output pixels): cols of those pixels
-//   col2im, part A   (image, block of output pixels): doffset and dmask of those pixels, each a
-//                    reduction over its offset group's channels of its own (pixel, tap)
-//   col2im, part B   (image, offset group, block of channels): dx of those channels, scattered
+//   col2im, pass 1   (image, block of output pixels): doffset and dmask of those pixels, each a
+//                    reduction over its offset group's channels of its own (pixel, tap), and
+//                    the table of corners and weights that pass 2 scatters with
+//   col2im, pass 2   (image, offset group, block of channels): dx of those channels, scattered
 //                    from every (pixel, tap) of the image in order
 // No atomics, no per-thread partial buffers: each element's sum has one fixed order, so the
 // result does not depend on the thread count or the schedule. The bilinear math is
@@ -42,6 +43,12 @@ struct Tap {
   A w[4];
 };
 
+// An output pixel: its row in the offset / mask / cols tensors (image * pixels_out + pixel), its
+// image and its undeformed position (tap (i, j) adds i * dil_h, j * dil_w).
+struct Pixel {
+  int64_t row, img, y, x;
+};
+
 template <typename T, typename A>
 struct Sampler {
   const ConvParams& p;
@@ -50,20 +57,24 @@ struct Sampler {
   const T* mask;
   const T* zeros;  // c_per_offset_group() zeros
 
-  // (row = image * pixels_out + pixel) of the offset / mask / cols tensors.
-  Bilinear<A> point(int64_t img, int64_t pix, int64_t g, int64_t k, A* m) const {
-    const int64_t K = p.taps(), row = img * p.pixels_out() + pix;
-    const T* off = offset + row * p.offset_channels() + (g * K + k) * 2;
-    *m = p.with_mask ? load_as<A>(mask[row * p.mask_channels() + g * K + k]) : A(1);
-    const int64_t ho = pix / p.w_out, wo = pix % p.w_out, i = k / p.kw, j = k % p.kw;
-    return make_bilinear<A>(A(p.base_y(ho, i)) + load_as<A>(off[0]),
-                            A(p.base_x(wo, j)) + load_as<A>(off[1]), p.h, p.w);
+  Pixel pixel(int64_t img, int64_t pix) const {
+    const int64_t ho = pix / p.w_out, wo = pix - ho * p.w_out;
+    return Pixel{img * p.pixels_out() + pix, img, p.base_y(ho, 0), p.base_x(wo, 0)};
   }
 
-  Tap<T, A> tap(int64_t img, int64_t pix, int64_t g, int64_t k) const {
+  // Tap k = i * kw + j of offset group g.
+  Bilinear<A> point(const Pixel& q, int64_t g, int64_t i, int64_t j, A* m) const {
+    const int64_t k = g * p.taps() + i * p.kw + j;
+    const T* off = offset + q.row * p.offset_channels() + k * 2;
+    *m = p.with_mask ? load_as<A>(mask[q.row * p.mask_channels() + k]) : A(1);
+    return make_bilinear<A>(A(q.y + i * p.dil_h) + load_as<A>(off[0]),
+                            A(q.x + j * p.dil_w) + load_as<A>(off[1]), p.h, p.w);
+  }
+
+  Tap<T, A> tap(const Pixel& q, int64_t g, int64_t i, int64_t j) const {
     Tap<T, A> t;
-    t.b = point(img, pix, g, k, &t.m);
-    const T* base = x + img * p.h * p.w * p.c_in + g * p.c_per_offset_group();
+    t.b = point(q, g, i, j, &t.m);
+    const T* base = x + q.img * p.h * p.w * p.c_in + g * p.c_per_offset_group();
     auto row = [&](bool valid, int64_t dy, int64_t dx) {
       return valid ? base + ((t.b.y0 + dy) * p.w + (t.b.x0 + dx)) * p.c_in : zeros;
     };
@@ -77,6 +88,14 @@ struct Sampler {
     t.w[3] = t.b.w11();
     return t;
   }
+};
+
+// What the dx scatter needs of one (pixel, group, tap), written by col2im's first pass: each
+// corner's pixel in the image (y * w + x; -1 outside) and its weight times the modulation.
+template <typename A>
+struct Scatter {
+  int64_t at[4];
+  A wm[4];
 };
 
 // dst[c] = (sum over corners of x * w) * m, corners in the reference's order.
@@ -120,19 +139,30 @@ void Dot4(const A* __restrict g, const T* const src[4], int64_t n, A out[4]) {
     t2 += g[c] * load_as<A>(s2[c]);
     t3 += g[c] * load_as<A>(s3[c]);
   }
-  for (int64_t l = 0; l < kLanes; ++l) {
-    t0 += a0[l];
-    t1 += a1[l];
-    t2 += a2[l];
-    t3 += a3[l];
-  }
-  out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
+  // The lanes summed as a tree (a fixed order, log2(kLanes) dependent steps instead of kLanes).
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) {
+      a0[l] += a0[l + w];
+      a1[l] += a1[l + w];
+      a2[l] += a2[l + w];
+      a3[l] += a3[l + w];
+    }
+  out[0] = a0[0] + t0, out[1] = a1[0] + t1, out[2] = a2[0] + t2, out[3] = a3[0] + t3;
 }
 
-// dst[c] += w * g[c].
+// dst[j][c] += w[j] * g[c] for the four corners in one pass over the channels. A corner outside
+// the image has its own row of `trash` instead of a row of dx (so the four rows never alias).
 template <typename A>
-void Axpy(A w, const A* __restrict g, A* __restrict dst, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) dst[c] += w * g[c];
+void Scatter4(const A w[4], const A* __restrict g, A* __restrict d0, A* __restrict d1,
+              A* __restrict d2, A* __restrict d3, int64_t n) {
+  const A w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t c = 0; c < n; ++c) {
+    const A gc = g[c];
+    d0[c] += w0 * gc;
+    d1[c] += w1 * gc;
+    d2[c] += w2 * gc;
+    d3[c] += w3 * gc;
+  }
 }
 
 }  // namespace
@@ -151,10 +181,14 @@ void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* ma
   runner.Run(images * per_image, [&](int64_t task) {
     const int64_t img = task / per_image, q0 = (task % per_image) * block;
     const int64_t q1 = std::min(P, q0 + block);
-    for (int64_t q = q0; q < q1; ++q)
+    for (int64_t pix = q0; pix < q1; ++pix) {
+      const Pixel q = s.pixel(img, pix);
+      T* out = cols + q.row * K * C;
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t k = 0; k < K; ++k)
-          Blend(s.tap(img, q, g, k), cols + ((img * P + q) * K + k) * C + g * Cg, Cg);
+        for (int64_t i = 0; i < p.kh; ++i)
+          for (int64_t j = 0; j < p.kw; ++j)
+            Blend(s.tap(q, g, i, j), out + (i * p.kw + j) * C + g * Cg, Cg);
+    }
   });
 }
 
@@ -169,63 +203,73 @@ void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
   const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
   const int64_t threads = runner.threads();
+  // Per (image, pixel, group, tap), in that order: the first pass writes it, the second reads it
+  // once per channel block (1/C of the columns' size).
+  std::vector<Scatter<A>> scatter(images * P * G * K);
 
-  // Part A: (image, pixel block) tasks.
-  const int64_t block = PixelBlock(images, std::max<int64_t>(P, 1), threads);
-  const int64_t per_image = P == 0 ? 0 : (P + block - 1) / block;
-  const int64_t tasks_a = images * per_image;
-  // Part B: (image, offset group, channel block) tasks; blocks of >= 16 channels (a 64-byte line
-  // of float) until there are a few tasks per thread.
-  const int64_t want = (4 * threads + images * G - 1) / (images * G);
-  const int64_t nb = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, Cg / 16));
-  const int64_t cb = (Cg + nb - 1) / nb;
-  const int64_t blocks = (Cg + cb - 1) / cb;
-  const int64_t tasks_b = images * G * blocks;
-
-  runner.Run(tasks_a + tasks_b, [&](int64_t task) {
-    if (task < tasks_a) {
+  // Pass 1, (image, pixel block) tasks: doffset and dmask, and the scatter table.
+  if (P > 0) {
+    const int64_t block = PixelBlock(images, P, threads);
+    const int64_t per_image = (P + block - 1) / block;
+    runner.Run(images * per_image, [&](int64_t task) {
       const int64_t img = task / per_image, q0 = (task % per_image) * block;
       const int64_t q1 = std::min(P, q0 + block);
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t row = img * P + q;
+      for (int64_t pix = q0; pix < q1; ++pix) {
+        const Pixel q = s.pixel(img, pix);
+        Scatter<A>* sc = scatter.data() + q.row * G * K;
         for (int64_t g = 0; g < G; ++g)
-          for (int64_t k = 0; k < K; ++k) {
-            const Tap<T, A> t = s.tap(img, q, g, k);
-            A d[4];
-            Dot4(dcols + (row * K + k) * C + g * Cg, t.src, Cg, d);
-            const A ly = t.b.ly, lx = t.b.lx;
-            // d sample / d(y, x) of each corner's weight, as torchvision.
-            const A gy = -(A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
-            const A gx = -(A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
-            T* doff = doffset + row * p.offset_channels() + (g * K + k) * 2;
-            doff[0] = store_as<T>(A(t.m * gy));
-            doff[1] = store_as<T>(A(t.m * gx));
-            if (p.with_mask) {
-              const A gm = t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
-              dmask[row * p.mask_channels() + g * K + k] = store_as<T>(gm);
+          for (int64_t i = 0; i < p.kh; ++i)
+            for (int64_t j = 0; j < p.kw; ++j) {
+              const int64_t k = i * p.kw + j;
+              const Tap<T, A> t = s.tap(q, g, i, j);
+              A d[4];
+              Dot4(dcols + (q.row * K + k) * C + g * Cg, t.src, Cg, d);
+              const A ly = t.b.ly, lx = t.b.lx;
+              // d sample / d(y, x) of each corner's weight, as torchvision.
+              const A gy = -(A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
+              const A gx = -(A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
+              T* doff = doffset + q.row * p.offset_channels() + (g * K + k) * 2;
+              doff[0] = store_as<T>(A(t.m * gy));
+              doff[1] = store_as<T>(A(t.m * gx));
+              if (p.with_mask) {
+                const A gm = t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
+                dmask[q.row * p.mask_channels() + g * K + k] = store_as<T>(gm);
+              }
+              Scatter<A>& e = sc[g * K + k];
+              const bool valid[4] = {t.b.v00, t.b.v01, t.b.v10, t.b.v11};
+              for (int c = 0; c < 4; ++c) {
+                e.at[c] = valid[c] ? (t.b.y0 + c / 2) * p.w + (t.b.x0 + c % 2) : -1;
+                e.wm[c] = t.m * t.w[c];
+              }
             }
-          }
       }
-      return;
-    }
-    task -= tasks_a;
+    });
+  }
+
+  // Pass 2, (image, offset group, channel block) tasks: dx, every (pixel, tap) of the image in
+  // order. Blocks of >= 16 channels (a 64-byte line of float), at most kMaxBlock, until there
+  // are two tasks per thread; the block size changes no result.
+  constexpr int64_t kMaxBlock = 256;
+  const int64_t want = (2 * threads + images * G - 1) / (images * G);
+  const int64_t nb = std::clamp<int64_t>(std::max(want, (Cg + kMaxBlock - 1) / kMaxBlock), 1,
+                                         std::max<int64_t>(1, Cg / 16));
+  const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);
+  const int64_t blocks = (Cg + cb - 1) / cb;
+  runner.Run(images * G * blocks, [&](int64_t task) {
     const int64_t img = task / (G * blocks), g = (task / blocks) % G, c0 = (task % blocks) * cb;
     const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
     A* dxi = dx + img * HW * C + ch;
+    A trash[4][kMaxBlock] = {};  // the rows of corners outside the image
     for (int64_t i = 0; i < HW; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
-    for (int64_t q = 0; q < P; ++q)
+    for (int64_t pix = 0; pix < P; ++pix) {
+      const int64_t row = img * P + pix;
+      const Scatter<A>* sc = scatter.data() + (row * G + g) * K;
       for (int64_t k = 0; k < K; ++k) {
-        A m;
-        const Bilinear<A> b = s.point(img, q, g, k, &m);
-        const A* gc = dcols + ((img * P + q) * K + k) * C + ch;
-        auto corner = [&](bool valid, int64_t dy, int64_t dxx, A w) {
-          if (valid) Axpy(A(m * w), gc, dxi + ((b.y0 + dy) * p.w + (b.x0 + dxx)) * C, n);
-        };
-        corner(b.v00, 0, 0, b.w00());
-        corner(b.v01, 0, 1, b.w01());
-        corner(b.v10, 1, 0, b.w10());
-        corner(b.v11, 1, 1, b.w11());
+        A* d[4];
+        for (int c = 0; c < 4; ++c) d[c] = sc[k].at[c] >= 0 ? dxi + sc[k].at[c] * C : trash[c];
+        Scatter4(sc[k].wm, dcols + (row * K + k) * C + ch, d[0], d[1], d[2], d[3], n);
       }
+    }
   });
 }
 

@@ -4,8 +4,8 @@ For each shape (CPU-sized batch, bench_layers.CPU_BATCH) and dtype: the native s
 dot, the kernel-gradient dot (as the route writes it, and alternative forms), the column-gradient
 dot, the native col2im, the whole op forward and forward + backward (at several images per chunk),
 and the dense conv forward and forward + backward. Wall time of one jitted call: min and median of
---reps calls after a warm-up (a breakdown, not the benchmark's protocol; use bench_layers.py for
-the headline numbers).
+--reps calls after a warm-up, and the min CPU time of the process per call (a breakdown, not the
+benchmark's protocol; use bench_layers.py for the headline numbers).
 
   python benchmarks/cpu_parts.py --shapes S1,S3 --dtypes float32 --chunks 1,4
 """
@@ -34,23 +34,26 @@ sys.modules["bench_layers"] = bench_layers
 _spec.loader.exec_module(bench_layers)
 
 
-def timed(f, args, reps: int) -> tuple[float, float]:
-    """(min, median) ms of one call of jit(f)(*args)."""
+def timed(f, args, reps: int) -> tuple[float, float, float]:
+    """(min, median) wall ms and min CPU ms (all threads of the process) of one call of
+    jit(f)(*args). On a machine shared with other jobs the CPU time is the steadier figure: it
+    leaves out the time spent waiting for a core (though not what the neighbours do to caches)."""
     f = jax.jit(f)
     jax.block_until_ready(f(*args))
-    walls = []
+    walls, cpus = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(f(*args))
         walls.append(time.perf_counter() - t0)
-    return min(walls) * 1e3, median(walls) * 1e3
+        cpus.append(time.process_time() - c0)
+    return min(walls) * 1e3, median(walls) * 1e3, min(cpus) * 1e3
 
 
 class _Call:
     precision = None
 
 
-def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float, float]]:
+def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float, float, float]]:
     inputs = bench_layers.make_inputs(layer, dtype, np.random.default_rng(0))
     x, off, mask, kernel, dy = (inputs[k] for k in ("x", "offset", "mask", "kernel", "cotangent"))
     s, p = layer.stride, layer.pad
@@ -103,12 +106,14 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
     for c in chunks:
         if c:
             tiling.cpu_chunk_images = lambda shape, c=c: c
+        jax.clear_caches()  # the chunk is chosen at trace time: no cached trace of another one
         tag = f"chunk {c}" if c else "chunk default"
         try:
             out[f"op fwd, {tag}"] = timed(op, (x, off, mask, kernel), reps)
             out[f"op fwd+bwd, {tag}"] = timed(with_grads(op), (x, off, mask, kernel, dy), reps)
         finally:
             tiling.cpu_chunk_images = default
+            jax.clear_caches()
     out["conv fwd"] = timed(conv, (x, kernel), reps)
     out["conv fwd+bwd"] = timed(with_grads(conv), (x, kernel, dy), reps)
     return out
@@ -123,7 +128,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
     print(f"{jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} CPUs allowed, "
-          f"kernels {_ffi._deft_cpu.cpu_isa()}, jax {jax.__version__}; ms per call, min / median")
+          f"kernels {_ffi._deft_cpu.cpu_isa()}, jax {jax.__version__}; ms per call: wall min, "
+          "wall median, CPU min")
     for name in args.shapes.split(","):
         layer = bench_layers.SUITE[name]
         layer = dataclasses.replace(layer, n=bench_layers.CPU_BATCH[name])
@@ -131,8 +137,8 @@ def main(argv=None):
             res = pieces(layer, jnp.dtype(dt), args.reps, chunks)
             print(f"{name} {layer.label()} {dt} (default chunk "
                   f"{tiling.cpu_chunk_images(_shape(layer, dt))} images)")
-            for k, (lo, med) in res.items():
-                print(f"  {k:28s} {lo:9.2f} {med:9.2f}")
+            for k, (lo, med, cpu) in res.items():
+                print(f"  {k:28s} {lo:9.2f} {med:9.2f} {cpu:9.2f}")
             sys.stdout.flush()
 
 

@@ -57,8 +57,15 @@ class LayerShape:
 
 
 # Column memory of the CPU route (deft_jax/_columns.py) per chunk of images: the sampled columns in
-# x's dtype plus, in the backward, their cotangent in the accumulation type.
-CPU_COLUMN_BUDGET_BYTES = 32 * 2**20
+# x's dtype plus, in the backward, their cotangent in the accumulation type. Small enough that the
+# program's temporaries stay well under 32 MiB: XLA:CPU allocates them as one block per execution,
+# and glibc maps a block over its largest mmap threshold (32 MiB) afresh every time, so each call
+# page-faults it in. Measured (2-core VM, 4x28x28x128 fp32 fwd+bwd, per call): 32 MiB budget ->
+# temp 41 MB, 10.6k page faults, 8 ms system time, 28.5 ms CPU; 8 MiB -> temp 9 MB, no faults,
+# 20.7 ms. 8 MiB was as fast as 16 MiB or faster at S3-S6 fp32/bf16 and S2 bf16; 4 and 2 MiB lost
+# at S5 (more, smaller GEMMs; bf16 fwd+bwd 6.4 -> 11.3 / 19.1 ms CPU). An image larger than the
+# budget is one chunk (S1/S2 fp32: 19 MB of columns each).
+CPU_COLUMN_BUDGET_BYTES = 8 * 2**20
 
 
 def cpu_chunk_images(s: LayerShape) -> int:

@@ -248,9 +248,10 @@ void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
 
   // Pass 2, (image, offset group, channel block) tasks: dx, every (pixel, tap) of the image in
   // order. Blocks of >= 16 channels (a 64-byte line of float), at most kMaxBlock, until there
-  // are two tasks per thread; the block size changes no result.
+  // is a task per thread (each task walks the whole table: wider blocks share that cost); the
+  // block size changes no result.
   constexpr int64_t kMaxBlock = 256;
-  const int64_t want = (2 * threads + images * G - 1) / (images * G);
+  const int64_t want = (threads + images * G - 1) / (images * G);
   const int64_t nb = std::clamp<int64_t>(std::max(want, (Cg + kMaxBlock - 1) / kMaxBlock), 1,
                                          std::max<int64_t>(1, Cg / 16));
   const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);

@@ -93,7 +93,12 @@ class PoolRunner final : public deft::cpu::TaskRunner {
         }
       }
     };
-    for (int64_t h = 0; h < helpers; ++h) pool_.Schedule([st, work] { work(*st); });
+    // A helper that cannot be scheduled (out of memory) is simply not there: the calling thread
+    // and the helpers already scheduled take its tasks.
+    try {
+      for (int64_t h = 0; h < helpers; ++h) pool_.Schedule([st, work] { work(*st); });
+    } catch (...) {
+    }
     work(*st);
     std::unique_lock<std::mutex> lock(st->mu);
     st->cv.wait(lock, [&] { return st->done.load() == n; });

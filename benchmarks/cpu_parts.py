@@ -63,7 +63,8 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
     acc = _ffi.accumulation_dtype(dtype)
     k = layer.kh * layer.kw
     wk = kernel.reshape(1, k, layer.cin, 1, layer.cout)
-    sample = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, attrs)[None])
+    n = layer.n
+    sample = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs)[None])
     cols = sample(x, off, mask)
     dcols = _columns._dcols_dot(dy[None], wk, _Call, acc)
     m_rows = cols.shape[1] * cols.shape[2] * cols.shape[3]
@@ -78,7 +79,7 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
         return part.sum(0)
 
     out = {
-        "sampler": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, attrs), (x, off, mask), reps),
+        "sampler": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs), (x, off, mask), reps),
         "fwd dot": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols, wk), reps),
         "dk dot (route)": timed(lambda c, d: _columns._dkernel_dot(c, d[None], 1, _Call, acc),
                                 (cols, dy), reps),
@@ -86,7 +87,8 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
                                                            preferred_element_type=acc), (c2, dy2), reps),
         "dk dot blocked 1024": timed(dk_blocked, (c2, dy2), reps),
         "dcols dot": timed(lambda d, w: _columns._dcols_dot(d[None], w, _Call, acc), (dy, wk), reps),
-        "col2im": timed(lambda x, o, m, d: _ffi.col2im(x, o, m, d[0], attrs), (x, off, mask, dcols), reps),
+        "col2im": timed(lambda x, o, m, d: _ffi.col2im(x, o, m, 0, d[0], attrs), (x, off, mask, dcols),
+                         reps),
     }
 
     def op(x, o, m, kern):

@@ -1,7 +1,7 @@
 """The CPU route: the native sampler writes a bounded chunk of columns, XLA's dot reduces it.
 
 The same split as the GPU's GEMM-dominated route (DESIGN.md, "Kernel strategy"): per chunk of
-images,
+images (read in place by the native calls, which take the chunk's first image as an operand),
 
   forward    cols = sample_columns(x, offset, mask)          [b, Ho, Wo, K, C]  (C++, threaded)
              y    = cols . kernel                             XLA's dot
@@ -77,9 +77,10 @@ def _shapes(x, kernel):
     return z, kh * kw, fg, cig, cout // fg
 
 
-def _sample(x, offset, mask, call, with_mask):
+def _sample(x, offset, mask, start, size, call, with_mask):
+    """cols of images [start, start + size), read in place from the whole arrays."""
     return _ffi.sample_columns(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
-                               call.attr_dict())
+                               start, size, call.attr_dict())
 
 
 def _dot(a, b, contract: tuple[int, int], call, acc):
@@ -145,8 +146,7 @@ def forward(x, offset, mask, kernel, call):
     wk = kernel.reshape(z, k, cig, fg, cog)
 
     def step(start, size, y):
-        mc = None if mask is None else _images(mask, start, size)
-        cols = _sample(_images(x, start, size), _images(offset, start, size), mc, call, with_mask)
+        cols = _sample(x, offset, mask, start, size, call, with_mask)
         return _put(y, _forward_dot(cols, wk, call, acc).astype(x.dtype), start)
 
     ho, wo = offset.shape[2:4]
@@ -172,13 +172,12 @@ def backward(x, offset, mask, kernel, dy, call):
 
     def step(start, size, carry):
         dx, doffset, dmask, dwk = carry
-        xc, oc, dyc = (_images(a, start, size) for a in (x, offset, dy))
-        mc = None if mask is None else _images(mask, start, size)
-        cols = _sample(xc, oc, mc, call, with_mask)
+        dyc = _images(dy, start, size)
+        cols = _sample(x, offset, mask, start, size, call, with_mask)
         dwk = dwk + _dkernel_dot(cols, dyc, fg, call, acc)
         dcols = _dcols_dot(dyc, wk, call, acc)
-        dxc, doc, dmc = _ffi.col2im(xc, oc, mc if with_mask else _ffi.mask_placeholder(x.dtype),
-                                    dcols, attrs)
+        dxc, doc, dmc = _ffi.col2im(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
+                                    start, dcols, attrs)
         dx = _put(dx, dxc.astype(x.dtype), start)
         doffset = _put(doffset, doc, start)
         if with_mask:

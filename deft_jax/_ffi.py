@@ -84,19 +84,29 @@ def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
     return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
 
 
-def sample_columns(x, offset, mask, attrs: dict[str, np.int64]):
-    """cols [..., N, Ho, Wo, kh*kw, C] in x's dtype (CPU): cols[..., k, c] = mask x the bilinear
-    sample of channel c at tap k. Leading dims and N are all just images to the sampler."""
+def sample_columns(x, offset, mask, start, images: int, attrs: dict[str, np.int64]):
+    """cols [..., images, Ho, Wo, kh*kw, C] in x's dtype (CPU) for images [start, start + images)
+    of x [..., N, H, W, C] (start: an int, or a traced int32 scalar): cols[..., k, c] = mask x the
+    bilinear sample of channel c at tap k. The chunk is read in place, not sliced out first."""
     taps = int(attrs["kh"]) * int(attrs["kw"])
-    cols = jax.ShapeDtypeStruct((*offset.shape[:-1], taps, x.shape[-1]), x.dtype)
-    return jax.ffi.ffi_call(_TARGETS["cpu"][0], cols, vmap_method="broadcast_all")(x, offset, mask, **attrs)
+    lead = x.shape[:-4]
+    cols = jax.ShapeDtypeStruct((*lead, images, *offset.shape[-3:-1], taps, x.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call(_TARGETS["cpu"][0], cols, vmap_method="broadcast_all")(
+        x, offset, mask, jnp.asarray(start, jnp.int32), **attrs)
 
 
-def col2im(x, offset, mask, dcols, attrs: dict[str, np.int64]):
-    """(dx, doffset, dmask) for the column cotangent dcols (CPU). dcols and dx are in the
-    accumulation dtype (accumulation_dtype(x.dtype)), doffset and dmask in x's."""
+def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64]):
+    """(dx, doffset, dmask) of images [start, start + b) for their column cotangent dcols
+    [..., b, Ho, Wo, K, C] (CPU). dcols and dx are in the accumulation dtype
+    (accumulation_dtype(x.dtype)), doffset and dmask in x's; dmask is mask's (0,) placeholder
+    without modulation."""
     acc = accumulation_dtype(x.dtype)
-    outs = (jax.ShapeDtypeStruct(x.shape, acc), jax.ShapeDtypeStruct(offset.shape, x.dtype),
-            jax.ShapeDtypeStruct(mask.shape, x.dtype))
+    images = dcols.shape[-5]
+
+    def chunk(a):
+        return (*a.shape[:-4], images, *a.shape[-3:])
+    with_mask = int(attrs["with_mask"]) != 0
+    outs = (jax.ShapeDtypeStruct(chunk(x), acc), jax.ShapeDtypeStruct(chunk(offset), x.dtype),
+            jax.ShapeDtypeStruct(chunk(mask) if with_mask else mask.shape, x.dtype))
     call = jax.ffi.ffi_call(_TARGETS["cpu"][1], outs, vmap_method="broadcast_all")
-    return tuple(call(x, offset, mask, dcols.astype(acc), **attrs))
+    return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc), **attrs))

@@ -43,10 +43,11 @@ struct Tap {
   A w[4];
 };
 
-// An output pixel: its row in the offset / mask / cols tensors (image * pixels_out + pixel), its
+// An output pixel: its row in the inputs offset / mask (input image * pixels_out + pixel) and in
+// the chunk's outputs cols / dcols / doffset / dmask (output image * pixels_out + pixel), its input
 // image and its undeformed position (tap (i, j) adds i * dil_h, j * dil_w).
 struct Pixel {
-  int64_t row, img, y, x;
+  int64_t row, out, img, y, x;
 };
 
 template <typename T, typename A>
@@ -57,9 +58,11 @@ struct Sampler {
   const T* mask;
   const T* zeros;  // c_per_offset_group() zeros
 
-  Pixel pixel(int64_t img, int64_t pix) const {
+  // Pixel pix of output image o, whose input image is img.
+  Pixel pixel(int64_t o, int64_t img, int64_t pix) const {
     const int64_t ho = pix / p.w_out, wo = pix - ho * p.w_out;
-    return Pixel{img * p.pixels_out() + pix, img, p.base_y(ho, 0), p.base_x(wo, 0)};
+    return Pixel{img * p.pixels_out() + pix, o * p.pixels_out() + pix, img, p.base_y(ho, 0),
+                 p.base_x(wo, 0)};
   }
 
   // Tap k = i * kw + j of offset group g.
@@ -168,10 +171,10 @@ void Scatter4(const A w[4], const A* __restrict g, A* __restrict d0, A* __restri
 }  // namespace
 
 template <typename T>
-void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* mask, T* cols,
-                   TaskRunner& runner) {
+void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+                   T* cols, TaskRunner& runner) {
   using A = typename Acc<T>::type;
-  const int64_t images = p.batch * p.n, P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t images = im.count(), P = p.pixels_out(), K = p.taps(), C = p.c_in;
   const int64_t G = p.offset_groups, Cg = p.c_per_offset_group();
   if (images == 0 || P == 0 || K == 0 || C == 0) return;
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
@@ -179,11 +182,11 @@ void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* ma
   const int64_t block = PixelBlock(images, P, runner.threads());
   const int64_t per_image = (P + block - 1) / block;
   runner.Run(images * per_image, [&](int64_t task) {
-    const int64_t img = task / per_image, q0 = (task % per_image) * block;
-    const int64_t q1 = std::min(P, q0 + block);
+    const int64_t o = task / per_image, q0 = (task % per_image) * block;
+    const int64_t q1 = std::min(P, q0 + block), img = im.in(o);
     for (int64_t pix = q0; pix < q1; ++pix) {
-      const Pixel q = s.pixel(img, pix);
-      T* out = cols + q.row * K * C;
+      const Pixel q = s.pixel(o, img, pix);
+      T* out = cols + q.out * K * C;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < p.kh; ++i)
           for (int64_t j = 0; j < p.kw; ++j)
@@ -193,11 +196,11 @@ void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* ma
 }
 
 template <typename T>
-void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
+void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
             const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
             TaskRunner& runner) {
   using A = typename Acc<T>::type;
-  const int64_t images = p.batch * p.n, P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t images = im.count(), P = p.pixels_out(), K = p.taps(), C = p.c_in;
   const int64_t G = p.offset_groups, Cg = p.c_per_offset_group(), HW = p.h * p.w;
   if (images == 0 || C == 0) return;
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
@@ -212,28 +215,28 @@ void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
     const int64_t block = PixelBlock(images, P, threads);
     const int64_t per_image = (P + block - 1) / block;
     runner.Run(images * per_image, [&](int64_t task) {
-      const int64_t img = task / per_image, q0 = (task % per_image) * block;
-      const int64_t q1 = std::min(P, q0 + block);
+      const int64_t o = task / per_image, q0 = (task % per_image) * block;
+      const int64_t q1 = std::min(P, q0 + block), img = im.in(o);
       for (int64_t pix = q0; pix < q1; ++pix) {
-        const Pixel q = s.pixel(img, pix);
-        Scatter<A>* sc = scatter.data() + q.row * G * K;
+        const Pixel q = s.pixel(o, img, pix);
+        Scatter<A>* sc = scatter.data() + q.out * G * K;
         for (int64_t g = 0; g < G; ++g)
           for (int64_t i = 0; i < p.kh; ++i)
             for (int64_t j = 0; j < p.kw; ++j) {
               const int64_t k = i * p.kw + j;
               const Tap<T, A> t = s.tap(q, g, i, j);
               A d[4];
-              Dot4(dcols + (q.row * K + k) * C + g * Cg, t.src, Cg, d);
+              Dot4(dcols + (q.out * K + k) * C + g * Cg, t.src, Cg, d);
               const A ly = t.b.ly, lx = t.b.lx;
               // d sample / d(y, x) of each corner's weight, as torchvision.
               const A gy = -(A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
               const A gx = -(A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
-              T* doff = doffset + q.row * p.offset_channels() + (g * K + k) * 2;
+              T* doff = doffset + q.out * p.offset_channels() + (g * K + k) * 2;
               doff[0] = store_as<T>(A(t.m * gy));
               doff[1] = store_as<T>(A(t.m * gx));
               if (p.with_mask) {
                 const A gm = t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
-                dmask[q.row * p.mask_channels() + g * K + k] = store_as<T>(gm);
+                dmask[q.out * p.mask_channels() + g * K + k] = store_as<T>(gm);
               }
               Scatter<A>& e = sc[g * K + k];
               const bool valid[4] = {t.b.v00, t.b.v01, t.b.v10, t.b.v11};
@@ -257,13 +260,13 @@ void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
   const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);
   const int64_t blocks = (Cg + cb - 1) / cb;
   runner.Run(images * G * blocks, [&](int64_t task) {
-    const int64_t img = task / (G * blocks), g = (task / blocks) % G, c0 = (task % blocks) * cb;
+    const int64_t o = task / (G * blocks), g = (task / blocks) % G, c0 = (task % blocks) * cb;
     const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
-    A* dxi = dx + img * HW * C + ch;
+    A* dxi = dx + o * HW * C + ch;
     A trash[4][kMaxBlock] = {};  // the rows of corners outside the image
     for (int64_t i = 0; i < HW; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
     for (int64_t pix = 0; pix < P; ++pix) {
-      const int64_t row = img * P + pix;
+      const int64_t row = o * P + pix;
       const Scatter<A>* sc = scatter.data() + (row * G + g) * K;
       for (int64_t k = 0; k < K; ++k) {
         A* d[4];
@@ -275,9 +278,9 @@ void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
 }
 
 #define DEFT_INSTANTIATE(T)                                                                    \
-  template void SampleColumns<T>(const ConvParams&, const T*, const T*, const T*, T*,         \
-                                 TaskRunner&);                                                 \
-  template void Col2Im<T>(const ConvParams&, const T*, const T*, const T*,                    \
+  template void SampleColumns<T>(const ConvParams&, const Images&, const T*, const T*,         \
+                                 const T*, T*, TaskRunner&);                                   \
+  template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
                           const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
                           TaskRunner&);
 DEFT_INSTANTIATE(float)

@@ -56,22 +56,22 @@ const char* CpuIsaName() {
 #endif
 
 template <typename T>
-void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* mask, T* cols,
-                   TaskRunner& runner) {
-  DEFT_DISPATCH(SampleColumns, p, x, offset, mask, cols, runner);
+void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+                   T* cols, TaskRunner& runner) {
+  DEFT_DISPATCH(SampleColumns, p, im, x, offset, mask, cols, runner);
 }
 
 template <typename T>
-void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,
+void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
             const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
             TaskRunner& runner) {
-  DEFT_DISPATCH(Col2Im, p, x, offset, mask, dcols, dx, doffset, dmask, runner);
+  DEFT_DISPATCH(Col2Im, p, im, x, offset, mask, dcols, dx, doffset, dmask, runner);
 }
 
 #define DEFT_INSTANTIATE(T)                                                                    \
-  template void SampleColumns<T>(const ConvParams&, const T*, const T*, const T*, T*,         \
-                                 TaskRunner&);                                                 \
-  template void Col2Im<T>(const ConvParams&, const T*, const T*, const T*,                    \
+  template void SampleColumns<T>(const ConvParams&, const Images&, const T*, const T*,         \
+                                 const T*, T*, TaskRunner&);                                   \
+  template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
                           const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
                           TaskRunner&);
 DEFT_INSTANTIATE(float)

@@ -9,10 +9,10 @@
 #define DEFT_DECLARE_COLUMNS(ISA)                                                               \
   namespace deft::cpu::ISA {                                                                    \
   template <typename T>                                                                         \
-  void SampleColumns(const ConvParams& p, const T* x, const T* offset, const T* mask, T* cols,  \
-                     TaskRunner& runner);                                                       \
+  void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset,       \
+                     const T* mask, T* cols, TaskRunner& runner);                               \
   template <typename T>                                                                         \
-  void Col2Im(const ConvParams& p, const T* x, const T* offset, const T* mask,                  \
+  void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask, \
               const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset,        \
               T* dmask, TaskRunner& runner);                                                    \
   }

@@ -110,9 +110,12 @@ class PoolRunner final : public deft::cpu::TaskRunner {
 };
 
 ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
-                             ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
+                             ffi::AnyBuffer mask, ffi::AnyBuffer start,
+                             ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
   deft::ConvParams p;
-  if (auto err = BuildColumnParams(x, offset, mask, cols->dimensions(), attrs, &p); !err.success())
+  deft::cpu::Images im;
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &im);
+      !err.success())
     return err;
   auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
@@ -122,19 +125,23 @@ ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   return Guarded([&] {
     return DispatchDtype(*dtype, [&](auto tag) {
       using T = decltype(tag);
-      deft::cpu::SampleColumns<T>(p, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(cols), runner);
+      deft::cpu::SampleColumns<T>(p, im, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(cols),
+                                  runner);
     });
   });
 }
 
 // dcols and dx are in the accumulation type (float32, float64 for float64); doffset and dmask in
-// x's. dmask is (0,) like the mask placeholder without modulation.
+// x's. The outputs hold the chunk's images (dcols's image count); dmask is (0,) like the mask
+// placeholder without modulation.
 ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
-                      ffi::AnyBuffer dcols, ffi::Result<ffi::AnyBuffer> dx,
+                      ffi::AnyBuffer start, ffi::AnyBuffer dcols, ffi::Result<ffi::AnyBuffer> dx,
                       ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
                       ColumnAttrs attrs) {
   deft::ConvParams p;
-  if (auto err = BuildColumnParams(x, offset, mask, dcols.dimensions(), attrs, &p); !err.success())
+  deft::cpu::Images im;
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &im);
+      !err.success())
     return err;
   auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
@@ -143,17 +150,21 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
     return invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)");
   if (doffset->element_type() != x.element_type() || dmask->element_type() != x.element_type())
     return invalid("doffset and dmask must have x's dtype");
-  if (auto e = CheckSameShape("dx", dx->dimensions(), x.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("doffset", doffset->dimensions(), offset.dimensions()); !e.success()) return e;
-  if (auto e = CheckSameShape("dmask", dmask->dimensions(), mask.dimensions()); !e.success()) return e;
-  if (x.element_count() == 0) return ffi::Error::Success();
+  const auto want_dx = WithImages(x.dimensions(), im.n_out);
+  const auto want_doff = WithImages(offset.dimensions(), im.n_out);
+  const auto want_dmask = attrs.with_mask ? WithImages(mask.dimensions(), im.n_out)
+                                          : std::vector<int64_t>(mask.dimensions().begin(), mask.dimensions().end());
+  if (auto e = CheckSameShape("dx", dx->dimensions(), want_dx); !e.success()) return e;
+  if (auto e = CheckSameShape("doffset", doffset->dimensions(), want_doff); !e.success()) return e;
+  if (auto e = CheckSameShape("dmask", dmask->dimensions(), want_dmask); !e.success()) return e;
+  if (dx->element_count() == 0) return ffi::Error::Success();
   PoolRunner runner(pool);
   return Guarded([&] {
     return DispatchDtype(*dtype, [&](auto tag) {
       using T = decltype(tag);
       using A = typename deft::Acc<T>::type;
-      deft::cpu::Col2Im<T>(p, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<A>(dcols), ptr<A>(dx),
-                           ptr<T>(doffset), ptr<T>(dmask), runner);
+      deft::cpu::Col2Im<T>(p, im, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<A>(dcols),
+                           ptr<A>(dx), ptr<T>(doffset), ptr<T>(dmask), runner);
     });
   });
 }
@@ -167,7 +178,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCpu, deft_ffi::SampleColumnsImpl,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
-                                  .Ret<ffi::AnyBuffer>()  // cols [..., N, Ho, Wo, K, C]
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar, the chunk's first image
+                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
                                   .Attrs<deft_ffi::ColumnAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
@@ -176,9 +188,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
-                                  .Arg<ffi::AnyBuffer>()  // dcols [..., N, Ho, Wo, K, C]
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Ret<ffi::AnyBuffer>()  // doffset
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar, the chunk's first image
+                                  .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
+                                  .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
+                                  .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
                                   .Attrs<deft_ffi::ColumnAttrs>());
 

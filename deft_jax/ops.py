@@ -224,7 +224,8 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       kernel_dilation: int or (dh, dw).
       feature_group_count: grouped convolution, as in lax.conv_general_dilated.
       precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT (or None).
-      implementation: None for the native kernel of the platform (C++ on CPU, CUDA on GPU), or
+      implementation: None for the native kernel of the platform (on CPU a C++ column sampler and
+        col2im around XLA's dot, on GPU fused CUDA kernels), or
         "xla" for the pure-JAX gather reference.
 
     Returns:
@@ -232,7 +233,9 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       (ho*sh - pad_top + i*dh + dy, wo*sw - pad_left + j*dw + dx) bilinearly with zero padding,
       exactly as torchvision.ops.deform_conv2d with the channel axis last.
 
-    Determinism: the CPU handler is bitwise reproducible. On GPU the gradients are accumulated
+    Determinism: on CPU the result is bitwise reproducible from run to run (the C++ sampler and
+    col2im for any thread count too; XLA's own dots may round differently when the intra-op
+    thread count changes, as in the pure-JAX reference). On GPU the gradients are accumulated
     with floating-point atomics, so they can differ in the last bits from run to run; so can the
     forward of layers whose tiling picks the split forward (few pixels, >= 256 output channels per
     group, e.g. 7x7 x 512, or 14x14 x 256 in 16-bit types: partial sums over taps meet in

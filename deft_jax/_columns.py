@@ -14,8 +14,9 @@ The chunk (images per chunk, ``tiling.cpu_chunk_images``) comes from a column-me
 extra memory is bounded independently of the batch: a batch larger than one chunk runs as a loop
 over full chunks plus one remainder chunk. Feature groups are a grouped contraction, as in the
 reference; offset groups are inside the sampler. The dots take ``precision`` and accumulate in
-float32 (float64 for float64). Every piece is deterministic: the native code fixes the order of
-every sum, the kernel cotangent sums the chunks in order.
+float32 (float64 for float64). Every piece is deterministic run to run: the native code fixes the
+order of every sum (for any thread count), the kernel cotangent sums the chunks in order, and
+XLA's dots are deterministic for a given intra-op thread count.
 
 Arrays may carry leading dims (from vmap, deft_jax/_partition.py): independent problems, each with
 its own kernel; the sampler treats them as more images, the dots as a batch dimension.
@@ -42,11 +43,12 @@ def _chunk_size(n: int, z: int, chunk: int) -> int:
 
 
 def _for_chunks(n: int, b: int, step, carry):
-    """carry = step(start, size, carry) for chunks [start, start + size) covering [0, n): one
-    remainder chunk at the end, then a loop over the n // b full chunks (static sizes).
+    """carry = step(start, size, carry) for chunks [start, start + size) covering [0, n): first
+    the remainder chunk (the batch's last n % b images), then a loop over the n // b full chunks
+    (static sizes).
 
-    The remainder goes first: written after the loop, its update of the loop's result made XLA
-    copy the whole result (temporary memory then grew with the batch)."""
+    The remainder runs first: run after the loop, its update of the loop's result made XLA copy
+    the whole result (temporary memory then grew with the batch)."""
     full, rem = divmod(n, b)
     if rem:
         carry = step(full * b, rem, carry)

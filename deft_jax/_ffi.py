@@ -22,9 +22,19 @@ _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_ti
 
 try:
     from . import _deft_cpu
-except ImportError as e:  # pragma: no cover - a broken install, not a supported configuration
+except ImportError as e:
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    _source_tree = (_here.parent / "CMakeLists.txt").is_file()
     raise ImportError(
-        "deft_jax: the native CPU module _deft_cpu is missing; reinstall with `pip install .`"
+        f"deft_jax: imported from {_here}, which has no compiled native module (_deft_cpu). "
+        + ("This is a source checkout that was never built (or Python picked it up from the "
+           "current directory instead of the installed package). Build and install it with "
+           "`pip install .` (or `pip install -e .` for development; add -v to watch the "
+           "compiler), or run Python from another directory so the installed deft_jax is used."
+           if _source_tree else "The installation is incomplete; reinstall with `pip install deft_jax`.")
+        + f" (Python said: {e})"
     ) from e
 
 try:

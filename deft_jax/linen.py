@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import PaddingLike, canonicalize_padding, default_kernel_init
@@ -26,8 +27,16 @@ from .ops import deform_conv2d
 __all__ = ["DeformConv", "DeformConvPack"]
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int]:
+    """An int or a pair of ints -> (a, b); None means 1 for strides and dilations, as nn.Conv."""
+    if value is None and name != "kernel_size":
+        value = 1
+    if isinstance(value, (int, np.integer)):
+        return (int(value), int(value))
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        pair = ()
     if len(pair) != 2:
         raise ValueError(f"{name}: expected an int or a pair of ints for a 2D convolution, "
                          f"got {value!r}")

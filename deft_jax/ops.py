@@ -222,6 +222,26 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       (ho*sh - pad_top + i*dh + dy, wo*sw - pad_left + j*dw + dx) bilinearly with zero padding,
       exactly as torchvision.ops.deform_conv2d with the channel axis last.
 
+    Non-finite values: a NaN or infinity in an offset or mask entry reaches only what depends on
+    it: y at its own output pixel, that tap's own doffset / dmask entries, dkernel, and, for a
+    finite sample point, the <= 4 input pixels it samples; never other pixels of dx or y, never
+    memory out of range. Precisely, for the sample point of one tap:
+
+    - A NaN coordinate (NaN offset dy or dx): the tap's sampled value is NaN for every channel of
+      its offset group, so y at that output pixel is NaN (in the output channels that read those
+      input channels), the tap's doffset (both components) and dmask entries are NaN and so is
+      dkernel where it multiplies those samples; dx receives nothing from the tap (there is no
+      sample point, hence no input pixel). No integer is ever computed from a NaN coordinate.
+    - An infinite or finite-but-huge coordinate (y <= -1, y >= H, x <= -1 or x >= W: +-inf,
+      +-1e30, ...) is outside the image: the tap contributes exactly 0 to y and gets exactly 0
+      gradient for offset, mask and x (torchvision's rule). The comparison comes before any
+      float -> int conversion, so huge values never overflow an index.
+    - A NaN or +-inf mask entry multiplies the tap's (finite) sample: y at that pixel becomes
+      non-finite (inf * 0 = NaN where the sample is 0), and so may dx at the <= 4 input pixels
+      the sample point reads, the tap's dmask and doffset entries, and dkernel; nothing else.
+    - A non-finite pixel of x: a corner outside the image is selected out, never multiplied by 0,
+      so it propagates exactly as in the reference (and torchvision).
+
     Determinism: the CPU handler is bitwise reproducible. On GPU the gradients are accumulated
     with floating-point atomics, so they can differ in the last bits from run to run; so can the
     forward of layers whose tiling picks the split forward (few pixels, >= 256 output channels per

@@ -70,10 +70,11 @@ struct Sampler {
     return x + ((img * p.h + yy) * p.w + xx) * p.c_in + g * p.c_per_offset_group();
   }
 
-  // out[c] = scale * sample of channel c of group g, c in [0, C/G).
+  // out[c] = scale * sample of channel c of group g, c in [0, C/G). Starts from fill() * scale:
+  // NaN for a NaN point, and for a non-finite scale (mask) even where the sample is 0.
   void blend(const Bilinear<A>& b, int64_t img, int64_t g, A scale, A* out) const {
     const int64_t cg = p.c_per_offset_group();
-    std::fill(out, out + cg, A(0));
+    std::fill(out, out + cg, b.fill() * scale);
     if (!b.inside) return;
     auto add = [&](bool valid, int64_t dy, int64_t dx, A w) {
       if (!valid) return;
@@ -282,7 +283,7 @@ void Backward(const ConvParams& p, int64_t pixels_per_task, const T* x, const T*
             const A* gc = gcol + (q * K + k) * C + g * Cg;
             const A* sp = samp + (q * K + k) * C + g * Cg;
             const A gm = Dot(gc, sp, Cg);
-            A gy = 0, gx = 0;
+            A gy = bl.fill(), gx = bl.fill();  // a NaN point's derivatives are NaN (else 0)
             if (bl.inside) {
               const A ly = bl.ly, lx = bl.lx;
               // (d sample / dy, d sample / dx) coefficient of each corner, as torchvision.

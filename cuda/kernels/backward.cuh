@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   int lead[KPL];
 #pragma unroll
   for (int j = 0; j < KPL; ++j) lead[j] = -1;
-  if (rec.y0 > -4) {
+  if (rec.y0 >= -1) {  // a live sample (not kRecDead, not kRecNan)
     const int H = static_cast<int>(p.h), W = static_cast<int>(p.w);
     const A ly = rec.ly, lx = rec.lx, hy = A(1) - ly, hx = A(1) - lx;
     const A wt[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     s_y += __shfl_xor_sync(0xffffffffu, s_y, s);
     s_x += __shfl_xor_sync(0xffffffffu, s_x, s);
   }
-  if (part == 0 && rec.y0 > -4) {
+  if (part == 0 && rec.y0 != kRecDead) {
     const int64_t ho = th0 + tile_row(r), wo = tw0 + tile_col(r);
     const int64_t pix = (img * p.h_out + ho) * p.w_out + wo;
     const int64_t k = og * g.K + tap;
@@ -319,6 +319,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
         atomicAdd(dst, static_cast<Atom<T>>(v));
       }
     };
+    if (rec.y0 == kRecNan) s_y = s_x = s_m = std::numeric_limits<A>::quiet_NaN();  // NaN sample
     put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k, s_y);
     put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k + 1, s_x);
     if (p.with_mask) put(dmaska + pix * (p.offset_groups * g.K) + k, s_m);

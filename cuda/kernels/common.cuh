@@ -168,7 +168,10 @@ __device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int b
 }
 
 // ---------------------------------------------------------------------------------------------
-// One bilinear sample (pixel, tap, offset group). y0 = -4 marks "contributes nothing".
+// One bilinear sample (pixel, tap, offset group) of the data pass. y0 >= -1: a live sample;
+// y0 = kRecDead: contributes nothing (a pixel past the image, a point outside it); y0 = kRecNan:
+// a NaN coordinate, which reads no corner (nothing for dx) but whose doffset and dmask are NaN.
+constexpr int kRecDead = -4, kRecNan = -3;
 template <typename A>
 struct Rec {
   int64_t xoff;  // element offset of the pixel's image in x
@@ -184,8 +187,8 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
   const ConvParams& p = g.p;
   Rec<A> r;
   r.xoff = img * p.h * p.w * p.c_in;
-  r.y0 = -4;
-  r.x0 = -4;
+  r.y0 = kRecDead;
+  r.x0 = kRecDead;
   r.ly = r.lx = r.m = A(0);
   if (!valid) return r;
   const int kw = static_cast<int>(p.kw);  // 32-bit, as in build_samp
@@ -195,7 +198,10 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
   const A m = p.with_mask ? to_acc<A>(mask[pix * (p.offset_groups * g.K) + og * g.K + tap]) : A(1);
   const A y = A(p.base_y(ho, i)) + dy, x = A(p.base_x(wo, j)) + dx;
   const Bilinear<A> b = make_bilinear<A>(y, x, p.h, p.w);
-  if (!b.inside) return r;
+  if (!b.inside) {
+    if (b.nan_point) r.y0 = kRecNan;
+    return r;
+  }
   r.y0 = static_cast<int>(b.y0);
   r.x0 = static_cast<int>(b.x0);
   r.ly = b.ly;
@@ -207,7 +213,11 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
 // One bilinear sample as the loaders consume it: each corner's element offset into x (channel 0
 // of that pixel, image offset included) and its weight with the mask folded in. Computed once per
 // (pixel, tap, offset group) so the per-chunk loaders do no index arithmetic beyond one add per
-// corner. off = -1: the corner is outside the image (or the sample contributes nothing).
+// corner. off = -1: the corner is outside the image (or the sample contributes nothing). Such a
+// dead corner has weight 0, except corner 0 of a sample with no live corner (the point is not
+// inside), whose weight is the sample's value: fill() * mask, NaN for a NaN coordinate or a
+// non-finite mask, else 0. The pipelined blend multiplies it by the zero-filled corner
+// (NaN * 0 = NaN) and load_samples starts from it, so a NaN sample costs nothing per channel.
 // I = int32_t (Geo::x32: x has < 2^31 elements) on the pipelined forward and weight loaders: a
 // corner's address is then one IMAD.WIDE where the 64-bit offset took a 64-bit add, a shift and a
 // reload of x's pointer, and the record is 32 bytes instead of 48 (NOTES.md "Forward address
@@ -250,7 +260,10 @@ __device__ __forceinline__ Samp<A, I> build_samp(const Geo& g, const SampIn<A>& 
   const int kw = static_cast<int>(p.kw);  // 32-bit: a 64-bit division is a ~70-instruction call
   const int i = tap / kw, j = tap - i * kw;
   const Bilinear<A> b = make_bilinear<A>(A(p.base_y(ho, i)) + in.dy, A(p.base_x(wo, j)) + in.dx, p.h, p.w);
-  if (!b.inside) return s;
+  if (!b.inside) {
+    s.w[0] = b.fill() * in.m;  // 0, or NaN (see Samp)
+    return s;
+  }
   const A hy = A(1) - b.ly, hx = A(1) - b.lx, m = in.m;
   const A wt[4] = {hy * hx * m, hy * b.lx * m, b.ly * hx * m, b.ly * b.lx * m};
   const bool ok[4] = {b.v00, b.v01, b.v10, b.v11};
@@ -372,11 +385,13 @@ __device__ __forceinline__ void load_samples(T* dst, int ld, const Samp<Acc<T>>*
 #pragma unroll 2
     for (int idx = tid; idx < ROWS * VPR; idx += THREADS) {
       const int r = idx / VPR, c = (idx - r * VPR) * V;
+      const Samp<A>& q = recs[r];
+      // The sum starts from a dead corner 0's weight: 0, or NaN for a NaN sample (see Samp).
+      const A z = c < cnt && q.off[0] < 0 ? q.w[0] : A(0);
       A acc[V];
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = A(0);
+      for (int e = 0; e < V; ++e) acc[e] = z;
       if (c < cnt) {
-        const Samp<A>& q = recs[r];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (q.off[k] < 0) continue;
@@ -391,9 +406,9 @@ __device__ __forceinline__ void load_samples(T* dst, int ld, const Samp<Acc<T>>*
   } else {
     for (int idx = tid; idx < ROWS * COLS; idx += THREADS) {
       const int r = idx / COLS, c = idx - r * COLS;
-      A acc = A(0);
+      const Samp<A>& q = recs[r];
+      A acc = c < cnt && q.off[0] < 0 ? q.w[0] : A(0);  // as above
       if (c < cnt) {
-        const Samp<A>& q = recs[r];
 #pragma unroll
         for (int k = 0; k < 4; ++k)
           if (q.off[k] >= 0) acc += q.w[k] * to_acc<A>(x[q.off[k] + c0 + c]);

@@ -71,7 +71,11 @@ __device__ __forceinline__ float4 ld_cluster_f4(const float* local, int rank) {
 // infinities included (no 0 x inf). A sample outside the image (it contributes nothing) points at
 // the image's pixel 0 with w[0] = -0.0, which no live record carries (a live -0 weight is stored as
 // +0: only the sign of a zero product changes), and its blend is replaced by zeros. (A flag bit in
-// off[0] cost six 64-bit address instructions per vector.) float accumulators only (no fp64 ring).
+// off[0] cost six 64-bit address instructions per vector.) A sample whose value is NaN with no
+// corner to read (a NaN coordinate, or a point outside the image times a non-finite mask: Samp's
+// rule in common.cuh) is live instead, on pixel 0 with w = {NaN, 0, 0, 0}: its blend is NaN
+// (NaN * x is NaN whatever x holds) and nothing is read outside the image. float accumulators
+// only (no fp64 ring).
 template <typename A>
 struct alignas(16) WsSamp {
   uint32_t off[4];
@@ -93,7 +97,11 @@ __device__ __forceinline__ WsSamp<A> build_ws_samp(const Geo& g, const SampIn<A>
   const int kw = static_cast<int>(p.kw);
   const int i = tap / kw, j = tap - i * kw;
   const Bilinear<A> b = make_bilinear<A>(A(p.base_y(ho, i)) + in.dy, A(p.base_x(wo, j)) + in.dx, p.h, p.w);
-  if (!b.inside) return s;
+  if (!b.inside) {
+    const A z = b.fill() * in.m;  // the sample's value: 0 (dead), or NaN (live, see above)
+    if (z != z) s.w[0] = z;
+    return s;
+  }
   const bool y0ok = b.y0 >= 0, y1ok = b.y0 + 1 < p.h, x0ok = b.x0 >= 0, x1ok = b.x0 + 1 < p.w;
   const int64_t ya = y0ok ? b.y0 : b.y0 + 1, yb = y1ok ? b.y0 + 1 : b.y0;  // rows of corners (0, 1) / (2, 3)
   const int64_t xa = x0ok ? b.x0 : b.x0 + 1, xb = x1ok ? b.x0 + 1 : b.x0;

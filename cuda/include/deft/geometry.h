@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define DEFT_HD __host__ __device__ __forceinline__
@@ -64,17 +65,34 @@ DEFT_HD int64_t conv_out_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int64_
 // The four corners of a bilinear sample and their weights. A corner outside the image has
 // `valid_*` false and contributes 0 (zero padding); a point with y <= -1, y >= h, x <= -1 or
 // x >= w gives 0 altogether (`inside` false), exactly as torchvision.
+//
+// Non-finite coordinates (the policy of deform_conv2d's docstring, "Non-finite values"):
+// - A NaN coordinate (`nan_point`) has no sample point: `inside` is false (no corner is read, no
+//   input pixel gets a gradient from it), but the sample is NaN, for every channel of its offset
+//   group, and so are its derivatives by offset and mask. fill() carries that NaN to the
+//   consumers: it is the value every channel of a sample starts from (0 for any other point).
+// - An infinite or finite-but-huge coordinate is simply outside: the tap contributes exactly 0
+//   and gets exactly 0 gradient.
+// The ordered comparisons come first and are false for NaN, so no float -> int conversion ever
+// sees a NaN (undefined behaviour in C++ and CUDA) or a value beyond the image (no index
+// overflow); a point that is not inside has y0 = x0 = 0, ly = lx = 0 and no valid corner.
+// A consumer that multiplies the sample by a modulation m should start from fill() * m: a
+// non-finite mask then makes even a zero sample non-finite (0 * inf = NaN), as the reference.
 template <typename A>
 struct Bilinear {
   int64_t y0, x0;     // top-left corner (floor)
   A ly, lx;           // fractional parts
-  bool inside;        // any corner can contribute
+  bool inside;        // any corner can contribute (false for a NaN coordinate)
+  bool nan_point;     // y or x is NaN: the sample and its derivatives are NaN
   bool v00, v01, v10, v11;
 
   DEFT_HD A w00() const { return (A(1) - ly) * (A(1) - lx); }
   DEFT_HD A w01() const { return (A(1) - ly) * lx; }
   DEFT_HD A w10() const { return ly * (A(1) - lx); }
   DEFT_HD A w11() const { return ly * lx; }
+  // Value every channel of the sample starts from before the corners are added: NaN for a NaN
+  // point, 0 otherwise.
+  DEFT_HD A fill() const { return nan_point ? std::numeric_limits<A>::quiet_NaN() : A(0); }
 };
 
 template <typename A>
@@ -87,8 +105,9 @@ DEFT_HD double floor_of<double>(double v) { return floor(v); }
 template <typename A>
 DEFT_HD Bilinear<A> make_bilinear(A y, A x, int64_t h, int64_t w) {
   Bilinear<A> b;
-  b.inside = !(y <= A(-1) || y >= A(h) || x <= A(-1) || x >= A(w));
-  const A fy = b.inside ? floor_of<A>(y) : A(0);
+  b.inside = y > A(-1) && y < A(h) && x > A(-1) && x < A(w);  // false for NaN
+  b.nan_point = y != y || x != x;
+  const A fy = b.inside ? floor_of<A>(y) : A(0);  // in [-1, h - 1] when inside
   const A fx = b.inside ? floor_of<A>(x) : A(0);
   b.y0 = static_cast<int64_t>(fy);
   b.x0 = static_cast<int64_t>(fx);

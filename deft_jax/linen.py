@@ -17,12 +17,17 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax.linen.dtypes import promote_dtype
-from flax.linen.linear import PaddingLike, canonicalize_padding, default_kernel_init
-from flax.typing import Dtype, Initializer, PrecisionLike
 
-from .ops import deform_conv2d
+from ._extras import check_installed
+
+check_installed("flax", __name__, "flax")
+
+from flax import linen as nn  # noqa: E402  (after the check, which names the extra)
+from flax.linen.dtypes import promote_dtype  # noqa: E402
+from flax.linen.linear import PaddingLike, canonicalize_padding, default_kernel_init  # noqa: E402
+from flax.typing import Dtype, Initializer, PrecisionLike  # noqa: E402
+
+from .ops import deform_conv2d  # noqa: E402
 
 __all__ = ["DeformConv", "DeformConvPack"]
 

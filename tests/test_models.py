@@ -1,4 +1,4 @@
-"""deft_jax.models (ResNet with deformable stages) and jax.export of programs using the op."""
+"""examples/resnet.py (ResNet with deformable stages) and jax.export of programs using the op."""
 
 import functools
 
@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
+import data  # examples/data.py (conftest puts examples/ on sys.path)
 import deft_jax.export
-from deft_jax import data
 from deft_jax.linen import DeformConvPack
-from deft_jax.models import BasicBlock, ResNet, ResNet18, ResNet50
+from resnet import BasicBlock, ResNet, ResNet18, ResNet50  # examples/resnet.py
 
 
 def _deformable_paths(params) -> list[str]:

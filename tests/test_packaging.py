@@ -94,6 +94,7 @@ def _third_party_imports(path: pathlib.Path, local: set[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("extra,paths", [
+    ("examples", ["examples/*.py"]),
     ("bench", ["benchmarks/bench_layers.py"]),
     ("test", ["tests/*.py"]),
 ])
@@ -102,7 +103,8 @@ def test_each_extra_covers_its_imports(extra, paths):
     provided = _names(project["dependencies"]) | _names(project["optional-dependencies"][extra])
     files = [f for p in paths for f in sorted(ROOT.glob(p))]
     assert files
-    local = {f.stem for f in files} | {"helpers", "conftest"}
+    # Modules of the tree imported by name: the tests' helpers and examples/ (on sys.path).
+    local = {f.stem for d in ("tests", "examples") for f in (ROOT / d).glob("*.py")}
     for f in files:
         needed = _third_party_imports(f, local)  # import names = distribution names here
         assert needed <= provided, f"{f.relative_to(ROOT)} imports {sorted(needed - provided)}, " \

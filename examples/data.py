@@ -5,7 +5,7 @@ Ten classes of digit-like glyphs drawn as anti-aliased strokes, each under a ran
 stroke width, colours and pixel noise. The class is the glyph's topology, not its position or
 pose, so a network benefits from sampling where the stroke actually went — what a deformable
 convolution learns. Everything is a pure function of the seed: every model of a comparison sees
-the same images.
+the same images. Example code to copy: it needs numpy only.
 
 Example:
   >>> ds = make_dataset(2048, 512, image_size=32, channels=1, seed=0)

@@ -7,6 +7,9 @@ have torchvision's widths at ``num_filters=64``; smaller ``num_filters`` scale e
 ``dcn=dict(type='DCNv2')``) instead of ``nn.Conv``; "all" makes every 3x3 conv of every stage
 deformable ("fully deformable"). The stem and the 1x1 convolutions stay dense.
 
+Example code to copy: it uses deft_jax's public API only (``deft_jax.linen``; needs the ``flax``
+extra). examples/train.py trains it.
+
 Example:
     >>> model = ResNet18(num_classes=10, num_filters=16, stem="small", deformable_stages="all")
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
-from ..linen import DeformConvPack
+from deft_jax.linen import DeformConvPack
 
 __all__ = ["ARCHS", "BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet50"]
 

@@ -7,32 +7,40 @@ of steps, from the same initial weights where the models share parameters:
   deform      every 3x3 convolution a DCNv2 ``DeformConvPack`` on deft_jax's native kernel.
   deform_xla  the same model on the pure-JAX gather reference (``implementation="xla"``).
 
-``deform`` and ``deform_xla`` compute the same function from the same initial parameters, so their
-loss curves should agree to rounding (the run reports the largest difference).
+``deform`` and ``deform_xla`` compute the same function from the same initial parameters on the
+same batches, so their loss curves may differ by rounding only. With ``--check`` (the default) the
+run fails (exit status 1, a FAIL line saying why) when any model's train loss is not finite or
+when ``deform``'s curve leaves ``deform_xla``'s by more than the tolerance of the dtype
+(``CHECK_TOLERANCES``); it prints PASS otherwise.
 
 Step time is device time: after training (compilation and warm-up long done), ``--timing-windows``
 windows of ``--timing-steps`` chained steps on one device-resident batch, each window closed by
 ``block_until_ready``; the figure is the median window over its step count. Outputs: a loss and
 accuracy plot (PNG) and every number as JSON in ``--out``.
 
+Example code to copy, next to resnet.py (the model) and data.py (the synthetic glyphs); needs the
+``examples`` extra (``pip install "deft_jax[examples]"``).
+
 CPU default (2 cores: about 3.5 min, most of it the deformable models; accuracy after 30 steps is
 near chance, use --steps 300 --batch 32 for a learning curve):
-  python benchmarks/train.py
+  python examples/train.py
 GPU, full size:
-  python benchmarks/train.py --arch resnet50 --width 64 --batch 128 --image-size 64 --channels 3 \
+  python examples/train.py --arch resnet50 --width 64 --batch 128 --image-size 64 --channels 3 \
       --dtype bfloat16 --steps 2000 --num-train 50000 --eval-every 250
 Data parallel over N local devices (on CPU, fake them with
 XLA_FLAGS=--xla_force_host_platform_device_count=N):
-  python benchmarks/train.py --devices 2
+  python examples/train.py --devices 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -48,10 +56,69 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from deft_jax import data  # noqa: E402
-from deft_jax.models import ARCHS  # noqa: E402
+import data  # noqa: E402  (examples/data.py, beside this script)
+from resnet import ARCHS  # noqa: E402  (examples/resnet.py)
 
 MODELS = {"plain": (False, None), "deform": (True, None), "deform_xla": (True, "xla")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """How far deform's train-loss curve may leave deform_xla's (``ref``).
+
+    Attributes:
+      step: per step, |loss - ref| <= step * (1 + |ref|) ...
+      steps: ... over the first ``steps`` steps (None: every step).
+      final: the mean loss of the last FINAL_WINDOW steps within ``final`` * its reference's
+        (None: not checked).
+    """
+    step: float
+    steps: int | None = None
+    final: float | None = None
+
+
+FINAL_WINDOW = 10
+# TOLERANCES_PLACEHOLDER
+CHECK_TOLERANCES = {
+    "float32": Tolerance(step=1e-3),
+    "bfloat16": Tolerance(step=0.05, steps=20, final=0.1),
+}
+
+
+def check(results: dict, dtype: str) -> tuple[list[str], dict]:
+    """(failures, stats) of the --check: every model's train loss finite, and deform's curve within
+    CHECK_TOLERANCES[dtype] of deform_xla's where both ran. An empty list passes."""
+    failures, stats = [], {}
+    for name, r in results.items():
+        loss = np.asarray(r["train_loss"], np.float64)
+        bad = np.flatnonzero(~np.isfinite(loss))
+        if bad.size:
+            failures.append(f"{name}: train loss is not finite from step {bad[0] + 1} "
+                            f"({loss[bad[0]]}; {bad.size} of {loss.size} steps)")
+    if "deform" not in results or "deform_xla" not in results or failures:
+        return failures, stats
+    tol = CHECK_TOLERANCES[dtype]
+    got = np.asarray(results["deform"]["train_loss"], np.float64)
+    ref = np.asarray(results["deform_xla"]["train_loss"], np.float64)
+    n = len(ref) if tol.steps is None else min(tol.steps, len(ref))
+    dev = np.abs(got[:n] - ref[:n]) / (1.0 + np.abs(ref[:n]))
+    worst = int(np.argmax(dev))
+    stats["max_step_deviation"] = float(dev[worst])
+    stats["max_step_deviation_all_steps"] = float(np.max(np.abs(got - ref) / (1.0 + np.abs(ref))))
+    if dev[worst] > tol.step:
+        failures.append(
+            f"deform's train loss left deform_xla's at step {worst + 1}: {got[worst]:.6g} against "
+            f"{ref[worst]:.6g}, |diff| / (1 + |ref|) = {dev[worst]:.3g} > {tol.step:g} "
+            f"({dtype}, first {n} steps)")
+    window = min(FINAL_WINDOW, len(ref))
+    final_got, final_ref = got[-window:].mean(), ref[-window:].mean()
+    stats["final_relative_difference"] = float(abs(final_got - final_ref) / abs(final_ref))
+    if tol.final is not None and abs(final_got - final_ref) > tol.final * abs(final_ref):
+        failures.append(
+            f"deform's final train loss (mean of the last {window} steps) {final_got:.6g} is "
+            f"{stats['final_relative_difference']:.1%} from deform_xla's {final_ref:.6g} "
+            f"(> {tol.final:.0%}, {dtype})")
+    return failures, stats
 
 
 class TrainState(train_state.TrainState):
@@ -87,7 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing-windows", type=int, default=3)
     p.add_argument("--timing-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/out", help="output directory")
+    p.add_argument("--out", default="out/train", help="output directory")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="exit with status 1 if a train loss is not finite or deform's loss curve "
+                        "leaves deform_xla's (CHECK_TOLERANCES)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)
@@ -302,6 +372,7 @@ def main(argv=None) -> dict:
         ratios["deform_xla/deform"] = results["deform_xla"]["step_s"] / results["deform"]["step_s"]
         ratios["max_train_loss_diff(deform, deform_xla)"] = float(np.max(np.abs(
             np.subtract(results["deform"]["train_loss"], results["deform_xla"]["train_loss"]))))
+    failures, check_stats = check(results, args.dtype)
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +386,8 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "summary": summary,
         "ratios": ratios,
+        "check": {"enabled": args.check, "passed": not failures, "failures": failures,
+                  **check_stats},
         "results": results,
     }
     (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
@@ -329,8 +402,16 @@ def main(argv=None) -> dict:
     for k, v in ratios.items():
         print(f"{k}: {v:.3g}")
     print(f"wrote {out / tag}.json and .png")
+    if failures:
+        print(("FAIL: " if args.check else "check (disabled) would fail: ")
+              + "; ".join(failures))
+    elif args.check:
+        compared = ("deform matches deform_xla" if "max_step_deviation" in check_stats
+                    else "deform and deform_xla not both run: curves not compared")
+        print(f"PASS: train losses finite; {compared}")
     return record
 
 
 if __name__ == "__main__":
-    main()
+    record = main()
+    sys.exit(1 if record["config"]["check"] and not record["check"]["passed"] else 0)

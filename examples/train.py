@@ -67,21 +67,38 @@ class Tolerance:
     """How far deform's train-loss curve may leave deform_xla's (``ref``).
 
     Attributes:
-      step: per step, |loss - ref| <= step * (1 + |ref|) ...
-      steps: ... over the first ``steps`` steps (None: every step).
-      final: the mean loss of the last FINAL_WINDOW steps within ``final`` * its reference's
-        (None: not checked).
+      step: |loss - ref| <= step * (1 + |ref|) at each of ...
+      steps: ... the first ``steps`` steps.
+      final: the mean loss of the last FINAL_WINDOW steps within final * (1 + |its reference|).
     """
     step: float
-    steps: int | None = None
-    final: float | None = None
+    steps: int
+    final: float
 
 
 FINAL_WINDOW = 10
-# TOLERANCES_PLACEHOLDER
+# deform and deform_xla round differently (summation order; TF32 or bf16 products on GPU), and
+# training amplifies any difference about tenfold every 5-10 steps once the learning rate has
+# warmed up, in float32 as in bfloat16. Measured |loss - ref| / (1 + |ref|), ResNet-18, SGD at
+# lr 0.1 ("small": this script's defaults; "big": width 32, 64 px x 3 channels, batch 128):
+#
+#   dtype     device  model  steps   max over the first 5 / 10 / 20 / 30 steps   final
+#   float32   CPU     small     60   0       / 3.0e-7 / 1.1e-3 / 9.7e-3         0.12%
+#   float32   H100    small    300   1.3e-6  / 1.1e-4 / 3.3e-3 / 5.3e-3         1.95%
+#   float32   H100    big      200   2.1e-7  / 1.9e-5 / 1.4e-4 / 2.4e-4         3.92%
+#   bfloat16  CPU     small     60   3.5e-5  / 1.6e-3 / 4.0e-3 / 2.3e-2         0.04%
+#   bfloat16  H100    small    300   7.3e-5  / 8.8e-4 / 6.2e-3 / 1.2e-2         0.67%
+#   bfloat16  H100    big      200   4.7e-6  / 4.6e-5 / 2.4e-4 / 4.9e-4         1.47%
+#
+# ("final": the mean of the last 10 steps.) A per-step bound therefore holds only over the first
+# steps, before the amplification: 10 steps, at about 10x the worst measured deviation there
+# (float32 1e-3, bfloat16 1e-2); a wrong forward or gradient shows as a difference of the order of
+# the loss's own change per step. After that the curves are two equally good training runs, so
+# only the end is compared, at 2.5x the worst measured difference (0.1 of 1 + |loss|): it catches
+# a run that diverges or stops learning.
 CHECK_TOLERANCES = {
-    "float32": Tolerance(step=1e-3),
-    "bfloat16": Tolerance(step=0.05, steps=20, final=0.1),
+    "float32": Tolerance(step=1e-3, steps=10, final=0.1),
+    "bfloat16": Tolerance(step=1e-2, steps=10, final=0.1),
 }
 
 
@@ -100,7 +117,7 @@ def check(results: dict, dtype: str) -> tuple[list[str], dict]:
     tol = CHECK_TOLERANCES[dtype]
     got = np.asarray(results["deform"]["train_loss"], np.float64)
     ref = np.asarray(results["deform_xla"]["train_loss"], np.float64)
-    n = len(ref) if tol.steps is None else min(tol.steps, len(ref))
+    n = min(tol.steps, len(ref))
     dev = np.abs(got[:n] - ref[:n]) / (1.0 + np.abs(ref[:n]))
     worst = int(np.argmax(dev))
     stats["max_step_deviation"] = float(dev[worst])
@@ -112,12 +129,13 @@ def check(results: dict, dtype: str) -> tuple[list[str], dict]:
             f"({dtype}, first {n} steps)")
     window = min(FINAL_WINDOW, len(ref))
     final_got, final_ref = got[-window:].mean(), ref[-window:].mean()
-    stats["final_relative_difference"] = float(abs(final_got - final_ref) / abs(final_ref))
-    if tol.final is not None and abs(final_got - final_ref) > tol.final * abs(final_ref):
+    final_dev = abs(final_got - final_ref) / (1.0 + abs(final_ref))
+    stats["final_deviation"] = float(final_dev)
+    if final_dev > tol.final:
         failures.append(
-            f"deform's final train loss (mean of the last {window} steps) {final_got:.6g} is "
-            f"{stats['final_relative_difference']:.1%} from deform_xla's {final_ref:.6g} "
-            f"(> {tol.final:.0%}, {dtype})")
+            f"deform's final train loss (mean of the last {window} steps) {final_got:.6g} left "
+            f"deform_xla's {final_ref:.6g}: |diff| / (1 + |ref|) = {final_dev:.3g} > "
+            f"{tol.final:g} ({dtype})")
     return failures, stats
 
 

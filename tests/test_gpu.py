@@ -553,10 +553,9 @@ def test_split_forward(tile_k, rng, monkeypatch):
 
 def test_unsupported_tile_is_an_error():
     """A tile configuration the kernels do not instantiate is an error naming it, not a crash.
-    (In a subprocess, so a crash cannot take the test session down.) The trace-time guard
-    (tiling.check_gpu_tile) raises before any kernel; this was a non-strict xfail because on
-    2026-11-22 (H100, jax 0.11.2) an ffi::Error from the handler itself crashed XLA. It has
-    passed in every GPU run since 2026-12-01 (H200), so it is a plain test again."""
+    The trace-time guard (tiling.check_gpu_tile) raises before any kernel. In a subprocess: an
+    ffi::Error returned by the handler once crashed XLA (H100, jax 0.11.2), and a crash must not
+    take the test session down."""
     script = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         import deft_jax

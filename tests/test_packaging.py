@@ -29,8 +29,10 @@ def _names(requirements: list[str]) -> set[str]:
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
+    # Not from the repository's root: `python -c` puts the working directory first on sys.path,
+    # where the unbuilt source tree would shadow the installed package.
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT / "tests", timeout=120)
 
 
 def test_runtime_dependencies_are_the_ops():

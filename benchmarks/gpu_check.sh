@@ -57,7 +57,7 @@ fi
 if has train; then
   # The same ResNet-18 (every 3x3 conv a DCNv2 Pack) on the native kernel and on the reference,
   # same data and initial weights: the curves must agree (a layer test is not a training test).
-  train_py=examples/train.py; [[ -f $train_py ]] || train_py=benchmarks/train.py
+  train_py=examples/train.py
   for dt in bfloat16 float32; do
     echo "== train $dt ($(date -u +%T))"
     "$PY" "$train_py" --arch resnet18 --width 32 --batch 64 --image-size 32 --channels 3 --dtype $dt \

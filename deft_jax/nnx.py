@@ -21,13 +21,18 @@ from numbers import Integral
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx.nn import initializers
-from flax.nnx.nn.dtypes import promote_dtype
-from flax.nnx.nn.linear import canonicalize_padding, default_kernel_init
-from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from .ops import deform_conv2d
+from ._extras import check_installed
+
+check_installed("flax", __name__, "flax")
+
+from flax import nnx  # noqa: E402  (after the check, which names the extra)
+from flax.nnx.nn import initializers  # noqa: E402
+from flax.nnx.nn.dtypes import promote_dtype  # noqa: E402
+from flax.nnx.nn.linear import canonicalize_padding, default_kernel_init  # noqa: E402
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike  # noqa: E402
+
+from .ops import deform_conv2d  # noqa: E402
 
 __all__ = ["DeformConv", "DeformConvPack"]
 

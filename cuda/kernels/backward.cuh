@@ -72,7 +72,7 @@ struct WeightLayout {
 };
 
 // Blocks per SM the pipelined data pass's registers must allow: 4 for fp32 (its stages' shared
-// memory fits 4 x 57 KB exactly; at 131 registers it fell to 3, NOTES.md "dx merge"), 5 for 16-bit
+// memory fits 4 x 57 KB exactly; at 131 registers it fell to 3, docs/kernels.md), 5 for 16-bit
 // types (as before the merge, 93 registers). The simple loop and float64 are left to the compiler.
 template <typename T, bool PIPE>
 constexpr int kDataMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 4 : 5;
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   mma.store(Cs, L::LDC, tid);
 
   // dx: the block's 4 * BM (pixel, corner) entries often share a position (2.07 per position at
-  // offsets ~N(0, 2^2), more for smaller offsets; NOTES.md "dx merge"), and the global atomics
+  // offsets ~N(0, 2^2), more for smaller offsets; docs/kernels.md), and the global atomics
   // bound this pass. Entries inside a kWin^2 window around the tap's footprint are linked per
   // position (atomicExch on a list head in shared memory); each list is summed on chip and added
   // to dX with one atomic per channel vector. Each list and each entry outside the window gets one
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     // d sample/dx = d + ly (b - a), sample = v0 + lx d + ly (hx a + lx b). So the channel loop
     // sums gc times v0, a, b, d (4 FMAs and 3 subtractions per element, where the three
     // per-channel dot products with wt / d/dy / d/dx took 15: 20% of this pass's instructions at
-    // S2, NOTES.md "Data pass and forward instruction profiles"); the weights enter once.
+    // S2, docs/kernels.md); the weights enter once.
     A g0 = A(0), ga = A(0), gb = A(0), gd = A(0);
     const A* grow = Cs + r * L::LDC;
     auto body = [&](auto vtag, int c) {
@@ -342,8 +342,7 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   const int nl = *nleaders;
   // With more than half a chunk of channels, each item walks one list for W = 2 channel vectors
   // half a chunk apart (c and c + BC / 2): the list's entry loads and the item's set-up are shared
-  // by both (the scatter was a quarter of this pass's instructions at S2, NOTES.md "Data pass and
-  // forward instruction profiles"), and each of the two atomics still covers contiguous bytes
+  // by both (the scatter was a quarter of this pass's instructions at S2, docs/kernels.md), and each of the two atomics still covers contiguous bytes
   // across the lanes of a position. Narrower chunks keep one vector per walk (W = 1).
   auto scatter = [&](auto vtag, auto wtag) {
     constexpr int V = decltype(vtag)::value, W = decltype(wtag)::value, STEP = BC / V / W;
@@ -477,7 +476,7 @@ __device__ __forceinline__ void weight_main_pipelined(const Geo& g, Mma& mma, un
 // Blocks per SM the pipelined weight pass's registers must allow (weight_splits sizes the grid
 // from the resulting occupancy): 4 for 16-bit types (128 registers, no spill; mma.sync had pushed
 // them to 132 = 3 blocks), 3 for fp32 (168, what it uses anyway). H200 ktime, S2 bf16 weight pass
-// 188 -> 146 us with the later-reverted packed blend, ~163 estimated for the bounds alone (NOTES.md
+// 188 -> 146 us with the later-reverted packed blend, ~163 estimated for the bounds alone (docs/kernels.md
 // "Data order, weight bounds, 16-warp tile, packed blend: outcomes"). The 8-warp wide tile: 2
 // blocks = 16 warps per SM, 128 registers (16-bit types: no spill; fp32: 16 bytes, against 158
 // registers and 8 warps per SM uncapped).

@@ -126,7 +126,7 @@ inline int64_t max_chunks(const Geo& g, int64_t bk) {
 // maxq. Blocks start in linear order (x fastest). IMAGE_MAJOR decodes the linear index as (image;
 // fg, tap, q; tile) from slowest to fastest, so the resident blocks work on about one image at a
 // time, all taps: the data pass's x, dY and dx accumulator then stay in L2 between taps (with
-// (image, tile) fastest each tap swept the whole batch: L2 hit rate 58% at S2 fp32; NOTES.md
+// (image, tile) fastest each tap swept the whole batch: L2 hit rate 58% at S2 fp32; docs/kernels.md
 // "dx merge"), while neighbouring blocks still take different tiles of one tap (their dx atomics
 // land on different lines). The split forward keeps (image, tile) fastest: its y accumulator
 // is small enough for L2 anyway.
@@ -138,7 +138,7 @@ struct TileTapChunk {
 // 32-bit throughout: the launchers bound gridDim.x < 2^31, gridDim.y <= 65535 and, image-major,
 // gridDim.x * gridDim.y < 2^31. A 64-bit division is a range check plus a subroutine: this decode
 // and the data pass's per-slot row math were 20% of that pass's instructions at S2 fp32 (Nsight
-// Compute source counters, NOTES.md "Data pass instruction profile").
+// Compute source counters, docs/kernels.md).
 template <bool IMAGE_MAJOR>
 __device__ __forceinline__ bool tile_tap_chunk(const Geo& g, int64_t maxq, int bc, TileTapChunk* w) {
   const unsigned tiles = static_cast<unsigned>(g.tiles_img);
@@ -220,8 +220,7 @@ __device__ __forceinline__ Rec<A> make_rec(const Geo& g, const T* __restrict__ o
 // (NaN * 0 = NaN) and load_samples starts from it, so a NaN sample costs nothing per channel.
 // I = int32_t (Geo::x32: x has < 2^31 elements) on the pipelined forward and weight loaders: a
 // corner's address is then one IMAD.WIDE where the 64-bit offset took a 64-bit add, a shift and a
-// reload of x's pointer, and the record is 32 bytes instead of 48 (NOTES.md "Forward address
-// arithmetic and bank conflicts").
+// reload of x's pointer, and the record is 32 bytes instead of 48 (docs/kernels.md).
 template <typename A, typename I = int64_t>
 struct alignas(16) Samp {
   I off[4];
@@ -349,10 +348,9 @@ __device__ __forceinline__ void fetch_corners(uint4 (&cr)[4], const T* __restric
 }
 
 // ... and, a pipeline stage later, blend them with the sample's weights into kVec elements at dst.
-// In fp32 for 16-bit types too (DESIGN.md: accumulation in float32). A packed HFMA2 blend
+// In fp32 for 16-bit types too (the contract: accumulation in float32). A packed HFMA2 blend
 // (bf16x2/half2, rounded per step) was measured: bf16 forward up to 10% faster, its error vs the
-// reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; NOTES.md "Data order, weight bounds, 16-warp tile,
-// packed blend: outcomes").
+// reference 2-4x larger (S2 1.4e-3 -> 5.7e-3; docs/kernels.md).
 // acc = sum over the four corners of w[k] * corner k (kVec elements), in corner order.
 template <typename T, typename A>
 __device__ __forceinline__ void blend_corners(const uint4 (&cr)[4], const A (&w)[4], A (&acc)[kVec<T>]) {
@@ -472,7 +470,7 @@ __device__ __forceinline__ void load_rows_async(T* dst, int ld, RowPtr row, int 
 
 // Tensor cores through mma.sync (m16n8k16 for 16-bit types, m16n8k8 TF32 for fp32) with the
 // fragments loaded by ldmatrix from 32-bit shared addresses. Replaced wmma, whose fragment loads
-// compiled to generic 64-bit LD.E plus MOVM transposes (NOTES.md, "ldmatrix + mma.sync").
+// compiled to generic 64-bit LD.E plus MOVM transposes (docs/kernels.md).
 // Layouts (g = lane / 4, t = lane % 4; PTX ISA "mma.m16n8k16" / "m16n8k8"): A regs {(g, 2t..),
 // (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}, B regs {(k 2t.., n g), (k 2t+8.., n g)}, C {(g, 2t..),
 // (g+8, 2t..)}; TF32 halves the k extents. ldmatrix gives lane l the word (row l/4, pair l%4) of
@@ -666,7 +664,7 @@ template <typename T> constexpr int kPad = kVec<T>;
 // ... and for a k-major operand that the TF32 MMA reads with scalar loads (element (k + t, g),
 // t = lane % 4, g = lane / 4): 8 floats put rows t = 0..3 on banks 8t + g, conflict-free, where
 // one vector (4) gives 4t + g, 2-way conflicts (ncu, S4 fp32 forward: half of its shared-memory
-// wavefronts; NOTES.md "Forward address arithmetic and bank conflicts"). 16-bit types load these
+// wavefronts; docs/kernels.md). 16-bit types load these
 // operands with ldmatrix and keep kPad.
 template <typename T> constexpr int kPadK = std::is_same<T, float>::value ? 8 : kPad<T>;
 constexpr int kCPad = 4;

@@ -65,7 +65,7 @@ inline cudaError_t check_extents(const ConvParams& p) {
 // stages: 1 = load, barrier, MMA; 2 = register-prefetch pipeline (tensor-core vector path).
 // The last template argument is the blocks per SM the registers must allow: 4 x 4 warps caps a
 // 16-bit-type thread of the 64-pixel tile at 128 registers (16 warps per SM instead of 8: the
-// loop is latency-bound; measured in NOTES.md "forward v4"). fp32 holds twice the corner vectors
+// loop is latency-bound; measured in docs/kernels.md). fp32 holds twice the corner vectors
 // per element and spills at 128, and a 128-register cap on the 128-pixel tiles spilled (slower),
 // so those keep the allocation they were measured with.
 template <typename T> constexpr int kFwdBK = 32;
@@ -74,8 +74,7 @@ template <typename T> using Fwd128x64 = FwdCfg<128, 64, kFwdBK<T>, 2, 2, 2>;
 template <typename T> using Fwd128x128 = FwdCfg<128, 128, kFwdBK<T>, 4, 2, 1>;
 // The 128 x 128 tile with 16 warps (32 x 32 per warp): half the accumulators and corner vectors
 // per thread, twice the warps per SM of the 8-warp tile (236 registers, 8 warps per SM). Measured
-// 1-4% faster at S3/S4/S6, not the 1.3-1.6x a latency bound would give (NOTES.md "Data order,
-// weight bounds, 16-warp tile, packed blend: outcomes").
+// 1-4% faster at S3/S4/S6, not the 1.3-1.6x a latency bound would give (docs/kernels.md).
 template <typename T> using Fwd128x128w16 = FwdCfg<128, 128, kFwdBK<T>, 4, 4, 1>;
 
 template <typename T, typename F>
@@ -98,7 +97,7 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 // Not float64. k_splits in {2, 4} (sm_90): clusters of that many blocks split each tile's
 // reduction (forward_ws.cuh); every other tile has k_splits = 1. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
 // vector, x of 2^31 or more elements) the streaming kernel of the same tile runs (ws_fallback).
-// Measured and not kept (NOTES.md "Warp-specialized forward"): a 4-slot ring (within 1-2%),
+// Measured and not kept (docs/kernels.md): a 4-slot ring (within 1-2%),
 // 4 + 8 warps (168-register cap: fp32 spills, 10-15% slower; bf16 3-6% faster), 8 + 8 warps.
 using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
 using Ws64x64w8 = WsCfg<64, 64, 32, 2, 2, 4, 3, 2>;
@@ -257,7 +256,7 @@ int64_t resident_blocks(F* fn, int threads, size_t smem) {
 // flushes one tile with atomics (about one step's work), so the time goes as
 // rounds x (per + 1) with rounds = ceil(blocks / resident). Pick the split count that minimises
 // it (ties: fewer splits, fewer atomics). Replaces "~8 blocks per SM", which at S2 gave 2.01
-// rounds of resident blocks = 3 rounds, the last one nearly empty (NOTES.md "backward v3").
+// rounds of resident blocks = 3 rounds, the last one nearly empty (docs/kernels.md).
 inline int64_t weight_splits(int64_t gx, int64_t steps, int64_t resident) {
   resident = std::max<int64_t>(resident, 1);
   const int64_t max_s = std::min<int64_t>({steps, 65535, 4 * resident / std::max<int64_t>(gx, 1) + 1});

@@ -11,7 +11,7 @@ namespace kern {
 // One block: BM output pixels (a tile_h x tile_w spatial tile of one image) x BN output channels
 // of one feature group; the reduction runs over (tap, chunk of BK input channels). MINB: blocks
 // per SM the register allocation must allow (__launch_bounds__): the loop is latency-bound, so
-// warps per SM matter more than registers per thread (NOTES.md, "forward v4").
+// warps per SM matter more than registers per thread (docs/kernels.md).
 template <int BM_, int BN_, int BK_, int WM_, int WN_, int MINB_>
 struct FwdCfg {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, kThreads = WM * WN * 32;
@@ -96,7 +96,7 @@ struct ChunkWalk {
 // (Geo::flat) tile_w consecutive pixels of one problem in (n, h_out, w_out) order, across rows and
 // images: small images then waste no MMA rows on a tile overhanging them (a 14 x 14 image in 8 x 16
 // tiles is 23% padding), and fewer blocks carry the same work (S4: 128 -> 98; 2-3% faster per
-// kernel, NOTES.md "Flat forward tiles").
+// kernel, docs/kernels.md).
 struct PixTile {
   int64_t base;      // 2D: the tile's image over batch*n; flat: the linear index of its row 0
   int64_t th0, tw0;  // 2D: the tile's origin; flat: th0 = row 0's pixel within the problem
@@ -199,8 +199,7 @@ __device__ __forceinline__ void fwd_main_pipelined(const Geo& g, Mma& mma, unsig
   const int64_t ldo = p.c_out;
   // This thread's weight rows: the walk consumes the (tap, channel) rows of the kernel in order,
   // cnt per chunk, so one pointer advanced per prefetch replaces the per-chunk 64-bit row products
-  // (~40 of the loop's ~460 instructions per warp and chunk at S4 fp32; NOTES.md "Forward address
-  // arithmetic and bank conflicts").
+  // (~40 of the loop's ~460 instructions per warp and chunk at S4 fp32; docs/kernels.md).
   const bool bok = bc < ocnt;
   const T* wp = kb + o0 + bc + static_cast<int64_t>(br0) * ldo;
   const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
@@ -337,12 +336,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 // the block walks every BN block of the output channels, so x is sampled once per (pixel, tap,
 // channel) instead of once per output-channel block (8x at S5's 512 channels); the partial sums
 // over (tap, segment) meet in fp32 atomics: y itself for fp32, a workspace for 16-bit types.
-// Pays where output channels are many and pixels few (NOTES.md "split forward").
+// Pays where output channels are many and pixels few (docs/kernels.md).
 struct SplitCfg {
   static constexpr int BM = 64, BN = 64, BK = 32, WM = 2, WN = 2, kThreads = 128;
   // Weight tiles double-buffered by cp.async. 4 stages measured no faster for bf16 (S5 152 -> 149
   // us) and slower for fp32 (264 -> 314: 89 KiB of shared memory leaves 2 blocks per SM, not 3):
-  // the loop is not waiting on its weight loads (NOTES.md "split forward").
+  // the loop is not waiting on its weight loads (docs/kernels.md).
   static constexpr int kStages = 2;
   static constexpr int kMinBlocks = 3;  // registers for 12 warps per SM (shared memory decides the rest)
 };

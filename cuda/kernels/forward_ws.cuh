@@ -3,7 +3,7 @@
 // Same GEMM, tiles and epilogue as the streaming forward (forward.cuh); what changes is the
 // schedule. There, every warp gathers, blends, waits at a block barrier and then multiplies, so the
 // tensor cores idle while the block samples and the gather latency is exposed once per chunk (S4
-// fp32 on an H200: 2 warps per scheduler, 0.62 eligible, 33% of issue slots used; NOTES.md
+// fp32 on an H200: 2 warps per scheduler, 0.62 eligible, 33% of issue slots used; docs/kernels.md
 // "Warp-specialized forward"). Here the two halves run concurrently and meet only at the ring
 // slots' named barriers.
 #pragma once
@@ -201,7 +201,7 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
 
   // Weight rows go out one chunk ahead (chunk i + 1's during chunk i), so their L2 round trip
   // overlaps the corner gather. Copied behind the corner loads and waited for after the blend,
-  // they were the producers' second exposed latency per chunk (profile of f18a4a0: that wait and
+  // they were the producers' second exposed latency per chunk (profile of: that wait and
   // a stall before the copies, ~17% of the producers' stall samples); bf16 0.87-0.94x, fp32 1.00x.
   ChunkWalk bwalk = walk;  // the chunk whose weight rows are copied next
   auto issue_b = [&](int slot) {
@@ -289,7 +289,7 @@ __device__ __forceinline__ void ws_split_epilogue(const Geo& g, const PixTile& p
 // them, sm_90) split the (tap, chunk) walk of one output tile into equal ranges and meet in
 // distributed shared memory. That gives a layer whose tiles leave SMs idle (S4: 98 blocks of 1 per
 // SM on 132 SMs) or a half-empty last wave (S3/S6: 196) more, shorter blocks: each block's time is
-// its chain of chunks (latency-bound, NOTES.md "Flat forward tiles"), not its pixel count.
+// its chain of chunks (latency-bound, docs/kernels.md), not its pixel count.
 template <typename T, typename Cfg, bool KSPLIT>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     deform_fwd_ws_kernel(const Geo g, const T* __restrict__ x, const T* __restrict__ offset,

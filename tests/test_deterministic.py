@@ -127,3 +127,20 @@ def test_cuda_workspace_sizes(dtype):
     assert base == _ffi._deft_cuda.backward_workspace_bytes(dtype, *counts, deterministic=False)
     if dtype in ("float32", "float64"):
         assert base == 0  # the default accumulates into the outputs themselves
+
+
+def test_nnx_modules_pass_it_on(rng):
+    from flax import nnx
+    from deft_jax import nnx as dnnx
+    x = jnp.asarray(rng.normal(size=(2, 7, 5, 4)), jnp.float32)
+    off = jnp.asarray(rng.normal(size=(2, 7, 5, 18)), jnp.float32)
+    for cls, call in ((dnnx.DeformConv, lambda m: m(x, off)), (dnnx.DeformConvPack, lambda m: m(x))):
+        m0 = cls(4, 6, 3, rngs=nnx.Rngs(0))
+        m1 = cls(4, 6, 3, deterministic=True, rngs=nnx.Rngs(0))
+        assert m1.deterministic and not m0.deterministic
+        with jax.default_device(CPU):
+            assert np.asarray(call(m0)).tobytes() == np.asarray(call(m1)).tobytes()
+        with pytest.raises(ValueError, match="^deterministic"):
+            cls(4, 6, 3, deterministic=True, implementation="xla", rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match="^deterministic: expected a bool"):
+            cls(4, 6, 3, deterministic="yes", rngs=nnx.Rngs(0))

@@ -4,7 +4,8 @@ The CPU module is always built; the CUDA module only where nvcc was found at bui
 Each platform has its own target names, and a name carries a version: any change of operands,
 results or attribute schema gets a new name, so a serialized program either finds the handler it
 was written for or fails to load (never runs a handler with another contract). The CUDA targets
-return their workspace as an extra output, sized here from the C++ module's own rule.
+return their workspace as an extra output, sized here from the C++ module's own rule. The CUDA
+targets take one attribute more than the CPU ones, ``deterministic`` (0/1; see ops.deform_conv2d).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 _TARGETS = {
     "cpu": ("deft_deform_conv2d_fwd_v3", "deft_deform_conv2d_bwd_v3"),
-    "cuda": ("deft_deform_conv2d_fwd_cuda_v4", "deft_deform_conv2d_bwd_cuda_v4"),
+    "cuda": ("deft_deform_conv2d_fwd_cuda_v5", "deft_deform_conv2d_bwd_cuda_v5"),
 }
 TARGETS = tuple(t for pair in _TARGETS.values() for t in pair)
 _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits")
@@ -84,7 +85,8 @@ def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64], platform: 
     grads = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
     if platform == "cuda":
         nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
-                                                     *(int(np.prod(g.shape)) for g in grads))
+                                                     *(int(np.prod(g.shape)) for g in grads),
+                                                     deterministic=bool(attrs["deterministic"]))
         call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
         return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
     call = jax.ffi.ffi_call(_TARGETS["cpu"][1], grads, vmap_method="broadcast_all")

@@ -71,6 +71,10 @@ class DeformConv(nn.Module):
       offset_groups: G, the number of offset groups; None infers it from the offset's size, an int
         is checked against it. Input channel c follows the offsets of group c // (C_in / G).
       implementation: None for the native kernel, "xla" for the pure-JAX reference.
+      deterministic: bitwise reproducible forward and gradients on GPU (``deform_conv2d``'s
+        ``deterministic``; numerics only, unrelated to dropout-style ``deterministic`` flags).
+        Native implementation only: with implementation="xla" it raises ValueError. No effect
+        on CPU, whose kernels are always deterministic.
     """
 
     features: int
@@ -87,6 +91,7 @@ class DeformConv(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     offset_groups: int | None = None
     implementation: str | None = None
+    deterministic: bool = False
 
     @nn.compact
     def __call__(self, inputs: jax.Array, offset: jax.Array,
@@ -141,7 +146,8 @@ class DeformConv(nn.Module):
                           padding=canonicalize_padding(self.padding, 2),
                           kernel_dilation=_pair(self.kernel_dilation, "kernel_dilation"),
                           feature_group_count=self.feature_group_count,
-                          precision=self.precision, implementation=self.implementation)
+                          precision=self.precision, implementation=self.implementation,
+                          deterministic=self.deterministic)
         if bias is not None:
             y = y + bias
         return y.reshape(batch_shape + y.shape[1:])

@@ -21,6 +21,7 @@ from numbers import Integral
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._extras import check_installed
 
@@ -99,6 +100,9 @@ class DeformConv(nnx.Module):
       offset_groups: G, the number of offset groups; None infers it from the offset's size at call
         time, an int is checked against it. Input channel c follows group c // (C_in / G).
       implementation: None for the native kernel of the platform, "xla" for the pure-JAX reference.
+      deterministic: bitwise reproducible forward and gradients on GPU (``deform_conv2d``'s
+        ``deterministic``; numerics only, unrelated to dropout-style flags). Native implementation
+        only: with implementation="xla" it is a ValueError. No effect on CPU.
       rngs: ``nnx.Rngs`` providing the ``params`` stream.
 
     Attributes:
@@ -114,7 +118,7 @@ class DeformConv(nnx.Module):
                  kernel_init: Initializer = default_kernel_init,
                  bias_init: Initializer = initializers.zeros_init(),
                  offset_groups: int | None = None, implementation: str | None = None,
-                 rngs: nnx.Rngs):
+                 deterministic: bool = False, rngs: nnx.Rngs):
         self.in_features = in_features = _positive_int(in_features, "in_features")
         self.out_features = out_features = _positive_int(out_features, "out_features")
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -137,6 +141,12 @@ class DeformConv(nnx.Module):
             raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, "
                              f"got {implementation!r}")
         self.implementation = implementation
+        if not isinstance(deterministic, (bool, np.bool_)):
+            raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
+        if deterministic and implementation == "xla":
+            raise ValueError("deterministic: True applies to the native implementation only, not "
+                             "implementation='xla' (see deft_jax.deform_conv2d)")
+        self.deterministic = bool(deterministic)
         self.use_bias = bool(use_bias)
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -196,7 +206,8 @@ class DeformConv(nnx.Module):
                           strides=self.strides, padding=canonicalize_padding(self.padding, 2),
                           kernel_dilation=self.kernel_dilation,
                           feature_group_count=self.feature_group_count,
-                          precision=self.precision, implementation=self.implementation)
+                          precision=self.precision, implementation=self.implementation,
+                          deterministic=self.deterministic)
         if bias is not None:
             y = y + bias
         return y.reshape(batch_shape + y.shape[1:])
@@ -230,13 +241,13 @@ class DeformConvPack(DeformConv):
                  kernel_init: Initializer = default_kernel_init,
                  bias_init: Initializer = initializers.zeros_init(),
                  offset_groups: int | None = None, implementation: str | None = None,
-                 use_mask: bool = True, rngs: nnx.Rngs):
+                 deterministic: bool = False, use_mask: bool = True, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, kernel_size, strides, padding=padding,
                          kernel_dilation=kernel_dilation,
                          feature_group_count=feature_group_count, use_bias=use_bias, dtype=dtype,
                          param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
                          bias_init=bias_init, offset_groups=offset_groups,
-                         implementation=implementation, rngs=rngs)
+                         implementation=implementation, deterministic=deterministic, rngs=rngs)
         self.use_mask = bool(use_mask)
         kh, kw = self.kernel_size
         self.offset_channels = (offset_groups or 1) * kh * kw * 2

@@ -166,8 +166,10 @@ def _device_cc_major() -> int:
         return 0
 
 
-def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodiff.NativeCall:
-    """FFI attributes (geometry + tiling) and output shape for one native call."""
+def native_call(x, kernel, geo: Geometry, with_mask: bool, precision,
+                deterministic: bool = False) -> _autodiff.NativeCall:
+    """FFI attributes (geometry + tiling) and output shape for one native call. The CUDA targets
+    also take ``deterministic``; the CPU targets do not (their handler is deterministic anyway)."""
     platform = _native_platform()
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
@@ -177,7 +179,8 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodi
                               dtype=jnp.dtype(x.dtype).name)
     if platform == "cuda":
         cc = _device_cc_major()
-        tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc)
+        tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc,
+                                    deterministic=deterministic)
         tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
     else:
         tile = tiling.choose_tiling(platform, shape)
@@ -188,6 +191,8 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodi
                  feature_groups=geo.feature_group_count, with_mask=int(with_mask),
                  allow_tf32=int(_allow_tf32(precision)))
     attrs.update(dataclasses.asdict(tile))
+    if platform == "cuda":
+        attrs["deterministic"] = int(deterministic)
     return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                 out_shape=(n, *geo.out_hw, kernel.shape[3]))
 
@@ -200,7 +205,8 @@ _native_jit = jax.jit(_autodiff.deform_conv2d, static_argnums=(4,))
 def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
                   strides: int | Sequence[int] = 1, padding: PaddingLike = 0,
                   kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
-                  precision: Any = None, implementation: str | None = None) -> jax.Array:
+                  precision: Any = None, implementation: str | None = None,
+                  deterministic: bool = False) -> jax.Array:
     """Deformable 2D convolution (DCNv1, or DCNv2 when ``mask`` is given), NHWC / HWIO.
 
     Args:
@@ -216,6 +222,11 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT (or None).
       implementation: None for the native kernel of the platform (C++ on CPU, CUDA on GPU), or
         "xla" for the pure-JAX gather reference.
+      deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
+        identical from run to run (same inputs, device model and build). Applies to the native
+        implementation only (the reference's XLA scatter is not deterministic on GPU); combined
+        with implementation="xla" it raises ValueError. On CPU it changes nothing: the CPU
+        handler is always deterministic. Costs on GPU: see "Determinism" below.
 
     Returns:
       y: [N, H_out, W_out, C_out] in x's dtype. Tap (i, j) of output (ho, wo) samples
@@ -242,14 +253,31 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
     - A non-finite pixel of x: a corner outside the image is selected out, never multiplied by 0,
       so it propagates exactly as in the reference (and torchvision).
 
-    Determinism: the CPU handler is bitwise reproducible. On GPU the gradients are accumulated
-    with floating-point atomics, so they can differ in the last bits from run to run; so can the
-    forward of layers whose tiling picks the split forward (few pixels, >= 256 output channels per
-    group, e.g. 7x7 x 512, or 14x14 x 256 in 16-bit types: partial sums over taps meet in
-    atomics). Other GPU forwards are reproducible.
+    Determinism: the CPU handler is bitwise reproducible. By default on GPU the gradients are
+    accumulated with floating-point atomics, so they can differ in the last bits from run to run;
+    so can the forward of layers whose tiling picks the split forward (few pixels, >= 256 output
+    channels per group, e.g. 7x7 x 512: partial sums over taps meet in atomics). Other GPU
+    forwards are reproducible. With ``deterministic=True`` the tiling never picks the split
+    forward, and the backward accumulates every contribution in 64-bit fixed point (integer
+    atomics, whose sum does not depend on their order) with one power-of-two scale per gradient
+    taken from maxima of |x|, |dy|, |kernel| and |mask| (cuda/kernels/det.cuh): the rounding error
+    is far below float32's, and NaN/inf reach exactly the elements they reach by default. It
+    costs extra device memory in the backward (8 bytes per element of x, offset, mask and kernel)
+    and time (the 64-bit atomics, a conversion pass; the slower forward at 7x7 x 512). float64
+    gradients are then limited to about 2^-61 of a worst-case bound per term, which is coarser
+    than float64's own rounding: ~1e-10 to 1e-12 of the gradient's largest element on the
+    benchmark layers (float32 and 16-bit gradients lose nothing visible).
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
+    if deterministic and implementation == "xla":
+        raise ValueError(
+            "deterministic: True applies to the native implementation only; implementation='xla' "
+            "(the pure-JAX reference) uses XLA's scatter, which is not deterministic on GPU. Use "
+            "implementation=None with deterministic=True, or deterministic=False with 'xla' "
+            "(XLA_FLAGS=--xla_gpu_deterministic_ops=true makes XLA's own ops deterministic).")
     geo = validate(x, offset, kernel, mask, strides=strides, padding=padding,
                    kernel_dilation=kernel_dilation, feature_group_count=feature_group_count)
     if implementation == "xla":
@@ -257,5 +285,5 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             x, offset, kernel, mask, strides=geo.strides, padding=geo.padding,
             kernel_dilation=geo.kernel_dilation, feature_group_count=geo.feature_group_count,
             precision=precision)
-    call = native_call(x, kernel, geo, mask is not None, precision)
+    call = native_call(x, kernel, geo, mask is not None, precision, bool(deterministic))
     return _native_jit(x, offset, mask, kernel, call)

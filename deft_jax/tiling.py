@@ -70,9 +70,10 @@ def _cpu_tiling(s: LayerShape) -> TileConfig:
     return TileConfig(tile_h=1, tile_w=pixels, tile_n=s.c_out, tile_k=s.c_in, warps=1, stages=1)
 
 
-def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
+def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0,
+                deterministic: bool = False) -> TileConfig:
     """The forward's tile (below), its k-split and the weight pass's output-channel tile."""
-    tile = _gpu_forward_tile(s, sm_count)
+    tile = _gpu_forward_tile(s, sm_count, deterministic)
     if _ws_half_tile(s, tile, sm_count):
         tile = dataclasses.replace(tile, tile_w=tile.tile_w // 2)  # flat 1 x 128 -> 1 x 64, 8 x 16 -> 8 x 8
     elif tile.stages == 3 and tile.tile_h * tile.tile_w == 128 and cc_major >= 9:
@@ -88,10 +89,10 @@ def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
     return tile
 
 
-def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
+def _gpu_forward_tile(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
     """The forward tile: the rectangle below, made flat where it would overhang the image, on the
     warp-specialized ring where it was measured faster."""
-    tile = _gpu_forward_flat(s, sm_count)
+    tile = _gpu_forward_flat(s, sm_count, deterministic)
     # Streaming tiles -> the warp-specialized forward of the same tile: 4 producer warps gather and
     # blend into a 3-slot shared-memory ring while 4 consumer warps run the MMA (docs/kernels.md
     # "Warp-specialized forward"). Measured (H200, fwd us, streaming -> ring):
@@ -183,9 +184,9 @@ def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     return 2 if cost[2] < cost[1] else 1
 
 
-def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:
+def _gpu_forward_flat(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
     """The rectangle below, made flat where it would overhang the image."""
-    tile = _gpu_forward_rect(s, sm_count)
+    tile = _gpu_forward_rect(s, sm_count, deterministic)
     # A rectangle that does not divide the output image runs MMA rows on padding (a 14 x 14 or
     # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 128 blocks
     # against 98; S3/S6: 256 against 196, two waves of 1 block per SM either way). The split
@@ -203,7 +204,7 @@ def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:
     return tile
 
 
-def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
+def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in docs/kernels.md, "tile sweep").
 
     Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
@@ -216,6 +217,9 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
     and weight pass (double-buffered) on the tensor-core vector path (docs/kernels.md).
     The pipelined forward and weight loops keep 32-bit element offsets into x: for an x of 2^31
     or more elements the CUDA launcher runs their simple loops whatever ``stages`` says.
+    ``deterministic``: never the split forward (its partial sums over taps meet in float atomics);
+    such a layer takes the rule below it (every other forward reduces each output in one block, or
+    one cluster in rank order, so it is bitwise reproducible). Not measured against each other.
     """
     del sm_count  # the suite's grids already fill 132 SMs with these tiles; see docs/kernels.md
     pixels_per_image = s.h_out * s.w_out
@@ -223,7 +227,7 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
     if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS
-            and _vector_channels(s)):
+            and _vector_channels(s) and not deterministic):
         # S5: few pixels per image, many output channels. The streaming
         # kernel re-samples x once per output-channel block (8x at S5 with 64-wide blocks, 2x at S4
         # with the 8x16 x 128 tile, whose 128 blocks are one wave at 1 block/SM); the split forward
@@ -324,11 +328,14 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0) -> TileConfig:
+def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0,
+                  deterministic: bool = False) -> TileConfig:
     """Tile configuration for ``shape`` on ``platform`` ("cpu" or "cuda"); on "cuda", the device's
-    SM count and compute capability (major) refine it (0: unknown, no rule that needs them)."""
+    SM count and compute capability (major) refine it (0: unknown, no rule that needs them), and
+    ``deterministic`` (bitwise reproducible results) excludes the split forward. The CPU tiling
+    is deterministic whatever the flag."""
     if platform == "cpu":
         return _cpu_tiling(shape)
     if platform == "cuda":
-        return _gpu_tiling(shape, sm_count, cc_major)
+        return _gpu_tiling(shape, sm_count, cc_major, bool(deterministic))
     raise ValueError(f"no tiling rules for platform {platform!r}")

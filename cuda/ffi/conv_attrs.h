@@ -16,7 +16,8 @@ namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
-// Every attribute of the deft_deform_conv2d_{fwd,bwd} targets (CPU _v3, CUDA _cuda_v4); Python passes them by name
+// Every attribute of the deft_deform_conv2d_{fwd,bwd} targets (CPU _v3; the CUDA _cuda_v5 targets add
+// `deterministic`, gpu_ffi.cc CudaConvAttrs); Python passes them by name
 // (deft_jax/_ffi.py). Flags are int64 0/1 so the schema needs no bool attribute support.
 struct ConvAttrs {
   int64_t stride_h, stride_w;

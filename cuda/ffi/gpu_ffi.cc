@@ -20,6 +20,15 @@ namespace nb = nanobind;
 namespace ffi = xla::ffi;
 
 namespace deft_ffi {
+
+// The CUDA targets' attributes (_cuda_v5): the shared ConvAttrs plus `deterministic` (int64 0/1:
+// bitwise reproducible forward and backward, kernels/det.cuh). A struct of its own, so the CPU
+// targets keep their attribute schema (ConvAttrs, decoded by exact count): their handler is
+// deterministic anyway, and Python passes `deterministic` to the CUDA targets only.
+struct CudaConvAttrs : ConvAttrs {
+  int64_t deterministic;
+};
+
 namespace {
 
 ffi::Error cuda_error(const char* what, cudaError_t e, const deft::ConvParams& p) {
@@ -31,7 +40,9 @@ ffi::Error cuda_error(const char* what, cudaError_t e, const deft::ConvParams& p
                         std::to_string(p.kw) + ")");
 }
 
-ffi::Error CheckTile(const ConvAttrs& attrs, deft::DType dtype) {
+ffi::Error CheckTile(const CudaConvAttrs& attrs, deft::DType dtype) {
+  if (attrs.deterministic != 0 && attrs.deterministic != 1)
+    return invalid("deterministic must be 0 or 1, got " + std::to_string(attrs.deterministic));
   const std::string why = deft::CheckGpuTileConfig(tile_of(attrs), dtype);
   return why.empty() ? ffi::Error::Success() : invalid(why);
 }
@@ -47,7 +58,7 @@ ffi::ErrorOr<void*> Workspace(ffi::Result<ffi::AnyBuffer>& ws, size_t bytes, con
 
 ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
                        ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> workspace,
-                       ConvAttrs attrs) {
+                       CudaConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success()) return err;
   auto dtype = to_dtype(x.element_type());
@@ -60,7 +71,7 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer off
                       "forward workspace");
   if (ws.has_error()) return ws.error();
   const cudaError_t e = deft::LaunchDeformConvForward(stream, p, tile, *dtype, attrs.allow_tf32 != 0,
-                                                      x.untyped_data(), offset.untyped_data(),
+                                                      attrs.deterministic != 0, x.untyped_data(), offset.untyped_data(),
                                                       mask.untyped_data(), kernel.untyped_data(),
                                                       y->untyped_data(), *ws);
   if (e != cudaSuccess) return cuda_error("forward launch", e, p);
@@ -71,7 +82,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
                         ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer kernel, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> doffset,
                         ffi::Result<ffi::AnyBuffer> dmask, ffi::Result<ffi::AnyBuffer> dkernel,
-                        ffi::Result<ffi::AnyBuffer> workspace, ConvAttrs attrs) {
+                        ffi::Result<ffi::AnyBuffer> workspace, CudaConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success()) return err;
   auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
@@ -82,11 +93,12 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   const deft::TileConfig tile = tile_of(attrs);
   auto ws = Workspace(workspace,
                       deft::DeformConvBackwardWorkspaceBytes(dx->element_count(), doffset->element_count(),
-                                                             dmask->element_count(), dkernel->element_count(), *dtype),
+                                                             dmask->element_count(), dkernel->element_count(), *dtype,
+                                                             attrs.deterministic != 0),
                       "backward workspace");
   if (ws.has_error()) return ws.error();
   const cudaError_t e = deft::LaunchDeformConvBackward(
-      stream, p, tile, *dtype, attrs.allow_tf32 != 0, x.untyped_data(), offset.untyped_data(),
+      stream, p, tile, *dtype, attrs.allow_tf32 != 0, attrs.deterministic != 0, x.untyped_data(), offset.untyped_data(),
       mask.untyped_data(), kernel.untyped_data(), dy.untyped_data(), dx->untyped_data(),
       doffset->untyped_data(), dmask->untyped_data(), dkernel->untyped_data(), *ws);
   if (e != cudaSuccess) return cuda_error("backward launch", e, p);
@@ -95,6 +107,22 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
 
 }  // namespace
 }  // namespace deft_ffi
+
+// ConvAttrs' members (conv_attrs.h, in its order) and `deterministic`.
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    deft_ffi::CudaConvAttrs, ::xla::ffi::StructMember<int64_t>("stride_h"),
+    ::xla::ffi::StructMember<int64_t>("stride_w"), ::xla::ffi::StructMember<int64_t>("pad_top"),
+    ::xla::ffi::StructMember<int64_t>("pad_bottom"), ::xla::ffi::StructMember<int64_t>("pad_left"),
+    ::xla::ffi::StructMember<int64_t>("pad_right"), ::xla::ffi::StructMember<int64_t>("dil_h"),
+    ::xla::ffi::StructMember<int64_t>("dil_w"), ::xla::ffi::StructMember<int64_t>("offset_groups"),
+    ::xla::ffi::StructMember<int64_t>("feature_groups"), ::xla::ffi::StructMember<int64_t>("with_mask"),
+    ::xla::ffi::StructMember<int64_t>("allow_tf32"), ::xla::ffi::StructMember<int64_t>("tile_h"),
+    ::xla::ffi::StructMember<int64_t>("tile_w"), ::xla::ffi::StructMember<int64_t>("tile_n"),
+    ::xla::ffi::StructMember<int64_t>("tile_k"), ::xla::ffi::StructMember<int64_t>("warps"),
+    ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
+    ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("deterministic"));
+static_assert(sizeof(deft_ffi::CudaConvAttrs) == sizeof(deft_ffi::ConvAttrs) + sizeof(int64_t),
+              "CudaConvAttrs = ConvAttrs + deterministic");
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                               ffi::Ffi::Bind()
@@ -105,7 +133,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                                   .Arg<ffi::AnyBuffer>()  // kernel
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
-                                  .Attrs<deft_ffi::ConvAttrs>(),
+                                  .Attrs<deft_ffi::CudaConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
@@ -121,7 +149,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
                                   .Ret<ffi::AnyBuffer>()  // dkernel
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
-                                  .Attrs<deft_ffi::ConvAttrs>(),
+                                  .Attrs<deft_ffi::CudaConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 namespace {
@@ -137,8 +165,8 @@ deft::DType dtype_or_throw(const std::string& name) {
 NB_MODULE(_deft_cuda, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_deform_conv2d_fwd_cuda_v4"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
-    d["deft_deform_conv2d_bwd_cuda_v4"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
+    d["deft_deform_conv2d_fwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
+    d["deft_deform_conv2d_bwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
     return d;
   });
   m.def(
@@ -154,10 +182,11 @@ NB_MODULE(_deft_cuda, m) {
   m.def(
       "backward_workspace_bytes",
       [](const std::string& dtype, int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
-         int64_t kernel_elements) {
+         int64_t kernel_elements, bool deterministic) {
         return deft::DeformConvBackwardWorkspaceBytes(x_elements, offset_elements, mask_elements, kernel_elements,
-                                                      dtype_or_throw(dtype));
+                                                      dtype_or_throw(dtype), deterministic);
       },
       nb::arg("dtype"), nb::arg("x_elements"), nb::arg("offset_elements"), nb::arg("mask_elements"),
-      nb::arg("kernel_elements"), "Bytes of the backward's workspace output.");
+      nb::arg("kernel_elements"), nb::kw_only(), nb::arg("deterministic") = false,
+      "Bytes of the backward's workspace output (deterministic: the fixed-point accumulators too).");
 }

@@ -6,9 +6,13 @@
 //  (b) weight pass: dW[(tap, C_in) x C_out] = cols^T * dY as an implicit GEMM whose A loader
 //      recomputes the samples, split over pixels; partial tiles meet in fp32 (fp64) atomics.
 // Temporaries: fp32 accumulators of dx, doffset, dmask, dkernel for half types only.
+// DET = true (deterministic mode, det.cuh): every contribution that goes into a float atomic below
+// (and every term of the dx list sums) goes into 64-bit fixed-point accumulators instead; DET =
+// false compiles the same code as before the flag existed.
 #pragma once
 
 #include "kernels/common.cuh"
+#include "kernels/det.cuh"
 
 namespace deft {
 namespace kern {
@@ -77,12 +81,12 @@ struct WeightLayout {
 template <typename T, bool PIPE>
 constexpr int kDataMinBlocks = !PIPE || sizeof(T) == 8 ? 1 : sizeof(T) == 4 ? 4 : 5;
 
-template <typename T, bool TC, bool PIPE>
+template <typename T, bool TC, bool PIPE, bool DET = false>
 __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
     deform_bwd_data_kernel(const Geo g, int64_t maxq, const T* __restrict__ x,
                            const T* __restrict__ offset, const T* __restrict__ mask,
                            const T* __restrict__ kernel, const T* __restrict__ dy, Atom<T>* dxa,
-                           Atom<T>* doffa, Atom<T>* dmaska) {
+                           Atom<T>* doffa, Atom<T>* dmaska, const DetAcc det) {
   using A = Acc<T>;
   constexpr int S = PIPE ? kDataStages : 1;
   using L = DataLayout<T, S>;
@@ -320,9 +324,16 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
       }
     };
     if (rec.y0 == kRecNan) s_y = s_x = s_m = std::numeric_limits<A>::quiet_NaN();  // NaN sample
-    put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k, s_y);
-    put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k + 1, s_x);
-    if (p.with_mask) put(dmaska + pix * (p.offset_groups * g.K) + k, s_m);
+    if constexpr (DET) {  // fixed point, always accumulated (once or not)
+      const int64_t io = pix * (p.offset_groups * g.K * 2) + 2 * k;
+      det_put(det, kDetDoff, io, s_y);
+      det_put(det, kDetDoff, io + 1, s_x);
+      if (p.with_mask) det_put(det, kDetDmask, pix * (p.offset_groups * g.K) + k, s_m);
+    } else {
+      put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k, s_y);
+      put(doffa + pix * (p.offset_groups * g.K * 2) + 2 * k + 1, s_x);
+      if (p.with_mask) put(dmaska + pix * (p.offset_groups * g.K) + k, s_m);
+    }
   }
   // The leaders' warp-aggregated appends (one shared atomic per warp and corner slot; every lane
   // takes part, valid pixel or not).
@@ -373,14 +384,64 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
         if (c + w * STEP * V < cnt) atomic_add_n<V>(dxa + dst + c + w * STEP * V, sum[w]);
     }
   };
+  // DET: the same walk with every term in fixed point (the list sum is an int64 sum, so its order
+  // does not matter either) and one 64-bit integer atomic per element; a non-finite term sets its
+  // element's nibble of `bad` (W x V <= 8 elements per item) instead.
+  auto scatter_det = [&](auto vtag, auto wtag) {
+    constexpr int V = decltype(vtag)::value, W = decltype(wtag)::value, STEP = BC / V / W;
+    static_assert(STEP * V * W == BC && W * V <= 8, "vectors per item");
+    const double sc = det.scale[kDetDx];
+    for (int it = tid; it < nl * STEP; it += NT) {
+      const int li = it / STEP, c = (it - li * STEP) * V;
+      if (c >= cnt) continue;
+      int e = leaders[li];
+      if (e >= ENT) e = head[e - ENT];
+      const int64_t dst = ent_at[e];
+      long long sum[W][V];
+      unsigned bad = 0u;
+#pragma unroll
+      for (int w = 0; w < W; ++w)
+#pragma unroll
+        for (int v = 0; v < V; ++v) sum[w][v] = 0;
+      while (true) {
+        const A wgt = ent_w[e];
+        const A* gc = Cs + (e / 4) * L::LDC + c;
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            unsigned b = 0u;
+            sum[w][v] += det_fixed(gc[w * STEP * V + v] * wgt, sc, &b);
+            bad |= b << (4 * (w * V + v));
+          }
+        e = ent_next[e];
+        if (e < 0) break;
+      }
+#pragma unroll
+      for (int w = 0; w < W; ++w)
+        if (c + w * STEP * V < cnt)
+#pragma unroll
+          for (int v = 0; v < V; ++v)
+            det_add(det.acc[kDetDx], det.flags[kDetDx], dst + c + w * STEP * V + v, sum[w][v],
+                    (bad >> (4 * (w * V + v))) & 7u);
+    }
+  };
   // 16 bytes of fp32 per atomic on the vector path: two adjacent lanes fill one 32-byte sector.
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
   using Vec = std::integral_constant<int, 16 / static_cast<int>(sizeof(Atom<T>))>;
-  if (g.vec) {
-    cnt > BC / 2 ? scatter(Vec{}, Two{}) : scatter(Vec{}, One{});
+  if constexpr (DET) {
+    if (g.vec) {
+      cnt > BC / 2 ? scatter_det(Vec{}, Two{}) : scatter_det(Vec{}, One{});
+    } else {
+      cnt > BC / 2 ? scatter_det(One{}, Two{}) : scatter_det(One{}, One{});
+    }
   } else {
-    cnt > BC / 2 ? scatter(One{}, Two{}) : scatter(One{}, One{});
+    if (g.vec) {
+      cnt > BC / 2 ? scatter(Vec{}, Two{}) : scatter(Vec{}, One{});
+    } else {
+      cnt > BC / 2 ? scatter(One{}, Two{}) : scatter(One{}, One{});
+    }
   }
 }
 
@@ -486,11 +547,12 @@ constexpr int kWeightMinBlocks = !PIPE || sizeof(T) == 8               ? 1
                                  : sizeof(T) == 4                     ? 3
                                                                       : 4;
 
-template <typename T, bool TC, bool PIPE, typename C = WeightCfg>
+template <typename T, bool TC, bool PIPE, typename C = WeightCfg, bool DET = false>
 __global__ void __launch_bounds__(C::kThreads, kWeightMinBlocks<T, PIPE, C>)
     deform_bwd_weight_kernel(const Geo g, int64_t maxq, int64_t steps_per_split,
                              const T* __restrict__ x, const T* __restrict__ offset,
-                             const T* __restrict__ mask, const T* __restrict__ dy, Atom<T>* dka) {
+                             const T* __restrict__ mask, const T* __restrict__ dy, Atom<T>* dka,
+                             const DetAcc det) {
   using A = Acc<T>;
   using L = WeightLayout<T, PIPE ? 2 : 1, C>;
   constexpr int BC = C::BC, BN = C::BN, BK = C::BK, NT = C::kThreads;
@@ -550,6 +612,14 @@ __global__ void __launch_bounds__(C::kThreads, kWeightMinBlocks<T, PIPE, C>)
   }
   mma.store(Cs, L::LDC, tid);
   __syncthreads();
+  if constexpr (DET) {  // the partial tile in fixed point: one 64-bit integer atomic per element
+    const int64_t base = b * p.kernel_size() + (tap * g.Cg + (c0 - fg * g.Cg)) * p.c_out + o0;
+    for (int idx = tid; idx < BC * BN; idx += NT) {
+      const int r = idx / BN, c = idx % BN;
+      if (r < cnt && c < ocnt) det_put(det, kDetDk, base + r * p.c_out + c, Cs[r * L::LDC + c]);
+    }
+    return;
+  }
   Atom<T>* dst = dka + b * p.kernel_size() + (tap * g.Cg + (c0 - fg * g.Cg)) * p.c_out + o0;
   if (g.vec) {  // c_out, o0 and ocnt are multiples of 4 here: 16-byte atomics (sm_90)
     constexpr int AV = 16 / static_cast<int>(sizeof(Atom<T>));

@@ -149,10 +149,14 @@ size_t fwd_workspace(int64_t y_elements, const TileConfig& t) {
 template <typename T>
 cudaError_t convert_out(cudaStream_t stream, const float* src, void* dst, int64_t n);
 
+// deterministic: the split forward (partial sums over taps meet in float atomics) is replaced by the
+// streaming kernel of the same 64 x 64 tile; every other forward is deterministic as it is (each
+// output tile reduced by one block, or by one cluster in rank order). tiling.py never picks the
+// split forward in deterministic mode; this is the guard for a hand-made tile.
 template <typename T>
 cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConfig& t, bool allow_tf32,
-                        const void* x, const void* offset, const void* mask, const void* kernel, void* y,
-                        void* workspace) {
+                        bool deterministic, const void* x, const void* offset, const void* mask,
+                        const void* kernel, void* y, void* workspace) {
   if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
   const T* xs = static_cast<const T*>(x);
   const T* os = static_cast<const T*>(offset);
@@ -166,7 +170,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
       Geo g = make_geo<T>(p, th, tw);
       // The split loader fetches 16-byte vectors only; other channel counts take the streaming
       // kernel of the same 64 x 64 tile (same result up to summation order).
-      if (g.vec) {
+      if (g.vec && !deterministic) {
         const int64_t ny = p.batch * p.y_size();
         Atom<T>* acc = static_cast<Atom<T>*>(kIsHalf<T> ? workspace : y);
         if (acc == nullptr) return cudaErrorInvalidValue;
@@ -185,7 +189,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
       }
       TileConfig streaming = t;
       streaming.tile_k = kFwdBK<T>;
-      return run_forward<T>(stream, p, streaming, allow_tf32, x, offset, mask, kernel, y, workspace);
+      return run_forward<T>(stream, p, streaming, allow_tf32, deterministic, x, offset, mask, kernel, y, workspace);
     }
   }
   Geo g = make_geo<T>(p, t.tile_h, t.tile_w, is_flat_tile(t));
@@ -193,7 +197,8 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
     if (is_ws_tile(t)) {
       const bool tc = kIsHalf<T> || allow_tf32;
       if (!(tc && g.vec && g.x32)) {
-        return run_forward<T>(stream, p, ws_fallback(t), allow_tf32, x, offset, mask, kernel, y, workspace);
+        return run_forward<T>(stream, p, ws_fallback(t), allow_tf32, deterministic, x, offset, mask, kernel, y,
+                              workspace);
       }
       return with_ws_cfg(t, [&](auto cfg) -> cudaError_t {
         return launch_forward_ws<T, decltype(cfg)>(stream, g, static_cast<int>(t.k_splits), xs, os, ms, ks, ys);
@@ -214,9 +219,12 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
   });
 }
 
-// Workspace regions (fp32 accumulators of the four cotangents), half types only.
+// Workspace regions: fp32 accumulators of the four cotangents, half types only; deterministic mode
+// (every dtype): the maxima and scales, then int64 accumulators and flag words of the four
+// cotangents (det.cuh), one contiguous range zeroed by one memset.
 struct BwdWorkspace {
   size_t dx, doff, dmask, dk, total;
+  size_t det_max, det_scale, det_acc[4], det_flags[4];  // deterministic mode only
 };
 
 // Element counts of the four cotangents (all leading batch dims included).
@@ -229,8 +237,24 @@ inline GradCounts grad_counts(const ConvParams& p) {
 }
 
 template <typename T>
-BwdWorkspace bwd_workspace(const GradCounts& n) {
-  BwdWorkspace w{0, 0, 0, 0, 0};
+BwdWorkspace bwd_workspace(const GradCounts& n, bool deterministic) {
+  BwdWorkspace w{};
+  if (deterministic) {
+    const int64_t counts[4] = {n.x, n.offset, n.mask, n.kernel};
+    w.det_max = 0;                                      // 4 x uint64: maxima of x, dy, kernel, mask
+    w.det_scale = w.det_max + 4 * sizeof(uint64_t);     // 4 x double
+    size_t at = align_up(w.det_scale + 4 * sizeof(double), 256);
+    for (int i = 0; i < 4; ++i) {
+      w.det_acc[i] = at;
+      at += align_up(sizeof(uint64_t) * counts[i], 256);
+    }
+    for (int i = 0; i < 4; ++i) {
+      w.det_flags[i] = at;
+      at += align_up(sizeof(uint32_t) * ((counts[i] + 7) / 8), 256);
+    }
+    w.total = at;
+    return w;
+  }
   if constexpr (kIsHalf<T>) {
     w.dx = 0;
     w.doff = w.dx + align_up(sizeof(float) * n.x, 256);
@@ -281,9 +305,9 @@ cudaError_t with_pipe(bool pipe, F&& launch) {
 }
 
 // The weight pass with configuration C (WeightCfg or WeightCfgWide), pipelined or not.
-template <typename T, bool TC, bool PIPE, typename C>
+template <typename T, bool TC, bool PIPE, typename C, bool DET>
 cudaError_t launch_weight(cudaStream_t stream, const Geo& g, const T* x, const T* offset, const T* mask,
-                          const T* dy, Atom<T>* dka) {
+                          const T* dy, Atom<T>* dka, const DetAcc& det) {
   const ConvParams& p = g.p;
   const int64_t maxq = max_chunks(g, C::BC);
   const int64_t nob = (g.Cog + C::BN - 1) / C::BN;
@@ -291,21 +315,21 @@ cudaError_t launch_weight(cudaStream_t stream, const Geo& g, const T* x, const T
   const int64_t steps = (g.pixels + C::BK - 1) / C::BK;
   if (gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   using L = WeightLayout<T, PIPE ? 2 : 1, C>;
-  auto fn = deform_bwd_weight_kernel<T, TC, PIPE, C>;
+  auto fn = deform_bwd_weight_kernel<T, TC, PIPE, C, DET>;
   if (cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
   const int64_t splits = weight_splits(gx, steps, resident_blocks(fn, C::kThreads, L::kBytes));
   const int64_t per = (steps + splits - 1) / splits;
   fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(splits)), C::kThreads, L::kBytes, stream>>>(
-      g, maxq, per, x, offset, mask, dy, dka);
+      g, maxq, per, x, offset, mask, dy, dka, det);
   return cudaGetLastError();
 }
 
 // wide_weight: the weight pass's 64 x 128 tile (TileConfig::bwd_tile_n == 128) on the pipelined
 // path; the simple path has the 64 x 64 tile only.
-template <typename T, bool TC>
+template <typename T, bool TC, bool DET>
 cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight, const T* x,
                             const T* offset, const T* mask, const T* kernel, const T* dy, Atom<T>* dxa,
-                            Atom<T>* doffa, Atom<T>* dmaska, Atom<T>* dka) {
+                            Atom<T>* doffa, Atom<T>* dmaska, Atom<T>* dka, const DetAcc& det) {
   const ConvParams& p = g.p;
   if (g.K == 0 || g.Cg == 0 || g.Cog == 0 || g.pixels == 0) return cudaSuccess;
   // stages >= 2 (g.pipeline) on the tensor-core vector path: the pipelined instantiations.
@@ -320,10 +344,10 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight,
     auto launch = [&](auto pipe_tag) {
       constexpr bool PIPE = decltype(pipe_tag)::value;
       using L = DataLayout<T, PIPE ? kDataStages : 1>;
-      auto fn = deform_bwd_data_kernel<T, TC, PIPE>;
+      auto fn = deform_bwd_data_kernel<T, TC, PIPE, DET>;
       if (cudaError_t e = allow_smem(fn, L::kBytes); e != cudaSuccess) return e;
       fn<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), DataCfg::kThreads, L::kBytes, stream>>>(
-          g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska);
+          g, maxq, x, offset, mask, kernel, dy, dxa, doffa, dmaska, det);
       return cudaGetLastError();
     };
     if (cudaError_t e = with_pipe<TC>(pipe, launch); e != cudaSuccess) return e;
@@ -331,10 +355,11 @@ cudaError_t launch_backward(cudaStream_t stream, const Geo& g, bool wide_weight,
   if constexpr (TC) {  // only tensor-core paths have a pipelined (and a wide) instantiation
     // The pipelined weight loop keeps 32-bit corner offsets: x with 2^31 or more elements takes
     // the simple loop (64-bit records).
-    if (pipe && g.x32 && wide_weight) return launch_weight<T, TC, true, WeightCfgWide>(stream, g, x, offset, mask, dy, dka);
-    if (pipe && g.x32) return launch_weight<T, TC, true, WeightCfg>(stream, g, x, offset, mask, dy, dka);
+    if (pipe && g.x32 && wide_weight)
+      return launch_weight<T, TC, true, WeightCfgWide, DET>(stream, g, x, offset, mask, dy, dka, det);
+    if (pipe && g.x32) return launch_weight<T, TC, true, WeightCfg, DET>(stream, g, x, offset, mask, dy, dka, det);
   }
-  return launch_weight<T, TC, false, WeightCfg>(stream, g, x, offset, mask, dy, dka);
+  return launch_weight<T, TC, false, WeightCfg, DET>(stream, g, x, offset, mask, dy, dka, det);
 }
 
 template <typename T>
@@ -345,21 +370,95 @@ cudaError_t convert_out(cudaStream_t stream, const float* src, void* dst, int64_
   return cudaGetLastError();
 }
 
+// The backward's passes on the path of T (tensor cores for 16-bit types, for float32 when TF32 is
+// allowed; exact SIMT otherwise), default (DET = false) or deterministic.
+template <typename T, bool DET>
+cudaError_t launch_backward_path(cudaStream_t stream, const Geo& g, bool wide, bool allow_tf32, const T* xs,
+                                 const T* os, const T* ms, const T* ks, const T* ds, Atom<T>* dxa,
+                                 Atom<T>* doffa, Atom<T>* dmaska, Atom<T>* dka, const DetAcc& det) {
+  if constexpr (std::is_same<T, double>::value) {
+    (void)allow_tf32;
+    return launch_backward<T, false, DET>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka, det);
+  } else if constexpr (std::is_same<T, float>::value) {
+    return allow_tf32
+               ? launch_backward<T, true, DET>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka, det)
+               : launch_backward<T, false, DET>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka, det);
+  } else {
+    (void)allow_tf32;
+    return launch_backward<T, true, DET>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka, det);
+  }
+}
+
+// Deterministic backward (det.cuh): zero the fixed-point workspace, the maxima of |x|, |dy|,
+// |kernel|, |mask| (order-independent atomicMax), the four scales, the passes with DET = true, and
+// the conversion of (int64, flags) into each cotangent.
+template <typename T>
+cudaError_t run_backward_det(cudaStream_t stream, const Geo& g, bool wide, bool allow_tf32, const T* xs,
+                             const T* os, const T* ms, const T* ks, const T* ds, void* const (&outs)[4],
+                             const GradCounts& n, void* workspace) {
+  const ConvParams& p = g.p;
+  const BwdWorkspace w = bwd_workspace<T>(n, true);
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  char* base = static_cast<char*>(workspace);
+  if (cudaError_t e = cudaMemsetAsync(base, 0, w.total, stream); e != cudaSuccess) return e;
+  auto* maxbits = reinterpret_cast<unsigned long long*>(base + w.det_max);
+  auto* scale = reinterpret_cast<double*>(base + w.det_scale);
+  DetAcc det;
+  for (int i = 0; i < 4; ++i) {
+    det.acc[i] = reinterpret_cast<unsigned long long*>(base + w.det_acc[i]);
+    det.flags[i] = reinterpret_cast<unsigned*>(base + w.det_flags[i]);
+  }
+  det.scale = scale;
+  const int64_t counts[4] = {n.x, n.offset, n.mask, n.kernel};
+  {
+    const DetMaxIn in{{xs, ds, ks, ms}, {n.x, p.batch * p.y_size(), n.kernel, p.with_mask ? n.mask : 0}};
+    const int64_t most = std::max(std::max(in.n[0], in.n[1]), std::max(in.n[2], in.n[3]));
+    const int64_t blocks = std::min<int64_t>(std::max<int64_t>((most + 2047) / 2048, 1), 1024);  // >= 8 per thread
+    det_max_kernel<T><<<dim3(static_cast<unsigned>(blocks), 4), 256, 0, stream>>>(in, maxbits);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    const DetScaleIn sin{{double(p.n * p.h_out * p.w_out), double(g.K), double(g.Cog), double(g.Cpog)}, p.with_mask};
+    det_scale_kernel<T><<<1, 32, 0, stream>>>(maxbits, sin, scale);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  if (cudaError_t e = launch_backward_path<T, true>(stream, g, wide, allow_tf32, xs, os, ms, ks, ds, nullptr,
+                                                    nullptr, nullptr, nullptr, det);
+      e != cudaSuccess)
+    return e;
+  for (int i = 0; i < 4; ++i) {
+    if (counts[i] == 0) continue;
+    const int64_t blocks = std::min<int64_t>((counts[i] + 1023) / 1024, 65535);  // 4 elements per thread
+    det_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(det.acc[i], det.flags[i], scale, i,
+                                                                              static_cast<T*>(outs[i]), counts[i]);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileConfig& t, bool allow_tf32,
-                         const void* x, const void* offset, const void* mask, const void* kernel,
-                         const void* dy, void* dx, void* doffset, void* dmask, void* dkernel,
-                         void* workspace) {
+                         bool deterministic, const void* x, const void* offset, const void* mask,
+                         const void* kernel, const void* dy, void* dx, void* doffset, void* dmask,
+                         void* dkernel, void* workspace) {
   if (cudaError_t e = check_extents(p); e != cudaSuccess) return e;
   int64_t th, tw;
   bwd_spatial_tile(t, &th, &tw);
   Geo g = make_geo<T>(p, th, tw);
   g.pipeline = t.stages >= 2;  // the backward follows the tile's stages too
   const GradCounts n = grad_counts(p);
+  const T* xs = static_cast<const T*>(x);
+  const T* os = static_cast<const T*>(offset);
+  const T* ms = static_cast<const T*>(mask);
+  const T* ks = static_cast<const T*>(kernel);
+  const T* ds = static_cast<const T*>(dy);
+  const bool wide = t.bwd_tile_n == WeightCfgWide::BN;
+  if (deterministic) {
+    void* const outs[4] = {dx, doffset, dmask, dkernel};
+    return run_backward_det<T>(stream, g, wide, allow_tf32, xs, os, ms, ks, ds, outs, n, workspace);
+  }
   const int64_t nx = n.x, no = n.offset, nm = n.mask, nk = n.kernel;
   Atom<T> *dxa, *doffa, *dmaska, *dka;
   if constexpr (kIsHalf<T>) {
-    const BwdWorkspace w = bwd_workspace<T>(n);
+    const BwdWorkspace w = bwd_workspace<T>(n, false);
     if (workspace == nullptr && w.total > 0) return cudaErrorInvalidValue;
     char* base = static_cast<char*>(workspace);
     dxa = reinterpret_cast<float*>(base + w.dx);
@@ -379,21 +478,8 @@ cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileCon
     if (cudaError_t e = cudaMemsetAsync(bufs[i], 0, sizeof(Atom<T>) * counts[i], stream); e != cudaSuccess)
       return e;
   }
-  const T* xs = static_cast<const T*>(x);
-  const T* os = static_cast<const T*>(offset);
-  const T* ms = static_cast<const T*>(mask);
-  const T* ks = static_cast<const T*>(kernel);
-  const T* ds = static_cast<const T*>(dy);
-  cudaError_t e;
-  const bool wide = t.bwd_tile_n == WeightCfgWide::BN;
-  if constexpr (std::is_same<T, double>::value) {
-    e = launch_backward<T, false>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
-  } else if constexpr (std::is_same<T, float>::value) {
-    e = allow_tf32 ? launch_backward<T, true>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka)
-                   : launch_backward<T, false>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
-  } else {
-    e = launch_backward<T, true>(stream, g, wide, xs, os, ms, ks, ds, dxa, doffa, dmaska, dka);
-  }
+  cudaError_t e = launch_backward_path<T, false>(stream, g, wide, allow_tf32, xs, os, ms, ks, ds, dxa, doffa,
+                                                 dmaska, dka, DetAcc{});
   if (e != cudaSuccess) return e;
   if constexpr (kIsHalf<T>) {
     void* outs[4] = {dx, doffset, dmask, dkernel};
@@ -404,20 +490,19 @@ cudaError_t run_backward(cudaStream_t stream, const ConvParams& p, const TileCon
 }
 
 // Per-dtype drivers, instantiated in ops_<dtype>.cu.
-#define DEFT_DECLARE_DRIVERS(T)                                                                          \
-  extern template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,  \
-                                             const void*, const void*, const void*, const void*, void*,  \
-                                             void*);                                                     \
-  extern template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, \
-                                              const void*, const void*, const void*, const void*,       \
+#define DEFT_DECLARE_DRIVERS(T)                                                                              \
+  extern template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, bool, \
+                                             const void*, const void*, const void*, const void*, void*,      \
+                                             void*);                                                         \
+  extern template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, bool, \
+                                              const void*, const void*, const void*, const void*,             \
                                               const void*, void*, void*, void*, void*, void*);
-#define DEFT_INSTANTIATE_DRIVERS(T)                                                                  \
-  template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,     \
-                                      const void*, const void*, const void*, const void*, void*,    \
-                                      void*);                                                       \
-  template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool,    \
-                                       const void*, const void*, const void*, const void*,          \
-                                       const void*, void*, void*, void*, void*, void*);
+#define DEFT_INSTANTIATE_DRIVERS(T)                                                                       \
+  template cudaError_t run_forward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, bool,    \
+                                      const void*, const void*, const void*, const void*, void*, void*); \
+  template cudaError_t run_backward<T>(cudaStream_t, const ConvParams&, const TileConfig&, bool, bool,   \
+                                       const void*, const void*, const void*, const void*, const void*,  \
+                                       void*, void*, void*, void*, void*);
 
 }  // namespace kern
 }  // namespace deft

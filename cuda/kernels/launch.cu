@@ -50,48 +50,55 @@ size_t DeformConvForwardWorkspaceBytes(int64_t y_elements, const TileConfig& til
 }
 
 cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
-                                    DType dtype, bool allow_tf32, const void* x, const void* offset,
-                                    const void* mask, const void* kernel, void* y, void* workspace) {
+                                    DType dtype, bool allow_tf32, bool deterministic, const void* x,
+                                    const void* offset, const void* mask, const void* kernel, void* y,
+                                    void* workspace) {
   switch (dtype) {
     case DType::kF32:
-      return kern::run_forward<float>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
+      return kern::run_forward<float>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                    workspace);
     case DType::kF64:
-      return kern::run_forward<double>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
+      return kern::run_forward<double>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                     workspace);
     case DType::kBF16:
-      return kern::run_forward<__nv_bfloat16>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
+      return kern::run_forward<__nv_bfloat16>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                            workspace);
     case DType::kF16:
-      return kern::run_forward<__half>(stream, p, tile, allow_tf32, x, offset, mask, kernel, y, workspace);
+      return kern::run_forward<__half>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                     workspace);
   }
   return cudaErrorInvalidValue;
 }
 
 size_t DeformConvBackwardWorkspaceBytes(int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
-                                        int64_t kernel_elements, DType dtype) {
+                                        int64_t kernel_elements, DType dtype, bool deterministic) {
   const kern::GradCounts n{x_elements, offset_elements, mask_elements, kernel_elements};
   switch (dtype) {
-    case DType::kBF16: return kern::bwd_workspace<__nv_bfloat16>(n).total;
-    case DType::kF16: return kern::bwd_workspace<__half>(n).total;
-    default: return 0;
+    case DType::kBF16: return kern::bwd_workspace<__nv_bfloat16>(n, deterministic).total;
+    case DType::kF16: return kern::bwd_workspace<__half>(n, deterministic).total;
+    case DType::kF32: return kern::bwd_workspace<float>(n, deterministic).total;
+    case DType::kF64: return kern::bwd_workspace<double>(n, deterministic).total;
   }
+  return 0;
 }
 
 cudaError_t LaunchDeformConvBackward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
-                                     DType dtype, bool allow_tf32, const void* x, const void* offset,
-                                     const void* mask, const void* kernel, const void* dy, void* dx,
-                                     void* doffset, void* dmask, void* dkernel, void* workspace) {
+                                     DType dtype, bool allow_tf32, bool deterministic, const void* x,
+                                     const void* offset, const void* mask, const void* kernel, const void* dy,
+                                     void* dx, void* doffset, void* dmask, void* dkernel, void* workspace) {
   switch (dtype) {
     case DType::kF32:
-      return kern::run_backward<float>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx, doffset,
-                                       dmask, dkernel, workspace);
+      return kern::run_backward<float>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, dy, dx,
+                                       doffset, dmask, dkernel, workspace);
     case DType::kF64:
-      return kern::run_backward<double>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx, doffset,
-                                        dmask, dkernel, workspace);
+      return kern::run_backward<double>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, dy, dx,
+                                        doffset, dmask, dkernel, workspace);
     case DType::kBF16:
-      return kern::run_backward<__nv_bfloat16>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx,
-                                               doffset, dmask, dkernel, workspace);
+      return kern::run_backward<__nv_bfloat16>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel,
+                                               dy, dx, doffset, dmask, dkernel, workspace);
     case DType::kF16:
-      return kern::run_backward<__half>(stream, p, tile, allow_tf32, x, offset, mask, kernel, dy, dx, doffset,
-                                        dmask, dkernel, workspace);
+      return kern::run_backward<__half>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, dy, dx,
+                                        doffset, dmask, dkernel, workspace);
   }
   return cudaErrorInvalidValue;
 }

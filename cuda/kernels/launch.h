@@ -21,20 +21,25 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype);
 // workspace for as long as the launched work runs: XLA hands it in as an output buffer.
 size_t DeformConvForwardWorkspaceBytes(int64_t y_elements, const TileConfig& tile, DType dtype);
 
-// y = deform_conv2d(x, offset, mask, kernel). `mask` is ignored when !p.with_mask.
+// y = deform_conv2d(x, offset, mask, kernel). `mask` is ignored when !p.with_mask. deterministic:
+// bitwise reproducible (the split forward, whose partial sums meet in float atomics, is replaced by
+// the streaming kernel of its tile; every other forward is reproducible anyway).
 cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
-                                    DType dtype, bool allow_tf32, const void* x, const void* offset,
-                                    const void* mask, const void* kernel, void* y, void* workspace);
+                                    DType dtype, bool allow_tf32, bool deterministic, const void* x,
+                                    const void* offset, const void* mask, const void* kernel, void* y,
+                                    void* workspace);
 
-// Workspace bytes LaunchDeformConvBackward needs (fp32 accumulators of the four cotangents for
-// half types; 0 otherwise), from the cotangents' element counts.
+// Workspace bytes LaunchDeformConvBackward needs, from the cotangents' element counts: fp32
+// accumulators of the four cotangents for half types (0 otherwise); deterministic: int64
+// fixed-point accumulators and non-finite flags of the four cotangents for every dtype.
 size_t DeformConvBackwardWorkspaceBytes(int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
-                                        int64_t kernel_elements, DType dtype);
+                                        int64_t kernel_elements, DType dtype, bool deterministic);
 
-// Cotangents of x, offset, mask (skipped when !p.with_mask) and kernel, given dy.
+// Cotangents of x, offset, mask (skipped when !p.with_mask) and kernel, given dy. deterministic:
+// bitwise reproducible, accumulated in 64-bit fixed point (kernels/det.cuh).
 cudaError_t LaunchDeformConvBackward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
-                                     DType dtype, bool allow_tf32, const void* x, const void* offset,
-                                     const void* mask, const void* kernel, const void* dy, void* dx,
-                                     void* doffset, void* dmask, void* dkernel, void* workspace);
+                                     DType dtype, bool allow_tf32, bool deterministic, const void* x,
+                                     const void* offset, const void* mask, const void* kernel, const void* dy,
+                                     void* dx, void* doffset, void* dmask, void* dkernel, void* workspace);
 
 }  // namespace deft

@@ -260,7 +260,7 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
     forwards are reproducible. With ``deterministic=True`` the tiling never picks the split
     forward, and the backward accumulates every contribution in 64-bit fixed point (integer
     atomics, whose sum does not depend on their order) with one power-of-two scale per gradient
-    taken from maxima of |x|, |dy|, |kernel| and |mask| (cuda/kernels/det.cuh): the rounding error
+    taken from maxima of |x|, |dy|, |kernel| and |mask| (csrc/cuda/det.cuh): the rounding error
     is far below float32's, and NaN/inf reach exactly the elements they reach by default. It
     costs extra device memory in the backward (8 bytes per element of x, offset, mask and kernel)
     and time (the 64-bit atomics, a conversion pass; the slower forward at 7x7 x 512). float64

@@ -207,7 +207,7 @@ def _gpu_forward_flat(s: LayerShape, sm_count: int, deterministic: bool = False)
 def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
     """GPU rules (owned by the CUDA kernels; measurements in docs/kernels.md, "tile sweep").
 
-    Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
+    Instantiated forward tiles (csrc/cuda/dispatch.cuh): (pixels, tile_n, warps) in
     {(64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16)}, pixels = tile_h * tile_w,
     tile_k = 32, stages 1 or 2 (2 = register prefetch + double-buffered shared memory on the
     tensor-core path); float64
@@ -263,10 +263,10 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False)
     return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
 
 
-# (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
+# (pixels, tile_n, warps) the CUDA forward instantiates (csrc/cuda/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
-# The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): tile_k = 32,
+# The warp-specialized forward (csrc/cuda/forward_ws.cuh, not float64): tile_k = 32,
 # (pixels, tile_n, warps, stages = shared-memory ring slots) below; 4 consumer + 4 producer warps.
 _GPU_WS_TILES = ((128, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3))
 # Blocks per tile (one cluster) of the warp-specialized forward (forward_ws.cuh).

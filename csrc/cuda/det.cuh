@@ -49,7 +49,7 @@
 
 #include <cstdint>
 
-#include "kernels/common.cuh"
+#include "cuda/common.cuh"
 
 namespace deft {
 namespace kern {

@@ -1,5 +1,5 @@
 // XLA typed-FFI handlers for platform "cpu" and the nanobind module `_deft_cpu` that hands their
-// capsules to Python. Decoding, checking and dtype dispatch only; the arithmetic is in cuda/cpu/.
+// capsules to Python. Decoding, checking and dtype dispatch only; the arithmetic is in csrc/cpu/.
 #include <exception>
 #include <new>
 #include <string>

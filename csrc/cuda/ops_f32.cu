@@ -1,5 +1,5 @@
 // Forward and backward drivers for float (one translation unit per dtype: parallel builds).
-#include "kernels/dispatch.cuh"
+#include "cuda/dispatch.cuh"
 
 namespace deft {
 namespace kern {

@@ -11,8 +11,8 @@
 // false compiles the same code as before the flag existed.
 #pragma once
 
-#include "kernels/common.cuh"
-#include "kernels/det.cuh"
+#include "cuda/common.cuh"
+#include "cuda/det.cuh"
 
 namespace deft {
 namespace kern {

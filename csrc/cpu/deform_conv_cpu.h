@@ -1,5 +1,5 @@
 // Multi-threaded CPU deformable convolution (forward and backward). No XLA types: the FFI
-// layer (cuda/ffi/cpu_ffi.cc) decodes buffers and calls these.
+// layer (csrc/ffi/cpu_ffi.cc) decodes buffers and calls these.
 #pragma once
 
 #include <cstdint>

@@ -7,10 +7,10 @@
 #include <string>
 #include <type_traits>
 
-#include "kernels/backward.cuh"
-#include "kernels/forward.cuh"
-#include "kernels/forward_ws.cuh"
-#include "kernels/launch.h"
+#include "cuda/backward.cuh"
+#include "cuda/forward.cuh"
+#include "cuda/forward_ws.cuh"
+#include "cuda/launch.h"
 
 namespace deft {
 namespace kern {

@@ -1,5 +1,5 @@
 // Plain launch functions of the CUDA deformable-convolution kernels. No XLA types: the FFI layer
-// (cuda/ffi/gpu_ffi.cc) decodes buffers and attributes and calls these on XLA's stream.
+// (csrc/ffi/gpu_ffi.cc) decodes buffers and attributes and calls these on XLA's stream.
 #pragma once
 
 #include <cuda_runtime.h>

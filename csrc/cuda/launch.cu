@@ -1,7 +1,7 @@
 // Public launchers (launch.h): dtype dispatch onto the per-dtype drivers of ops_<dtype>.cu.
 #include <sstream>
 
-#include "kernels/dispatch.cuh"
+#include "cuda/dispatch.cuh"
 
 namespace deft {
 namespace kern {

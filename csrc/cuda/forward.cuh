@@ -3,7 +3,7 @@
 // along C) straight into shared memory in the MMA input type.
 #pragma once
 
-#include "kernels/common.cuh"
+#include "cuda/common.cuh"
 
 namespace deft {
 namespace kern {

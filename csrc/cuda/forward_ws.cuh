@@ -8,7 +8,7 @@
 // slots' named barriers.
 #pragma once
 
-#include "kernels/forward.cuh"
+#include "cuda/forward.cuh"
 
 namespace deft {
 namespace kern {

@@ -1,5 +1,5 @@
 // XLA typed-FFI handlers for platform "CUDA" and the nanobind module `_deft_cuda` that hands their
-// capsules to Python. Decoding, checking and launching only; the arithmetic is in cuda/kernels/.
+// capsules to Python. Decoding, checking and launching only; the arithmetic is in csrc/cuda/.
 // Execute never synchronises, allocates device memory or reads device memory back, so the handlers
 // are command-buffer (CUDA graph) compatible. The workspace is the last output buffer, sized by
 // Python through workspace_bytes(): an output lives in XLA's buffer assignment, so its address stays
@@ -11,7 +11,7 @@
 #include <string>
 
 #include "ffi/conv_attrs.h"
-#include "kernels/launch.h"
+#include "cuda/launch.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"

@@ -4,6 +4,7 @@ Runs on whatever device JAX finds (CPU works). It follows the "Performance proto
 DESIGN.md: for each layer shape and dtype, the forward and the forward+backward of the
 implementations in LEGEND are timed side by side in one process. The headline is the ratios
 xla/deft (speed-up of the native op) and deft/conv (what deformability costs over a dense conv).
+On GPU the forward+backward also runs as deft_det (deterministic=True; see LEGEND).
 
 Usage:
   python benchmarks/bench_layers.py                       # --quick (default); on CPU every suite
@@ -54,6 +55,8 @@ Columns (times are per call; ratios are time ratios):
                uses as many threads as JAX may)
   xla/deft     > 1: the native op beats the reference      deft/conv  cost over the dense conv
   torch/deft   > 1: the native op beats torchvision
+  det us, det/deft, det repro   GPU fwdbwd only: deft_jax.deform_conv2d(..., deterministic=True),
+               its time over deft's, and whether two calls gave bitwise identical outputs
   temp MiB     XLA's temporary buffers for one call: jit(f).lower(...).compile().memory_analysis()
                .temp_size_in_bytes, for deft / xla / conv (torch: not measured); deft's include its
                column chunk (CPU) or workspace (GPU): its native handlers allocate nothing sizable
@@ -169,11 +172,12 @@ def forward_fn(impl: str, layer: Layer):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return conv, ("x", "kernel")
 
-    implementation = {"deft": None, "xla": "xla"}[impl]
+    implementation = {"deft": None, "xla": "xla", DET_IMPL: None}[impl]
+    extra = {"deterministic": True} if impl == DET_IMPL else {}
 
     def deform(x, offset, mask, kernel):
         return deft_jax.deform_conv2d(x, offset, kernel, mask, strides=layer.stride,
-                                      padding=layer.pad, implementation=implementation)
+                                      padding=layer.pad, implementation=implementation, **extra)
     return deform, ("x", "offset", "mask", "kernel")
 
 
@@ -279,6 +283,42 @@ def single_call(f, args) -> tuple[object, float, int | None]:
     t0 = time.perf_counter()
     outputs = jax.block_until_ready(compiled(*args))
     return outputs, time.perf_counter() - t0, temp
+
+
+# ----------------------------------------------------------------------------- deterministic mode
+# "deft det": the native op with deterministic=True, forward+backward, on GPU only (on CPU the
+# flag changes nothing). Kept apart from the rest so the CPU parts of this file need not know it.
+
+DET_IMPL = "deft_det"
+DET_HEADER = ["det us", "det/deft", "det repro"]
+
+
+def det_impls(mode: str) -> tuple[str, ...]:
+    return (DET_IMPL,) if mode == "fwdbwd" and jax.default_backend() == "gpu" else ()
+
+
+def det_repro(layer, mode, inputs, outputs) -> bool:
+    """Whether one more call of the deterministic case gives bitwise the outputs it gave first."""
+    f, names = case_fn(DET_IMPL, mode, layer)
+    again = jax.jit(f)(*(inputs[k] for k in names))
+    return all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+               for a, b in zip(jax.tree.leaves(outputs), jax.tree.leaves(again)))
+
+
+def det_header(data: dict) -> list[str]:
+    """The deterministic columns, where the results have any (GPU runs)."""
+    return DET_HEADER if any(r["impl"] == DET_IMPL for r in data["results"]) else []
+
+
+def det_cells(data: dict, entries: dict, ratio: dict) -> list[str]:
+    if not det_header(data):
+        return []
+    e = entries.get(DET_IMPL)
+    if e is None:
+        return ["-"] * len(DET_HEADER)
+    repro = e.get("bitwise_repro")
+    return [_time(e), _fmt(ratio.get("det_over_deft"), "{:.2f}x"),
+            "-" if repro is None else "yes" if repro else "NO"]
 
 
 # ----------------------------------------------------------------------------- machine rates
@@ -480,23 +520,25 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     if torch_why is None:
         impls.append("torch")
     cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
-             for impl in impls]
+             for impl in (*impls, *det_impls(mode))]
     inputs, reference = None, None
     for layer, dtype_name, mode, impl in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         if impl == "xla" and mode == MODES[0]:
             inputs = make_inputs(layer, DTYPES[dtype_name], rng)
         base = {"shape": layer.name, "layer": dataclasses.asdict(layer), "dtype": dtype_name,
                 "mode": mode, "impl": impl}
-        if impl in ("deft", "torch"):
+        if impl in ("deft", "torch", DET_IMPL):
             try:
-                if impl == "deft":
-                    entry, outputs = run_case(impl, mode, layer, dtype_name, inputs, machine, settings)
-                else:
+                if impl == "torch":
                     entry, outputs = run_torch_case(mode, layer, dtype_name, inputs, settings)
+                else:
+                    entry, outputs = run_case(impl, mode, layer, dtype_name, inputs, machine, settings)
             except Exception as e:  # noqa: BLE001 - any failure of the native path is reported
                 entry = {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
             else:
                 entry["max_rel_err_vs_xla"] = rel_err(outputs, reference)
+                if impl == DET_IMPL:
+                    entry["bitwise_repro"] = det_repro(layer, mode, inputs, outputs)
         else:
             entry, outputs = run_case(impl, mode, layer, dtype_name, inputs, machine, settings)
             if impl == "xla":
@@ -515,7 +557,9 @@ def ratios(results: list[dict]) -> list[dict]:
     out = []
     for (shape, dtype, mode), t in table.items():
         deft, xla, conv, torch = t.get("deft"), t.get("xla"), t.get("conv"), t.get("torch")
+        det = t.get(DET_IMPL)
         out.append({"shape": shape, "dtype": dtype, "mode": mode,
+                    "det_over_deft": det / deft if det and deft else None,
                     "xla_over_deft": xla / deft if deft and xla else None,
                     "deft_over_conv": deft / conv if deft and conv else None,
                     "xla_over_conv": xla / conv if xla and conv else None,
@@ -600,8 +644,8 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
                 _fmt(e["conv"].get("over_floor"), "{:.1f}"),
                 _fmt(e["deft"].get("max_rel_err_vs_xla"), "{:.1e}")]
         row += [_fmt((t or {}).get("max_rel_err_vs_xla"), "{:.1e}")] if torch else []
-        rows.append(row)
-    return header, rows
+        rows.append(row + det_cells(data, e, q))
+    return header + det_header(data), rows
 
 
 def machine_line(data: dict) -> str:

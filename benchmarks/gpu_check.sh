@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the CUDA module against the preinstalled jax, run every test
-# (GPU + CPU), run compute-sanitizer memcheck on a small fwd+bwd, run the layer benchmark.
-# Logs and results go to $OUT: build.log, pytest.log, memcheck.log, bench.log, bench/results.json,
-# bench/results.md, bench/bench_layers.png (+ ktime.log/ktime.md, sweep.*, ncu.log). The device
-# tool brings back at most 8 files: results.md is redundant with results.json (--markdown).
-# Phases can be picked: PHASES="build test memcheck sweep bench micro ncu sass ktime" (default: build
-# test memcheck bench). Nsight Compute always runs with --clock-control none (GPU clocks untouched).
+# (GPU + CPU), a short bf16 and fp32 ResNet-18 training of the native model beside the gather
+# reference, compute-sanitizer (memcheck, racecheck, initcheck) on a small fwd+bwd of every kernel
+# family, the GPU fuzzer, and the layer benchmark. Logs and results go to $OUT: build.log,
+# pytest.log, train_<dtype>.log (+ train/*.json, *.png), sanitize_<tool>.log, fuzz.json/fuzz.log,
+# bench.log, bench/results.json, bench/results.md, bench/bench_layers.png.
+# Phases: PHASES="build test train sanitize fuzz bench sweep ncu sass ktime" (default: build test
+# train sanitize fuzz bench). Any failing phase makes the script exit 1 (it goes on with the rest).
+# train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
+# it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
+# sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
+# benchmarks/memcheck_small.py. fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000}.
+# Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
 # picks the runs (";"-separated), NCU_ARGS adds sections (e.g. "--section WarpStateStats"), NCU_KERNELS
 # narrows the kernels (default regex:deform|convert).
-# micro = benchmarks/micro/scatter_atomics.cu (dx scatter: global vs cluster shared memory; micro.log).
 # sass = Nsight Compute source counters for SASS_SPECS (profile_bwd.py arguments, default
 # "S4,float32,fwd S2,float32"): sass.csv.gz (the SASS page) and sass_phases.txt (ncu_phases.py).
-# Each kernel takes ~50 s of replays (12 passes): NCU_TIMEOUT (300 s) fits about five kernels
-# (a backward run is two, a forward run one; six timed out on 2026-12-02).
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16, backward and forward) in one process (ktime.log);
 # KTIME_BASE=<a checked-in ktime.md> adds a before -> after table (ktime_compare.md).
@@ -25,7 +28,7 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-PHASES=${PHASES:-"build test memcheck bench"}
+PHASES=${PHASES:-"build test train sanitize fuzz bench"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=0
@@ -51,15 +54,39 @@ if has test; then
       | tee "$OUT/pytest.log" | tail -n 60
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
-if has memcheck; then
-  echo "== compute-sanitizer memcheck ($(date -u +%T))"
-  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 \
-    "$PY" benchmarks/memcheck_small.py > "$OUT/memcheck.log" 2>&1
+if has train; then
+  # The same ResNet-18 (every 3x3 conv a DCNv2 Pack) on the native kernel and on the reference,
+  # same data and initial weights: the curves must agree (a layer test is not a training test).
+  train_py=examples/train.py
+  for dt in bfloat16 float32; do
+    echo "== train $dt ($(date -u +%T))"
+    "$PY" "$train_py" --arch resnet18 --width 32 --batch 64 --image-size 32 --channels 3 --dtype $dt \
+        --steps 30 --eval-every 1000 --num-train 2048 --num-test 128 --models plain,deform,deform_xla \
+        --timing-windows 3 --timing-steps 5 --out "$OUT/train" ${TRAIN_ARGS:-} > "$OUT/train_$dt.log" 2>&1
+    rc=$?
+    grep -v "it/s]" "$OUT/train_$dt.log" | tail -n 12
+    [[ $rc -eq 0 ]] || { status=1; echo "train $dt: FAILED (rc=$rc)"; }
+  done
+fi
+if has sanitize; then
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+    echo "== compute-sanitizer $tool ($(date -u +%T))"
+    # The platform allocator gives every buffer its own allocation, so an overrun is seen.
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout ${SANITIZE_TIMEOUT:-400} compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+      "$PY" benchmarks/memcheck_small.py > "$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    tail -n 6 "$OUT/sanitize_$tool.log"
+    echo "$tool rc=$rc"
+    [[ $rc -eq 0 ]] || status=1
+  done
+fi
+if has fuzz; then
+  echo "== fuzz ($(date -u +%T))"
+  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" > "$OUT/fuzz.log" 2>&1
   rc=$?
-  tail -n 15 "$OUT/memcheck.log"
-  echo "memcheck rc=$rc"
-  [[ $rc -eq 0 ]] || status=1
+  grep -v "it/s]" "$OUT/fuzz.log" | tail -n 15
+  [[ $rc -eq 0 ]] || { status=1; echo "fuzz: FAILED (rc=$rc)"; }
 fi
 if has sweep; then
   echo "== tile sweep ($(date -u +%T))"
@@ -70,12 +97,6 @@ if has bench; then
   echo "== bench ($(date -u +%T))"
   mkdir -p "$OUT/bench"
   "$PY" benchmarks/bench_layers.py ${BENCH_ARGS:---full} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -n 40
-  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
-fi
-if has micro; then
-  echo "== micro ($(date -u +%T))"
-  nvcc -O3 -arch=sm_90 -std=c++17 benchmarks/micro/scatter_atomics.cu -o /tmp/scatter_atomics 2>&1 | tee "$OUT/micro.log"
-  /tmp/scatter_atomics 2>&1 | tee -a "$OUT/micro.log"
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
 if has ncu; then

@@ -1,7 +1,8 @@
 """Small forward + backward through the CUDA kernels, for compute-sanitizer (memcheck).
 
 Shapes that are not multiples of any tile (odd channels: scalar loads; 72 channels: 16-byte
-vectors with partial chunks), DCNv1 and DCNv2, offsets far out of bounds, every dtype; the k-split ring forward.
+vectors with partial chunks), DCNv1 and DCNv2, offsets far out of bounds, every dtype, default and
+deterministic=True (its fixed-point workspace); the k-split ring forward.
 Run: XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck python memcheck_small.py
 (the platform allocator gives every buffer its own allocation, so an overrun is seen).
 """
@@ -14,7 +15,7 @@ import deft_jax
 jax.config.update("jax_enable_x64", True)
 
 
-def run(n, h, w, c, co, g, fg, with_mask, dtype, scale, strides=1, padding=1):
+def run(n, h, w, c, co, g, fg, with_mask, dtype, scale, strides=1, padding=1, det=False):
     rng = np.random.default_rng(0)
     ho = (h + 2 * padding - 3) // strides + 1
     wo = (w + 2 * padding - 3) // strides + 1
@@ -23,7 +24,8 @@ def run(n, h, w, c, co, g, fg, with_mask, dtype, scale, strides=1, padding=1):
     k = jnp.asarray(rng.normal(size=(3, 3, c // fg, co)) * 0.1, dtype)
     m = jnp.asarray(rng.uniform(size=(n, ho, wo, g * 9)), dtype) if with_mask else None
     f = lambda *a: deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if len(a) > 3 else None,
-                                          strides=strides, padding=padding, feature_group_count=fg)
+                                          strides=strides, padding=padding, feature_group_count=fg,
+                                          deterministic=det)
     args = (x, off, k) + ((m,) if with_mask else ())
     y, vjp = jax.vjp(f, *args)
     outs = (y, *vjp(jnp.ones_like(y)))
@@ -31,10 +33,11 @@ def run(n, h, w, c, co, g, fg, with_mask, dtype, scale, strides=1, padding=1):
     assert all(bool(jnp.all(jnp.isfinite(o.astype(jnp.float32)))) for o in outs)
 
 
-for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64):
-    run(2, 9, 7, 5, 3, 1, 1, True, dtype, 3.0)
-    run(1, 11, 10, 72, 80, 2, 2, False, dtype, 20.0, strides=2)
-    run(1, 8, 8, 64, 64, 4, 1, True, dtype, 2.0)
+for det in (False, True):
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64):
+        run(2, 9, 7, 5, 3, 1, 1, True, dtype, 3.0, det=det)
+        run(1, 11, 10, 72, 80, 2, 2, False, dtype, 20.0, strides=2, det=det)
+        run(1, 8, 8, 64, 64, 4, 1, True, dtype, 2.0, det=det)
 # The warp-specialized forward with k-split clusters (k_splits 2 and 4: ranges starting inside a
 # (tap, segment) group, the partial tiles read across the cluster), forced by a tile override.
 from deft_jax import tiling  # noqa: E402

@@ -4,7 +4,7 @@ Input: the CSV of `ncu -i REPORT.ncu-rep --page source --csv --print-source sass
 with `--section SourceCounters`; gzip accepted). For each kernel in it, prints the running share of
 executed warp instructions and of warp-stall samples at every barrier, atomic, reduction, exit and
 executed branch, so the phases between them can be read off (prologue, GEMM loop, merge, scatter).
-  python benchmarks/ncu_phases.py results/h200_wide/sass_s2bwd_s4fwd_fp32.csv.gz [--kernel data]
+  python benchmarks/ncu_phases.py sass.csv.gz [--kernel data]   (gpu_check.sh PHASES=sass writes it)
 """
 import argparse
 import csv

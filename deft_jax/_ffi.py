@@ -7,6 +7,8 @@ and a name carries a version: any change of operands, results or attribute schem
 name, so a serialized program either finds the handler it was written for or fails to load (never
 runs a handler with another contract). The CUDA targets return their workspace as an extra output,
 sized here from the C++ module's own rule.
+The CUDA targets take one attribute more than the CPU ones, ``deterministic`` (0/1; see
+ops.deform_conv2d).
 """
 
 from __future__ import annotations
@@ -17,16 +19,26 @@ import numpy as np
 
 _TARGETS = {
     "cpu": ("deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1"),
-    "cuda": ("deft_deform_conv2d_fwd_cuda_v4", "deft_deform_conv2d_bwd_cuda_v4"),
+    "cuda": ("deft_deform_conv2d_fwd_cuda_v5", "deft_deform_conv2d_bwd_cuda_v5"),
 }
 TARGETS = tuple(t for pair in _TARGETS.values() for t in pair)
 _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits")
 
 try:
     from . import _deft_cpu
-except ImportError as e:  # pragma: no cover - a broken install, not a supported configuration
+except ImportError as e:
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    _source_tree = (_here.parent / "CMakeLists.txt").is_file()
     raise ImportError(
-        "deft_jax: the native CPU module _deft_cpu is missing; reinstall with `pip install .`"
+        f"deft_jax: imported from {_here}, which has no compiled native module (_deft_cpu). "
+        + ("This is a source checkout that was never built (or Python picked it up from the "
+           "current directory instead of the installed package). Build and install it with "
+           "`pip install .` (or `pip install -e .` for development; add -v to watch the "
+           "compiler), or run Python from another directory so the installed deft_jax is used."
+           if _source_tree else "The installation is incomplete; reinstall with `pip install deft_jax`.")
+        + f" (Python said: {e})"
     ) from e
 
 try:
@@ -79,7 +91,8 @@ def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
     """(dx, doffset, dmask, dkernel) of the fused CUDA backward for cotangent dy."""
     grads = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
     nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
-                                                 *(int(np.prod(g.shape)) for g in grads))
+                                                 *(int(np.prod(g.shape)) for g in grads),
+                                                 deterministic=bool(attrs["deterministic"]))
     call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
     return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
 

@@ -16,18 +16,32 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax.linen.dtypes import promote_dtype
-from flax.linen.linear import PaddingLike, canonicalize_padding, default_kernel_init
-from flax.typing import Dtype, Initializer, PrecisionLike
+import numpy as np
 
-from .ops import deform_conv2d
+from ._extras import check_installed
+
+check_installed("flax", __name__, "flax")
+
+from flax import linen as nn  # noqa: E402  (after the check, which names the extra)
+from flax.linen.dtypes import promote_dtype  # noqa: E402
+from flax.linen.linear import PaddingLike, canonicalize_padding, default_kernel_init  # noqa: E402
+from flax.typing import Dtype, Initializer, PrecisionLike  # noqa: E402
+
+from .ops import deform_conv2d  # noqa: E402
 
 __all__ = ["DeformConv", "DeformConvPack"]
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int]:
+    """An int or a pair of ints -> (a, b); None means 1 for strides and dilations, as nn.Conv."""
+    if value is None and name != "kernel_size":
+        value = 1
+    if isinstance(value, (int, np.integer)):
+        return (int(value), int(value))
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        pair = ()
     if len(pair) != 2:
         raise ValueError(f"{name}: expected an int or a pair of ints for a 2D convolution, "
                          f"got {value!r}")
@@ -57,6 +71,10 @@ class DeformConv(nn.Module):
       offset_groups: G, the number of offset groups; None infers it from the offset's size, an int
         is checked against it. Input channel c follows the offsets of group c // (C_in / G).
       implementation: None for the native kernel, "xla" for the pure-JAX reference.
+      deterministic: bitwise reproducible forward and gradients on GPU (``deform_conv2d``'s
+        ``deterministic``; numerics only, unrelated to dropout-style ``deterministic`` flags).
+        Native implementation only: with implementation="xla" it raises ValueError. No effect
+        on CPU, whose kernels are always deterministic.
     """
 
     features: int
@@ -73,6 +91,7 @@ class DeformConv(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     offset_groups: int | None = None
     implementation: str | None = None
+    deterministic: bool = False
 
     @nn.compact
     def __call__(self, inputs: jax.Array, offset: jax.Array,
@@ -127,7 +146,8 @@ class DeformConv(nn.Module):
                           padding=canonicalize_padding(self.padding, 2),
                           kernel_dilation=_pair(self.kernel_dilation, "kernel_dilation"),
                           feature_group_count=self.feature_group_count,
-                          precision=self.precision, implementation=self.implementation)
+                          precision=self.precision, implementation=self.implementation,
+                          deterministic=self.deterministic)
         if bias is not None:
             y = y + bias
         return y.reshape(batch_shape + y.shape[1:])

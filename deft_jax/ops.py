@@ -166,8 +166,10 @@ def _device_cc_major() -> int:
         return 0
 
 
-def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodiff.NativeCall:
-    """FFI attributes (geometry + tiling) and output shape for one native call."""
+def native_call(x, kernel, geo: Geometry, with_mask: bool, precision,
+                deterministic: bool = False) -> _autodiff.NativeCall:
+    """FFI attributes (geometry + tiling) and output shape for one native call. The CUDA targets
+    also take ``deterministic``; the CPU route does not (it is deterministic anyway)."""
     platform = _native_platform()
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
@@ -189,10 +191,11 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision) -> _autodi
                                     out_shape=out_shape, chunk=tiling.cpu_chunk_images(shape),
                                     precision=_hashable_precision(precision))
     cc = _device_cc_major()
-    tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc)
+    tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc, deterministic=deterministic)
     tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
     attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)))
     attrs.update(dataclasses.asdict(tile))
+    attrs["deterministic"] = int(deterministic)
     return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                 out_shape=out_shape)
 
@@ -210,7 +213,8 @@ _native_jit = jax.jit(_autodiff.deform_conv2d, static_argnums=(4,))
 def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
                   strides: int | Sequence[int] = 1, padding: PaddingLike = 0,
                   kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
-                  precision: Any = None, implementation: str | None = None) -> jax.Array:
+                  precision: Any = None, implementation: str | None = None,
+                  deterministic: bool = False) -> jax.Array:
     """Deformable 2D convolution (DCNv1, or DCNv2 when ``mask`` is given), NHWC / HWIO.
 
     Args:
@@ -227,22 +231,64 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       implementation: None for the native kernel of the platform (on CPU a C++ column sampler and
         col2im around XLA's dot, on GPU fused CUDA kernels), or
         "xla" for the pure-JAX gather reference.
+      deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
+        identical from run to run (same inputs, device model and build). Applies to the native
+        implementation only (the reference's XLA scatter is not deterministic on GPU); combined
+        with implementation="xla" it raises ValueError. On CPU it changes nothing: the CPU
+        route is always deterministic run to run. Costs on GPU: see "Determinism" below.
 
     Returns:
       y: [N, H_out, W_out, C_out] in x's dtype. Tap (i, j) of output (ho, wo) samples
       (ho*sh - pad_top + i*dh + dy, wo*sw - pad_left + j*dw + dx) bilinearly with zero padding,
       exactly as torchvision.ops.deform_conv2d with the channel axis last.
 
+    Non-finite values: a NaN or infinity in an offset or mask entry reaches only what depends on
+    it: y at its own output pixel, that tap's own doffset / dmask entries, dkernel, and, for a
+    finite sample point, the <= 4 input pixels it samples; never other pixels of dx or y, never
+    memory out of range. Precisely, for the sample point of one tap:
+
+    - A NaN coordinate (NaN offset dy or dx): the tap's sampled value is NaN for every channel of
+      its offset group, so y at that output pixel is NaN (in the output channels that read those
+      input channels), the tap's doffset (both components) and dmask entries are NaN and so is
+      dkernel where it multiplies those samples; dx receives nothing from the tap (there is no
+      sample point, hence no input pixel). No integer is ever computed from a NaN coordinate.
+    - An infinite or finite-but-huge coordinate (y <= -1, y >= H, x <= -1 or x >= W: +-inf,
+      +-1e30, ...) is outside the image: the tap contributes exactly 0 to y and gets exactly 0
+      gradient for offset, mask and x (torchvision's rule). The comparison comes before any
+      float -> int conversion, so huge values never overflow an index.
+    - A NaN or +-inf mask entry multiplies the tap's (finite) sample: y at that pixel becomes
+      non-finite (inf * 0 = NaN where the sample is 0), and so may dx at the <= 4 input pixels
+      the sample point reads, the tap's dmask and doffset entries, and dkernel; nothing else.
+    - A non-finite pixel of x: a corner outside the image is selected out, never multiplied by 0,
+      so it propagates exactly as in the reference (and torchvision).
+
     Determinism: on CPU the result is bitwise reproducible from run to run (the C++ sampler and
     col2im for any thread count too; XLA's own dots may round differently when the intra-op
-    thread count changes, as in the pure-JAX reference). On GPU the gradients are accumulated
-    with floating-point atomics, so they can differ in the last bits from run to run; so can the
-    forward of layers whose tiling picks the split forward (few pixels, >= 256 output channels per
-    group, e.g. 7x7 x 512, or 14x14 x 256 in 16-bit types: partial sums over taps meet in
-    atomics). Other GPU forwards are reproducible.
+    thread count changes, as in the pure-JAX reference). By default on GPU the gradients are
+    accumulated with floating-point atomics, so they can differ in the last bits from run to run;
+    so can the forward of layers whose tiling picks the split forward (few pixels, >= 256 output
+    channels per group, e.g. 7x7 x 512: partial sums over taps meet in atomics). Other GPU
+    forwards are reproducible. With ``deterministic=True`` the tiling never picks the split
+    forward, and the backward accumulates every contribution in 64-bit fixed point (integer
+    atomics, whose sum does not depend on their order) with one power-of-two scale per gradient
+    taken from maxima of |x|, |dy|, |kernel| and |mask| (csrc/cuda/det.cuh): the rounding error
+    is far below float32's, and NaN/inf reach exactly the elements they reach by default. It
+    costs extra device memory in the backward (8 bytes per element of x, offset, mask and kernel)
+    and time (the 64-bit atomics, a conversion pass; the slower forward at 7x7 x 512). float64
+    gradients are then limited to about 2^-61 of a worst-case bound per term, which is coarser
+    than float64's own rounding: ~1e-10 to 1e-12 of the gradient's largest element on the
+    benchmark layers (float32 and 16-bit gradients lose nothing visible).
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
+    if deterministic and implementation == "xla":
+        raise ValueError(
+            "deterministic: True applies to the native implementation only; implementation='xla' "
+            "(the pure-JAX reference) uses XLA's scatter, which is not deterministic on GPU. Use "
+            "implementation=None with deterministic=True, or deterministic=False with 'xla' "
+            "(XLA_FLAGS=--xla_gpu_deterministic_ops=true makes XLA's own ops deterministic).")
     geo = validate(x, offset, kernel, mask, strides=strides, padding=padding,
                    kernel_dilation=kernel_dilation, feature_group_count=feature_group_count)
     if implementation == "xla":
@@ -250,5 +296,5 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             x, offset, kernel, mask, strides=geo.strides, padding=geo.padding,
             kernel_dilation=geo.kernel_dilation, feature_group_count=geo.feature_group_count,
             precision=precision)
-    call = native_call(x, kernel, geo, mask is not None, precision)
+    call = native_call(x, kernel, geo, mask is not None, precision, bool(deterministic))
     return _native_jit(x, offset, mask, kernel, call)

@@ -45,10 +45,16 @@ def sample_columns(x, offset, mask, *, kernel_size, strides, padding, kernel_dil
     py = base_y.astype(acc) + off[..., 0]  # [N, Ho, Wo, G, K]
     px = base_x.astype(acc) + off[..., 1]
 
+    # Ordered comparisons are false for NaN: a NaN point is not inside. Positions, fractions and
+    # indices are computed only from inside points (others take 0), so an infinite or huge
+    # coordinate makes no inf - inf = NaN, no integer is ever cast from NaN, and such a point gets
+    # exactly zero gradient (where's gradient is a select, not a product).
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
-    y0 = jnp.floor(py)
-    x0 = jnp.floor(px)
-    ly, lx = py - y0, px - x0
+    py_in = jnp.where(inside, py, 0)
+    px_in = jnp.where(inside, px, 0)
+    y0 = jnp.floor(py_in)
+    x0 = jnp.floor(px_in)
+    ly, lx = py_in - y0, px_in - x0
     y0 = y0.astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
 
@@ -68,6 +74,12 @@ def sample_columns(x, offset, mask, *, kernel_size, strides, padding, kernel_dil
 
     cols = (corner(0, 0, (1 - ly) * (1 - lx)) + corner(0, 1, (1 - ly) * lx)
             + corner(1, 0, ly * (1 - lx)) + corner(1, 1, ly * lx))
+    # A NaN coordinate has no sample point: its sample is NaN in every channel of the group, and
+    # so are its derivatives by both offset components (t * t: value NaN, d/dt = 2t = NaN), while
+    # x gets nothing from it. The inner where keeps t (and its gradient) 0 at every other point.
+    nan_point = jnp.isnan(py) | jnp.isnan(px)
+    t = jnp.where(nan_point, py + px, 0)
+    cols = jnp.where(nan_point[..., None], (t * t)[..., None], cols)
     if mask is not None:
         cols = cols * mask.astype(acc).reshape(n, ho, wo, g, k)[..., None]
     # [N, Ho, Wo, G, K, C/G] -> [N, Ho, Wo, K, C]

@@ -3,7 +3,7 @@
 ``choose_tiling`` is a pure, memoised function of the layer's shape, dtype and device; its result
 is passed to the native handlers as FFI attributes, so the choice is visible in the HLO,
 deterministic at trace time and exportable. The measurements behind each rule are in
-benchmarks/NOTES.md.
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -78,16 +78,17 @@ def cpu_chunk_images(s: LayerShape) -> int:
     return int(max(1, CPU_COLUMN_BUDGET_BYTES // per_image))
 
 
-def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
+def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0,
+                deterministic: bool = False) -> TileConfig:
     """The forward's tile (below), its k-split and the weight pass's output-channel tile."""
-    tile = _gpu_forward_tile(s, sm_count)
+    tile = _gpu_forward_tile(s, sm_count, deterministic)
     if _ws_half_tile(s, tile, sm_count):
         tile = dataclasses.replace(tile, tile_w=tile.tile_w // 2)  # flat 1 x 128 -> 1 x 64, 8 x 16 -> 8 x 8
     elif tile.stages == 3 and tile.tile_h * tile.tile_w == 128 and cc_major >= 9:
         tile = dataclasses.replace(tile, k_splits=_ws_k_splits(s, tile, sm_count))
     # The weight pass re-samples its (tap, channel chunk) once per bwd_tile_n output channels: from
     # C_out = 128 on, the 64 x 128 tile halves that (2x -> 1x at S3/S6, 8x -> 4x at S5).
-    # Measured (H200, NOTES.md "Wide weight tile"): ktime weight pass fp32 S4 194 -> 160 us, S5
+    # Measured (H200, docs/kernels.md): ktime weight pass fp32 S4 194 -> 160 us, S5
     # 199 -> 176; gpu_tile_sweep fwd+bwd 64 -> 128: fp32 S3 679 -> 639, S6 401 -> 394, bf16 S3
     # 450 -> 435, S6 280 -> 272.
     if (s.dtype != "float64" and s.c_out // s.feature_groups >= 128 and _vector_channels(s)
@@ -96,21 +97,21 @@ def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0) -> TileConfig:
     return tile
 
 
-def _gpu_forward_tile(s: LayerShape, sm_count: int) -> TileConfig:
+def _gpu_forward_tile(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
     """The forward tile: the rectangle below, made flat where it would overhang the image, on the
     warp-specialized ring where it was measured faster."""
-    tile = _gpu_forward_flat(s, sm_count)
+    tile = _gpu_forward_flat(s, sm_count, deterministic)
     # Streaming tiles -> the warp-specialized forward of the same tile: 4 producer warps gather and
-    # blend into a 3-slot shared-memory ring while 4 consumer warps run the MMA (NOTES.md
+    # blend into a 3-slot shared-memory ring while 4 consumer warps run the MMA (docs/kernels.md
     # "Warp-specialized forward"). Measured (H200, fwd us, streaming -> ring):
-    # - float32, per kernel (ktime 07eaeb7): S1 67.0 -> 57.1, S2 245.0 -> 217.0, S3 138.3 -> 120.8,
-    #   S4 125.3 -> 112.9, S6 78.7 -> 73.7; end to end (bench --quick, 07eaeb7 against 7df5eb4) S1
+    # - float32, per kernel (ktime): S1 67.0 -> 57.1, S2 245.0 -> 217.0, S3 138.3 -> 120.8,
+    #   S4 125.3 -> 112.9, S6 78.7 -> 73.7; end to end (bench --quick, before and after) S1
     #   79.0 -> 74.7, S2 267.2 -> 235.7, S3 154.4 -> 138.6, S4 143.5 -> 131.5, S6 98.1 -> 89.6.
     #   S5 stays on the split forward (130 against 204 on the ring).
-    # - 16-bit types on the flat 128 x 128 tile: per kernel (ktime 07eaeb7) bf16 S3 93.5 -> 82.2,
+    # - 16-bit types on the flat 128 x 128 tile: per kernel (ktime) bf16 S3 93.5 -> 82.2,
     #   S6 57.4 -> 53.2, S4 75.8 against the split forward's 87.2 + 4.6 (_SPLIT_MAX_PIXELS); end to
-    #   end (tile sweep 618e10b, one process) S3 96 -> 82, S6 65 -> 59, S4 75 against the split's
-    #   90. Not on the 64 x 64 tile (S1/S2: 19-24% slower than 4 blocks of 4 warps per SM, d38ddae)
+    #   end (tile sweep, one process) S3 96 -> 82, S6 65 -> 59, S4 75 against the split's
+    #   90. Not on the 64 x 64 tile (S1/S2: 19-24% slower than 4 blocks of 4 warps per SM)
     #   nor the 16-warp 8 x 16 tile (not measured).
     # At Precision.HIGHEST the same tile runs the streaming kernel (the CUDA launcher's fallback).
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps, tile.stages)
@@ -151,8 +152,8 @@ def _ws_half_tile(s: LayerShape, tile: TileConfig, sm_count: int) -> bool:
     the 128 x 128 grid runs past one wave and each tile walks 32 or more (tap, chunk) steps.
 
     Two co-resident blocks hide each other's gather latency, which the one 8-warp block per SM of
-    the 128 x 128 tile cannot. Measured (H200, 0c0e381, fwd us, ktime / tile sweep in one call;
-    NOTES.md "64 x 128 ring"), 128 x 128 -> 64 x 128: fp32 S3 (196 blocks, 36 steps) 122.7 / 123 ->
+    the 128 x 128 tile cannot. Measured (H200, fwd us, ktime / tile sweep in one call;
+    docs/kernels.md), 128 x 128 -> 64 x 128: fp32 S3 (196 blocks, 36 steps) 122.7 / 123 ->
     95.9 / 97 (also ahead of 2 blocks per tile: 106.6 / 113); S4 (98 blocks) 113.8 / 104 -> 105.9 /
     108 and S6 (18 steps) 73.5 / 76 -> 67.9 / 78: per kernel ahead, end to end not, so they stay.
     bf16: S3 82.4 / 86 -> 81.6 / 82 against 76.9 / 71 for 2 blocks per tile; S4 74.4 / 76 -> 71.0 /
@@ -169,10 +170,9 @@ def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     """Blocks per output tile of the warp-specialized forward: 1, or 2 where the model says so.
 
     A ring block's time is its chain of (tap, chunk) steps plus a fixed cost (latency-bound: the
-    padding rows that flat tiles turned into real pixels cost nothing, NOTES.md "Flat forward
-    tiles"), so a grid ending in a half-empty wave can run faster as 2 blocks per tile, each half
+    padding rows that flat tiles turned into real pixels cost nothing, docs/kernels.md), so a grid ending in a half-empty wave can run faster as 2 blocks per tile, each half
     of the chain: time ~ ceil(k * blocks / resident) * (steps / k + fixed). Measured per kernel
-    (H200, 99a52ea, ktime fwd us, k = 1 / 2 / 4; NOTES.md "k-split ring"): S3 fp32 120.8 / 106.0 /
+    (H200, ktime fwd us, k = 1 / 2 / 4; docs/kernels.md): S3 fp32 120.8 / 106.0 /
     141.7, bf16 82.0 / 76.7 / 123.3; S6 fp32 72.4 / 69.1 / 104.4, bf16 52.1 / 53.6 / 98.1; S4 fp32
     113.7 / 123.1 / 135.4, bf16 75.1 / 82.7 / 104.3; end to end (tile sweep, same call) S3 fp32 125
     -> 105, bf16 85 -> 76, S6 fp32 84 -> 85, bf16 55 -> 65, S4 fp32 121 -> 121, bf16 73 -> 90.
@@ -192,17 +192,17 @@ def _ws_k_splits(s: LayerShape, tile: TileConfig, sm_count: int) -> int:
     return 2 if cost[2] < cost[1] else 1
 
 
-def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:
+def _gpu_forward_flat(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
     """The rectangle below, made flat where it would overhang the image."""
-    tile = _gpu_forward_rect(s, sm_count)
+    tile = _gpu_forward_rect(s, sm_count, deterministic)
     # A rectangle that does not divide the output image runs MMA rows on padding (a 14 x 14 or
     # 28 x 28 image in 8 x 16 tiles: 23%) and needs more blocks for the same work (S4: 128 blocks
     # against 98; S3/S6: 256 against 196, two waves of 1 block per SM either way). The split
     # forward keeps its 8 x 8 tiles (its blocks meet per pixel in atomics; a flat tile buys it
     # nothing there).
-    # Measured per kernel in one process (H200, a799c94, ktime, fwd us, 8x16 -> flat): fp32 S3
+    # Measured per kernel in one process (H200, ktime, fwd us, 8x16 -> flat): fp32 S3
     # 141.1 -> 137.1, S4 128.3 -> 124.7, S6 82.0 -> 79.3; bf16 (16 warps) S3 95.1 -> 94.5, S6
-    # 58.8 -> 58.4. Predicted S4 ~70: the forward is not wave-bound (NOTES.md "Flat forward tiles").
+    # 58.8 -> 58.4. Predicted S4 ~70: the forward is not wave-bound (docs/kernels.md).
     # Flat 128 x 128 tiles run 8 warps for every dtype: bf16 S3 94.5 -> 93.3, S6 58.4 -> 57.9 us
     # (16 -> 8 warps, same process; tile sweep S3 98 -> 94, S6 63 -> 54).
     overhangs = s.h_out % tile.tile_h != 0 or s.w_out % tile.tile_w != 0
@@ -212,50 +212,52 @@ def _gpu_forward_flat(s: LayerShape, sm_count: int) -> TileConfig:
     return tile
 
 
-def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
-    """GPU rules (owned by the CUDA kernels; measurements in benchmarks/NOTES.md, "tile sweep").
+def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False) -> TileConfig:
+    """GPU rules (owned by the CUDA kernels; measurements in docs/kernels.md, "tile sweep").
 
-    Instantiated forward tiles (cuda/kernels/dispatch.cuh): (pixels, tile_n, warps) in
+    Instantiated forward tiles (csrc/cuda/dispatch.cuh): (pixels, tile_n, warps) in
     {(64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16)}, pixels = tile_h * tile_w,
     tile_k = 32, stages 1 or 2 (2 = register prefetch + double-buffered shared memory on the
     tensor-core path); float64
     (exact SIMT path): (64, 64, 4) only. Split forward (not float64): (64, 64, 4), stages 2,
     tile_k in {128, 256, 512}. The backward passes use the spatial tile when it has 64
     pixels, else 8 x 8, and follow ``stages`` too: 2 = the pipelined data pass (3 cp.async stages)
-    and weight pass (double-buffered) on the tensor-core vector path (NOTES.md "Backward v4").
+    and weight pass (double-buffered) on the tensor-core vector path (docs/kernels.md).
     The pipelined forward and weight loops keep 32-bit element offsets into x: for an x of 2^31
     or more elements the CUDA launcher runs their simple loops whatever ``stages`` says.
+    ``deterministic``: never the split forward (its partial sums over taps meet in float atomics);
+    such a layer takes the rule below it (every other forward reduces each output in one block, or
+    one cluster in rank order, so it is bitwise reproducible). Not measured against each other.
     """
-    del sm_count  # the suite's grids already fill 132 SMs with these tiles; see NOTES.md
+    del sm_count  # the suite's grids already fill 132 SMs with these tiles; see docs/kernels.md
     pixels_per_image = s.h_out * s.w_out
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
     if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS
-            and _vector_channels(s)):
+            and _vector_channels(s) and not deterministic):
         # S5: few pixels per image, many output channels. The streaming
         # kernel re-samples x once per output-channel block (8x at S5 with 64-wide blocks, 2x at S4
         # with the 8x16 x 128 tile, whose 128 blocks are one wave at 1 block/SM); the split forward
         # samples each (pixel, tap, channel) once and meets over taps in fp32 atomics.
-        # Measured (H200, 3a7669d, gpu_tile_sweep, fwd us, streaming best -> split): S5 bf16
+        # Measured (H200, gpu_tile_sweep, fwd us, streaming best -> split): S5 bf16
         # 159 -> 87, fp32 240 -> 137 (tile_k 256 / 128); S4 bf16 99 -> 88, fp32 161 -> 158 (a
-        # tie, so fp32 keeps the deterministic streaming kernel there; results/sweep_mma_h200.json).
+        # tie, so fp32 keeps the deterministic streaming kernel there).
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K.get(s.dtype, 256), warps=4,
                           stages=2)
     if pixels_per_image >= 128 and c_out_per_group > 64:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
         # S6 138 -> 90; fp32 S3 367 -> 287, S4 347 -> 262, S6 219 -> 176 (vs 8x8x64).
-        # Warps and orientation, re-measured after the 32-bit corner offsets (H200, 19b4659,
-        # gpu_tile_sweep fwd us, results/h200_x32/sweep_19b4659.json; NOTES.md "Forward address
-        # arithmetic and bank conflicts"):
+        # Warps and orientation, re-measured after the 32-bit corner offsets (H200,
+        # gpu_tile_sweep fwd us; docs/kernels.md):
         # - fp32: 8 warps (236 registers, no spill) beat 16 (128-register cap, spills, x's pointer
         #   reloaded per corner): 8x16 S3 144 vs 169, S4 133 vs 145, S6 87 vs 113 (16x8 x 16
-        #   warps: 158 / 151 / 93); confirmed per kernel (ktime, 4d6d07b): S3 153.8 -> 140.3,
+        #   warps: 158 / 151 / 93); confirmed per kernel (ktime): S3 153.8 -> 140.3,
         #   S4 141.9 -> 126.9, S6 89.0 -> 81.2. Before those changes 16 warps were 0-4% faster.
         # - 16-bit types keep 16 warps on 8x16: 8 warps were 1-4% slower (S3 99.1 vs 96.0, S6
-        #   60.0 vs 59.2, results/h200_order/ktime*.md; sweep 19b4659, mixed: S3 101 vs 99, S6 75 vs
-        #   79). A 16x8 tile was no faster per kernel (ktime 4d6d07b vs 19b4659: S3 94.9 vs 94.9,
+        #   60.0 vs 59.2; sweep, mixed: S3 101 vs 99, S6 75 vs
+        #   79). A 16x8 tile was no faster per kernel (ktime after vs before: S3 94.9 vs 94.9,
         #   S6 58.8 vs 58.1; the sweep's S6 64 vs 79 did not reproduce). The suite's 28 x 28 and
         #   14 x 14 images take flat 8-warp tiles instead (_gpu_forward_tile).
         if s.dtype == "float32":
@@ -264,15 +266,15 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int) -> TileConfig:
     # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
     # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM
     # (128-register cap), which beat the 128-pixel tile at S1/S2 (bf16 S2 184 vs 191 us, S5 175 vs
-    # 264; NOTES.md "forward v4"); fp32's 128-pixel tile spills (437 -> 525 us at S2).
+    # 264; docs/kernels.md); fp32's 128-pixel tile spills (437 -> 525 us at S2).
     # stages=2 vs 1: S5 bf16 420 -> 211 us, S2 bf16 379 -> 250, fp32 S2 547 -> 437.
     return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
 
 
-# (pixels, tile_n, warps) the CUDA forward instantiates (cuda/kernels/dispatch.cuh, with_fwd_cfg);
+# (pixels, tile_n, warps) the CUDA forward instantiates (csrc/cuda/dispatch.cuh, with_fwd_cfg);
 # tile_k is 32 and stages 1 or 2 for all; float64 has the first only.
 _GPU_TILES = ((64, 64, 4), (128, 64, 4), (128, 128, 8), (128, 128, 16))
-# The warp-specialized forward (cuda/kernels/forward_ws.cuh, not float64): tile_k = 32,
+# The warp-specialized forward (csrc/cuda/forward_ws.cuh, not float64): tile_k = 32,
 # (pixels, tile_n, warps, stages = shared-memory ring slots) below; 4 consumer + 4 producer warps.
 _GPU_WS_TILES = ((128, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3))
 # Blocks per tile (one cluster) of the warp-specialized forward (forward_ws.cuh).
@@ -288,8 +290,8 @@ _SPLIT_TILE_K = (128, 256, 512)
 _SPLIT_K = {"float32": 128}
 # Largest output image (pixels) for which the split forward wins: 64 (S5). 16-bit S4 (196) was
 # on the split too while its alternative was the streaming kernel (end to end 93.5-99.5 us against
-# 102.5, NOTES.md "Flat forward tiles"); the warp-specialized ring beats it per kernel (75.8 us
-# against 87.2 + 4.6, ktime 07eaeb7) and end to end (NOTES.md "Warp-specialized forward").
+# 102.5, docs/kernels.md); the warp-specialized ring beats it per kernel (75.8 us
+# against 87.2 + 4.6, ktime) and end to end (docs/kernels.md).
 _SPLIT_MAX_PIXELS = 64
 
 
@@ -334,10 +336,12 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0) -> TileConfig:
+def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0,
+                  deterministic: bool = False) -> TileConfig:
     """Tile configuration for ``shape`` on ``platform`` ("cuda"; the CPU route's only choice is
     ``cpu_chunk_images``); the device's SM count and compute capability (major) refine it (0:
-    unknown, no rule that needs them)."""
+    unknown, no rule that needs them), and ``deterministic`` (bitwise reproducible results)
+    excludes the split forward."""
     if platform == "cuda":
-        return _gpu_tiling(shape, sm_count, cc_major)
+        return _gpu_tiling(shape, sm_count, cc_major, bool(deterministic))
     raise ValueError(f"no tiling rules for platform {platform!r}")

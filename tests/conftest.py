@@ -1,6 +1,13 @@
+import pathlib
+import sys
+
 import jax
 import numpy as np
 import pytest
+
+# examples/ is user code to copy, not a package: its modules (resnet, data, train) are imported by
+# name, as examples/train.py imports its neighbours.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 # float64 parity needs x64; every test module shares the process.
 jax.config.update("jax_enable_x64", True)

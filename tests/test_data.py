@@ -1,9 +1,8 @@
-"""deft_jax.data: the synthetic glyph dataset is deterministic, balanced and well-formed."""
+"""examples/data.py: the synthetic glyph dataset is deterministic, balanced and well-formed."""
 
+import data  # examples/data.py (conftest puts examples/ on sys.path)
 import numpy as np
 import pytest
-
-from deft_jax import data
 
 
 def test_generate_shapes_range_and_balance():

@@ -492,7 +492,7 @@ def _tf32_rna(a):
                                  (8, 16, 128, 32, 16, 2, 128), (8, 8, 64, 256, 4, 2, 128)], ids=str)
 def test_tf32_operands_round_to_nearest(cfg, rng, monkeypatch):
     """TF32 paths round every MMA operand to nearest (cvt.rna, at the fragment load; rounding once
-    at the shared-memory store was measured slower and reverted, NOTES.md): y, dx and dkernel match a float64 computation on TF32-rounded operands to accumulation error.
+    at the shared-memory store was measured slower, docs/kernels.md "MMA"): y, dx and dkernel match a float64 computation on TF32-rounded operands to accumulation error.
     Integer (zero) offsets and no mask make the sampled columns exactly x; positive x, kernel and dy
     make truncating instead of rounding one operand a bias of ~3.6e-4 relative (both: 7e-4); the
     tolerance leaves room for the tensor cores' own accumulation (up to ~1.3e-5 simulated with
@@ -553,10 +553,9 @@ def test_split_forward(tile_k, rng, monkeypatch):
 
 def test_unsupported_tile_is_an_error():
     """A tile configuration the kernels do not instantiate is an error naming it, not a crash.
-    (In a subprocess, so a crash cannot take the test session down.) The trace-time guard
-    (tiling.check_gpu_tile) raises before any kernel; this was a non-strict xfail because on
-    2026-11-22 (H100, jax 0.11.2) an ffi::Error from the handler itself crashed XLA. It has
-    passed in every GPU run since 2026-12-01 (H200), so it is a plain test again."""
+    The trace-time guard (tiling.check_gpu_tile) raises before any kernel. In a subprocess: an
+    ffi::Error returned by the handler once crashed XLA (H100, jax 0.11.2), and a crash must not
+    take the test session down."""
     script = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         import deft_jax

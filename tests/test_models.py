@@ -1,4 +1,4 @@
-"""deft_jax.models (ResNet with deformable stages) and jax.export of programs using the op."""
+"""examples/resnet.py (ResNet with deformable stages) and jax.export of programs using the op."""
 
 import functools
 
@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
+import data  # examples/data.py (conftest puts examples/ on sys.path)
 import deft_jax.export
-from deft_jax import data
+from deft_jax import _ffi
 from deft_jax.linen import DeformConvPack
-from deft_jax.models import BasicBlock, ResNet, ResNet18, ResNet50
+from resnet import BasicBlock, ResNet, ResNet18, ResNet50  # examples/resnet.py
 
 
 def _deformable_paths(params) -> list[str]:
@@ -143,6 +144,11 @@ def test_training_steps_decrease_loss(glyphs, variables):
     assert float(jnp.abs(params["stage4_block2"]["conv2"]["conv_offset"]["kernel"]).max()) > 0
 
 
+def _targets() -> tuple[str, str]:
+    """(forward, backward) FFI targets that programs lowered for the default backend call."""
+    return _ffi.target_names("cuda" if jax.default_backend() == "gpu" else "cpu")
+
+
 def _tiny_model():
     """One deformable BasicBlock stage: small enough to export quickly; uses the native op."""
     return ResNet(stage_sizes=(1,), block_cls=BasicBlock, num_classes=3, num_filters=4,
@@ -173,7 +179,7 @@ def test_export_round_trip_with_native_op():
                                  disabled_checks=deft_jax.export.disabled_safety_checks())(
         variables, x)
     text = exported.mlir_module()
-    assert deft_jax._ffi.target_names("cpu")[0] in text
+    assert _targets()[0] in text
     restored = jax.export.deserialize(exported.serialize(vjp_order=1))
     np.testing.assert_allclose(restored.call(variables, x), expected, rtol=1e-6, atol=1e-6)
     # The serialized VJP calls the backward target.
@@ -186,9 +192,8 @@ def test_export_refuses_our_targets_without_the_disabled_checks():
     layer = DeformConvPack(2, (3, 3))
     x = jnp.ones((1, 5, 5, 2), jnp.float32)
     variables = jax.eval_shape(layer.init, jax.random.key(0), x)
-    with pytest.raises(ValueError, match=deft_jax._ffi.target_names("cpu")[0]):
+    with pytest.raises(ValueError, match=_targets()[0]):
         jax.export.export(jax.jit(layer.apply))(variables, x)
     # is_custom_call() returns the target name of a custom-call check.
     assert {c.is_custom_call() for c in deft_jax.export.disabled_safety_checks()} == {
-        "deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1", "deft_deform_conv2d_fwd_cuda_v4",
-        "deft_deform_conv2d_bwd_cuda_v4"}
+        *_ffi.target_names("cpu"), *_ffi.target_names("cuda")}

@@ -34,8 +34,8 @@ def test_every_choice_is_instantiated(dtype):
 
 
 def test_split_forward_where_output_channels_dominate():
-    """S5-like layers (measured; NOTES.md \"split forward\"; 16-bit S4 left it for the
-    warp-specialized ring, \"Warp-specialized forward\")."""
+    """S5-like layers (measured; docs/kernels.md, \"Split forward\"; 16-bit S4 left it for the
+    warp-specialized ring)."""
     for dt in ("float32", "bfloat16", "float16"):
         split = ("S5",)
         for name in SUITE:
@@ -47,8 +47,8 @@ def test_split_forward_where_output_channels_dominate():
 
 def test_wide_layers_get_the_128x128_tile():
     """S3/S4/S6-like layers (>= 128 output pixels, > 64 output channels): 128 pixels x 128 output
-    channels (8 x 16, or flat on 8 warps where that overhangs the image); fp32 on 8 warps, 16-bit types on 16 (measured; NOTES.md
-    "Forward address arithmetic and bank conflicts"); not S1/S2 (64 channels)."""
+    channels (8 x 16, or flat on 8 warps where that overhangs the image); fp32 on 8 warps, 16-bit types on 16 (measured; docs/kernels.md,
+    "The tiling rules"); not S1/S2 (64 channels)."""
     for dt in ("float32", "bfloat16", "float16"):
         for name in SUITE:
             t = tiling.choose_tiling("cuda", _shape(name, dt))
@@ -64,7 +64,7 @@ def test_wide_layers_get_the_128x128_tile():
 
 def test_flat_tile_where_the_rectangle_overhangs():
     """tile_h = 1 (flat) exactly when the rectangle leaves padding on the output image, for the
-    streaming forward only; the split forward keeps 8 x 8 (NOTES.md "Flat forward tiles")."""
+    streaming forward only; the split forward keeps 8 x 8 (docs/kernels.md, "The tiling rules")."""
     for dt in DTYPES:
         for name in SUITE:
             for hw in (SUITE[name][1], 16, 28, 30, 64, 7, 1):
@@ -112,7 +112,7 @@ def test_weight_pass_tile():
 def test_warp_specialized_forward_where_measured():
     """The producer/consumer ring (stages = 3, 8 warps) on float32's streaming tiles and on the
     flat 128 x 128 tile of 16-bit types; float64, 16-bit S1/S2 and the split forward (S5) stay
-    (NOTES.md "Warp-specialized forward"). Only the two ring tiles pass the guard, not for float64."""
+    (docs/kernels.md, "Warp-specialized ring"). Only the two ring tiles pass the guard, not for float64."""
     for name in SUITE:
         for dt in DTYPES:
             t = tiling.choose_tiling("cuda", _shape(name, dt))
@@ -131,7 +131,7 @@ def test_warp_specialized_forward_where_measured():
 
 
 def test_k_splits_where_the_model_says():
-    """The ring's k-split (NOTES.md "k-split ring"): on 132 SMs with clusters, 16-bit S3 (196
+    """The ring's k-split (docs/kernels.md, "k-split"): on 132 SMs with clusters, 16-bit S3 (196
     blocks of 36 steps, 1 per SM) takes 2 blocks per tile (fp32 S3 takes the 64 x 128 tile
     instead); S4 (98 blocks: 2 waves of half the steps gain nothing) and S6 (18 steps: the fixed
     cost eats the gain) keep 1, as measured; nothing else splits. Without clusters (compute
@@ -167,7 +167,7 @@ def test_k_splits_validation():
 
 def test_float32_half_ring_tile_where_measured():
     """float32 S3 (196 blocks of the 128 x 128 ring, 36 steps each) takes the 64 x 128 ring (2
-    blocks per SM; NOTES.md "64 x 128 ring"), with or without clusters; S4 (98 blocks) and S6 (18
+    blocks per SM; docs/kernels.md, "64 x 128 tile"), with or without clusters; S4 (98 blocks) and S6 (18
     steps), 16-bit types and an unknown SM count keep the 128 x 128 tile. A 2D 8 x 16 tile halves to
     8 x 8."""
     for cc in (8, 9):

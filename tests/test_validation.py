@@ -56,6 +56,9 @@ BAD = {
     "integer x": (dict(x=jnp.zeros((2, 8, 8, 4), jnp.int32)), "x", "floating"),
     "mixed dtypes": (dict(kernel=jnp.zeros((3, 3, 4, 6), jnp.bfloat16)), "kernel", "differs"),
     "bad implementation": (dict(implementation="cuda"), "implementation", "expected one of"),
+    "deterministic not a bool": (dict(deterministic=1), "deterministic", "expected a bool"),
+    "deterministic with the reference": (dict(deterministic=True, implementation="xla"), "deterministic",
+                                         "native implementation"),
     "not an array": (dict(x=[[1.0]]), "x", "array"),
 }
 

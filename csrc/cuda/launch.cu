@@ -1,0 +1,106 @@
+// Public launchers (launch.h): dtype dispatch onto the per-dtype drivers of ops_<dtype>.cu.
+#include <sstream>
+
+#include "cuda/dispatch.cuh"
+
+namespace deft {
+namespace kern {
+DEFT_DECLARE_DRIVERS(float)
+DEFT_DECLARE_DRIVERS(double)
+DEFT_DECLARE_DRIVERS(__nv_bfloat16)
+DEFT_DECLARE_DRIVERS(__half)
+}  // namespace kern
+
+std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
+  auto ok = [&](auto tag) {
+    return kern::with_fwd_cfg<decltype(tag)>(tile, [](auto) { return cudaSuccess; }) == cudaSuccess;
+  };
+  const bool good = dtype == DType::kF64 ? ok(double{})
+                    : kern::is_split_tile(tile) || kern::is_ws_tile(tile) ||
+                          (dtype == DType::kF32 ? ok(float{}) : ok(__half{}));
+  const bool bwd_good = tile.bwd_tile_n == kern::WeightCfg::BN ||
+                        (dtype != DType::kF64 && tile.bwd_tile_n == kern::WeightCfgWide::BN);
+  std::ostringstream s;
+  if (!bwd_good) {
+    s << "GPU tile configuration: bwd_tile_n=" << tile.bwd_tile_n << " is not instantiated for "
+      << dtype_name(dtype) << "; instantiated: 64" << (dtype == DType::kF64 ? "" : " or 128");
+    return s.str();
+  }
+  if (good) return "";
+  s << "GPU tile configuration (tile_h=" << tile.tile_h << ", tile_w=" << tile.tile_w
+    << ", tile_n=" << tile.tile_n << ", tile_k=" << tile.tile_k << ", warps=" << tile.warps
+    << ", stages=" << tile.stages << ", k_splits=" << tile.k_splits << ") is not instantiated for " << dtype_name(dtype)
+    << "; instantiated: tile_h*tile_w=64, tile_n=64, warps=4"
+    << (dtype == DType::kF64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8 or 16")
+    << ", all with tile_k=32"
+    << " and stages 1 or 2, k_splits=1"
+    << (dtype == DType::kF64 ? "" : "; or the split forward: tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "
+                                    "tile_k in {128, 256, 512}; or the warp-specialized forward: tile_k=32, warps=8, "
+                                    "stages=3, (tile_h*tile_w, tile_n) = (128, 128), (64, 64) or (64, 128) and k_splits in {1, 2, 4} (2 and 4: "
+                                    "thread-block clusters, compute capability 9.0+)");
+  return s.str();
+}
+
+size_t DeformConvForwardWorkspaceBytes(int64_t y_elements, const TileConfig& tile, DType dtype) {
+  switch (dtype) {
+    case DType::kBF16: return kern::fwd_workspace<__nv_bfloat16>(y_elements, tile);
+    case DType::kF16: return kern::fwd_workspace<__half>(y_elements, tile);
+    default: return 0;
+  }
+}
+
+cudaError_t LaunchDeformConvForward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
+                                    DType dtype, bool allow_tf32, bool deterministic, const void* x,
+                                    const void* offset, const void* mask, const void* kernel, void* y,
+                                    void* workspace) {
+  switch (dtype) {
+    case DType::kF32:
+      return kern::run_forward<float>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                    workspace);
+    case DType::kF64:
+      return kern::run_forward<double>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                     workspace);
+    case DType::kBF16:
+      return kern::run_forward<__nv_bfloat16>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                            workspace);
+    case DType::kF16:
+      return kern::run_forward<__half>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, y,
+                                     workspace);
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t DeformConvBackwardWorkspaceBytes(int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
+                                        int64_t kernel_elements, DType dtype, bool deterministic) {
+  const kern::GradCounts n{x_elements, offset_elements, mask_elements, kernel_elements};
+  switch (dtype) {
+    case DType::kBF16: return kern::bwd_workspace<__nv_bfloat16>(n, deterministic).total;
+    case DType::kF16: return kern::bwd_workspace<__half>(n, deterministic).total;
+    case DType::kF32: return kern::bwd_workspace<float>(n, deterministic).total;
+    case DType::kF64: return kern::bwd_workspace<double>(n, deterministic).total;
+  }
+  return 0;
+}
+
+cudaError_t LaunchDeformConvBackward(cudaStream_t stream, const ConvParams& p, const TileConfig& tile,
+                                     DType dtype, bool allow_tf32, bool deterministic, const void* x,
+                                     const void* offset, const void* mask, const void* kernel, const void* dy,
+                                     void* dx, void* doffset, void* dmask, void* dkernel, void* workspace) {
+  switch (dtype) {
+    case DType::kF32:
+      return kern::run_backward<float>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, dy, dx,
+                                       doffset, dmask, dkernel, workspace);
+    case DType::kF64:
+      return kern::run_backward<double>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, dy, dx,
+                                        doffset, dmask, dkernel, workspace);
+    case DType::kBF16:
+      return kern::run_backward<__nv_bfloat16>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel,
+                                               dy, dx, doffset, dmask, dkernel, workspace);
+    case DType::kF16:
+      return kern::run_backward<__half>(stream, p, tile, allow_tf32, deterministic, x, offset, mask, kernel, dy, dx,
+                                        doffset, dmask, dkernel, workspace);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace deft

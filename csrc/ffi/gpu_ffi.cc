@@ -1,0 +1,192 @@
+// XLA typed-FFI handlers for platform "CUDA" and the nanobind module `_deft_cuda` that hands their
+// capsules to Python. Decoding, checking and launching only; the arithmetic is in csrc/cuda/.
+// Execute never synchronises, allocates device memory or reads device memory back, so the handlers
+// are command-buffer (CUDA graph) compatible. The workspace is the last output buffer, sized by
+// Python through workspace_bytes(): an output lives in XLA's buffer assignment, so its address stays
+// valid whenever a captured graph replays the kernels. (Memory from ffi::ScratchAllocator is handed
+// back when the handler returns; a replayed graph then wrote into buffers XLA had since given to
+// other ops, which corrupted bf16 training.)
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "ffi/conv_attrs.h"
+#include "cuda/launch.h"
+#include "nanobind/nanobind.h"
+#include "nanobind/stl/string.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+namespace ffi = xla::ffi;
+
+namespace deft_ffi {
+
+// The CUDA targets' attributes (_cuda_v5): the shared ConvAttrs plus `deterministic` (int64 0/1:
+// bitwise reproducible forward and backward, kernels/det.cuh). A struct of its own, so the CPU
+// targets keep their attribute schema (ConvAttrs, decoded by exact count): their handler is
+// deterministic anyway, and Python passes `deterministic` to the CUDA targets only.
+struct CudaConvAttrs : ConvAttrs {
+  int64_t deterministic;
+};
+
+namespace {
+
+ffi::Error cuda_error(const char* what, cudaError_t e, const deft::ConvParams& p) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("deft_jax: ") + what + " failed: " + cudaGetErrorString(e) + " (batch=" +
+                        std::to_string(p.batch) + ", x=[" + std::to_string(p.n) + ", " + std::to_string(p.h) +
+                        ", " + std::to_string(p.w) + ", " + std::to_string(p.c_in) + "], c_out=" +
+                        std::to_string(p.c_out) + ", kernel " + std::to_string(p.kh) + "x" +
+                        std::to_string(p.kw) + ")");
+}
+
+ffi::Error CheckTile(const CudaConvAttrs& attrs, deft::DType dtype) {
+  if (attrs.deterministic != 0 && attrs.deterministic != 1)
+    return invalid("deterministic must be 0 or 1, got " + std::to_string(attrs.deterministic));
+  const std::string why = deft::CheckGpuTileConfig(tile_of(attrs), dtype);
+  return why.empty() ? ffi::Error::Success() : invalid(why);
+}
+
+// The workspace output (nullptr when none is needed), checked against the bytes the launch needs.
+ffi::ErrorOr<void*> Workspace(ffi::Result<ffi::AnyBuffer>& ws, size_t bytes, const char* what) {
+  if (ws->size_bytes() < bytes)
+    return ffi::Unexpected(invalid(std::string(what) + " has " + std::to_string(ws->size_bytes()) +
+                                   " bytes, the launch needs " + std::to_string(bytes) +
+                                   " (size it with _deft_cuda.workspace_bytes)"));
+  return bytes == 0 ? nullptr : ws->untyped_data();
+}
+
+ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+                       ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> workspace,
+                       CudaConvAttrs attrs) {
+  deft::ConvParams p;
+  if (auto err = BuildParams(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success()) return err;
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype.error();
+  if (y->element_type() != x.element_type()) return invalid("output dtype differs from x's");
+  if (auto err = CheckTile(attrs, *dtype); !err.success()) return err;
+  if (y->element_count() == 0) return ffi::Error::Success();
+  const deft::TileConfig tile = tile_of(attrs);
+  auto ws = Workspace(workspace, deft::DeformConvForwardWorkspaceBytes(y->element_count(), tile, *dtype),
+                      "forward workspace");
+  if (ws.has_error()) return ws.error();
+  const cudaError_t e = deft::LaunchDeformConvForward(stream, p, tile, *dtype, attrs.allow_tf32 != 0,
+                                                      attrs.deterministic != 0, x.untyped_data(), offset.untyped_data(),
+                                                      mask.untyped_data(), kernel.untyped_data(),
+                                                      y->untyped_data(), *ws);
+  if (e != cudaSuccess) return cuda_error("forward launch", e, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
+                        ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer kernel, ffi::AnyBuffer dy,
+                        ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> doffset,
+                        ffi::Result<ffi::AnyBuffer> dmask, ffi::Result<ffi::AnyBuffer> dkernel,
+                        ffi::Result<ffi::AnyBuffer> workspace, CudaConvAttrs attrs) {
+  deft::ConvParams p;
+  if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success()) return err;
+  auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
+  if (dtype.has_error()) return dtype.error();
+  if (auto err = CheckTile(attrs, *dtype); !err.success()) return err;
+  if (dx->element_count() + doffset->element_count() + dmask->element_count() + dkernel->element_count() == 0)
+    return ffi::Error::Success();
+  const deft::TileConfig tile = tile_of(attrs);
+  auto ws = Workspace(workspace,
+                      deft::DeformConvBackwardWorkspaceBytes(dx->element_count(), doffset->element_count(),
+                                                             dmask->element_count(), dkernel->element_count(), *dtype,
+                                                             attrs.deterministic != 0),
+                      "backward workspace");
+  if (ws.has_error()) return ws.error();
+  const cudaError_t e = deft::LaunchDeformConvBackward(
+      stream, p, tile, *dtype, attrs.allow_tf32 != 0, attrs.deterministic != 0, x.untyped_data(), offset.untyped_data(),
+      mask.untyped_data(), kernel.untyped_data(), dy.untyped_data(), dx->untyped_data(),
+      doffset->untyped_data(), dmask->untyped_data(), dkernel->untyped_data(), *ws);
+  if (e != cudaSuccess) return cuda_error("backward launch", e, p);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace deft_ffi
+
+// ConvAttrs' members (conv_attrs.h, in its order) and `deterministic`.
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    deft_ffi::CudaConvAttrs, ::xla::ffi::StructMember<int64_t>("stride_h"),
+    ::xla::ffi::StructMember<int64_t>("stride_w"), ::xla::ffi::StructMember<int64_t>("pad_top"),
+    ::xla::ffi::StructMember<int64_t>("pad_bottom"), ::xla::ffi::StructMember<int64_t>("pad_left"),
+    ::xla::ffi::StructMember<int64_t>("pad_right"), ::xla::ffi::StructMember<int64_t>("dil_h"),
+    ::xla::ffi::StructMember<int64_t>("dil_w"), ::xla::ffi::StructMember<int64_t>("offset_groups"),
+    ::xla::ffi::StructMember<int64_t>("feature_groups"), ::xla::ffi::StructMember<int64_t>("with_mask"),
+    ::xla::ffi::StructMember<int64_t>("allow_tf32"), ::xla::ffi::StructMember<int64_t>("tile_h"),
+    ::xla::ffi::StructMember<int64_t>("tile_w"), ::xla::ffi::StructMember<int64_t>("tile_n"),
+    ::xla::ffi::StructMember<int64_t>("tile_k"), ::xla::ffi::StructMember<int64_t>("warps"),
+    ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
+    ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("deterministic"));
+static_assert(sizeof(deft_ffi::CudaConvAttrs) == sizeof(deft_ffi::ConvAttrs) + sizeof(int64_t),
+              "CudaConvAttrs = ConvAttrs + deterministic");
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // offset
+                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
+                                  .Attrs<deft_ffi::CudaConvAttrs>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // offset
+                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ret<ffi::AnyBuffer>()  // doffset
+                                  .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
+                                  .Ret<ffi::AnyBuffer>()  // dkernel
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
+                                  .Attrs<deft_ffi::CudaConvAttrs>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+namespace {
+
+deft::DType dtype_or_throw(const std::string& name) {
+  deft::DType t;
+  if (!deft::dtype_from_name(name.c_str(), &t)) throw nb::value_error(("unsupported dtype " + name).c_str());
+  return t;
+}
+
+}  // namespace
+
+NB_MODULE(_deft_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["deft_deform_conv2d_fwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
+    d["deft_deform_conv2d_bwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
+    return d;
+  });
+  m.def(
+      "forward_workspace_bytes",
+      [](const std::string& dtype, int64_t y_elements, int64_t tile_h, int64_t tile_w, int64_t tile_n,
+         int64_t tile_k, int64_t warps, int64_t stages, int64_t bwd_tile_n, int64_t k_splits) {
+        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits};
+        return deft::DeformConvForwardWorkspaceBytes(y_elements, tile, dtype_or_throw(dtype));
+      },
+      nb::arg("dtype"), nb::arg("y_elements"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"),
+      nb::arg("tile_n"), nb::arg("tile_k"), nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"),
+      nb::arg("k_splits"), "Bytes of the forward's workspace output for y_elements outputs.");
+  m.def(
+      "backward_workspace_bytes",
+      [](const std::string& dtype, int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
+         int64_t kernel_elements, bool deterministic) {
+        return deft::DeformConvBackwardWorkspaceBytes(x_elements, offset_elements, mask_elements, kernel_elements,
+                                                      dtype_or_throw(dtype), deterministic);
+      },
+      nb::arg("dtype"), nb::arg("x_elements"), nb::arg("offset_elements"), nb::arg("mask_elements"),
+      nb::arg("kernel_elements"), nb::kw_only(), nb::arg("deterministic") = false,
+      "Bytes of the backward's workspace output (deterministic: the fixed-point accumulators too).");
+}

@@ -1,8 +1,0 @@
-// Forward and backward drivers for __half (one translation unit per dtype: parallel builds).
-#include "kernels/dispatch.cuh"
-
-namespace deft {
-namespace kern {
-DEFT_INSTANTIATE_DRIVERS(__half)
-}  // namespace kern
-}  // namespace deft

@@ -1,30 +1,15 @@
 """Layer benchmark: deft_jax native vs its pure-JAX gather reference vs a dense conv.
 
-Runs on whatever device JAX finds (CPU works). It follows the "Performance protocol" of
-DESIGN.md: for each layer shape and dtype, the forward and the forward+backward of
-
-  deft  deft_jax.deform_conv2d(..., implementation=None)   the native kernel of the platform
-  xla   deft_jax.deform_conv2d(..., implementation="xla")  the pure-JAX gather reference
-  conv  lax.conv_general_dilated of the same shape          the dense floor
-
-are timed side by side in one process. The headline is the ratios xla/deft (speed-up of the fused
-kernel) and deft/conv (what deformability costs over a dense conv). On GPU the forward+backward
-also runs as
-
-  deft_det  deft_jax.deform_conv2d(..., deterministic=True)  bitwise reproducible mode
-
-(columns "det us", "det/deft" and "det repro": two calls gave bitwise identical outputs).
-
-  device time  R iterations inside one jitted program (a while loop whose every iteration feeds a
-               probe of its outputs back into all of its inputs); (t(2R) - t(R)) / R, median over
-               several runs, after compile and warm-up
-  dispatch     host cost per call, apart from the device time: a trivial jitted call, and an
-               eager vs a jitted call of each implementation on a tiny layer
-  temp bytes   jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes
-  floor        max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the same run
+Runs on whatever device JAX finds (CPU works). It follows the project's performance protocol
+(docs/kernels.md, "Measurements"): for each layer shape and dtype, the forward and the forward+backward of the
+implementations in LEGEND are timed side by side in one process. The headline is the ratios
+xla/deft (speed-up of the native op) and deft/conv (what deformability costs over a dense conv). On GPU the
+forward+backward also runs as ``deft_det`` (``deterministic=True``, the bitwise reproducible mode;
+columns "det us", "det/deft" and "det repro": two calls gave bitwise identical outputs).
 
 Usage:
-  python benchmarks/bench_layers.py                       # --quick (default)
+  python benchmarks/bench_layers.py                       # --quick (default); on CPU every suite
+                                                          # shape at a CPU-sized batch (CPU_BATCH)
   python benchmarks/bench_layers.py --full --dtypes float32 --out out/bench
   python benchmarks/bench_layers.py --shapes S1,S3 --batch 2
   python benchmarks/bench_layers.py --markdown out/bench/results.json   # table for RESULTS.md
@@ -55,10 +40,36 @@ from tqdm import tqdm
 import deft_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("deft", "xla", "conv")
+IMPLS = ("deft", "xla", "conv")  # always measured; "torch" too on CPU where torchvision imports
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-OFFSET_STD = 2.0  # pixels, DESIGN.md: offsets ~ N(0, 2^2)
+
+# What every column of the table means; printed once at the top of a run, in --help and under the
+# markdown table.
+LEGEND = """\
+Columns (times are per call; ratios are time ratios):
+  deft us      deft_jax.deform_conv2d(..., implementation=None): the native op of the platform
+               (CPU: C++ column sampler + XLA's dot + C++ col2im; GPU: the fused CUDA kernels)
+  xla us       deft_jax.deform_conv2d(..., implementation="xla"): the pure-JAX gather reference
+  conv us      lax.conv_general_dilated of the same shape: the dense floor (offset 0, no mask)
+  torch us     torchvision.ops.deform_conv2d on the CPU (CPU runs where torch imports; NCHW; torch
+               uses as many threads as JAX may)
+  xla/deft     > 1: the native op beats the reference      deft/conv  cost over the dense conv
+  torch/deft   > 1: the native op beats torchvision
+  temp MiB     XLA's temporary buffers for one call: jit(f).lower(...).compile().memory_analysis()
+               .temp_size_in_bytes, for deft / xla / conv (torch: not measured); deft's include its
+               column chunk (CPU) or workspace (GPU): its native handlers allocate nothing sizable
+  deft/floor, conv/floor   time over max(bytes moved / copy bandwidth, FLOPs / matmul rate), both
+               rates measured in the same run
+  deft err, torch err      max over the outputs (y; and dx, doffset, dmask, dkernel for fwdbwd) of
+               max|a - b| / max|b| against the xla reference
+  fwd = forward; fwdbwd = forward and the gradients wrt every input (x, offset, mask, kernel; x and
+  kernel for conv) through jax.vjp with a random cotangent.
+Method: device time = R iterations inside one jitted program, (t(2R) - t(R)) / R, median over
+runs, after compile and warm-up (torch: wall time of R calls / R, median over runs); dispatch = host
+cost per call (trivial jitted call; eager and jitted forward of each implementation on a tiny layer).
+"""
+OFFSET_STD = 2.0  # pixels: the suite's offsets ~ N(0, 2^2)
 # A probe of the outputs is scaled by this before it is added to one element of each input:
 # nonzero as far as XLA can tell, so no iteration can be dropped or hoisted, yet x + 1e-30 * p
 # rounds back to x for every |x| > 1e-23, so the values keep their scale (float32 and bfloat16
@@ -105,6 +116,9 @@ SUITE = {
     "S5": Layer("S5", 32, 7, 7, 512, 512),
     "S6": Layer("S6", 32, 56, 56, 64, 128, stride=2),
 }
+# CPU-sized suite (the default on CPU): the suite's H, W and channels at 1/8 of its batch, so one
+# run of every shape, both dtypes and both modes takes a few minutes on a 2-core CPU.
+CPU_BATCH = {name: max(1, layer.n // 8) for name, layer in SUITE.items()}
 DISPATCH_LAYER = Layer("tiny", 1, 8, 8, 8, 8)  # device time negligible next to the host's
 
 
@@ -368,6 +382,81 @@ def measure_dispatch() -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- torchvision (CPU)
+
+
+def torch_unavailable() -> str | None:
+    """None where torchvision's deform_conv2d can run here, else why not."""
+    try:
+        import torch  # noqa: F401
+        import torchvision.ops  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _torch_threads() -> int:
+    """As many threads as JAX's CPU client may use: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_torch_case(mode, layer, dtype_name, inputs, settings) -> tuple[dict, object]:
+    """torchvision.ops.deform_conv2d on the CPU, on the same inputs (NCHW / OIHW, offsets and mask
+    with their channel axis moved first, as the public contract says) -> (entry, outputs in
+    the layout and order of the JAX cases, for the error check)."""
+    import torch
+    import torchvision.ops
+
+    torch.set_num_threads(_torch_threads())
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+
+    def tensor(a, perm, grad):
+        t = torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(perm)))
+        return t.to(tdtype).requires_grad_(grad)
+
+    grad = mode == "fwdbwd"
+    nchw, oihw = (0, 3, 1, 2), (3, 2, 0, 1)
+    x, off, mask = (tensor(inputs[k], nchw, grad) for k in ("x", "offset", "mask"))
+    w = tensor(inputs["kernel"], oihw, grad)
+    dy = tensor(inputs["cotangent"], nchw, False)
+
+    def call():
+        y = torchvision.ops.deform_conv2d(x, off, w, stride=layer.stride, padding=layer.pad,
+                                          mask=mask)
+        if grad:
+            for t in (x, off, mask, w):
+                t.grad = None
+            y.backward(dy)
+        return y
+
+    def wall(iters):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        return time.perf_counter() - t0
+
+    with torch.set_grad_enabled(grad):
+        y = call()  # warm-up, and the outputs
+        once = wall(1)
+        iters = settings.iters or int(min(settings.max_iters,
+                                          max(settings.min_iters, round(settings.target_s / once))))
+        per_call = [wall(iters) / iters for _ in range(settings.runs)]
+    to_nhwc, to_hwio = (0, 2, 3, 1), (2, 3, 1, 0)
+    back = lambda t, perm: jnp.asarray(t.detach().float().numpy().transpose(perm))  # noqa: E731
+    outputs = [back(y, to_nhwc)]
+    if grad:
+        outputs += [back(x.grad, to_nhwc), back(off.grad, to_nhwc), back(mask.grad, to_nhwc),
+                    back(w.grad, to_hwio)]
+    entry = {"status": "ok", "time_us": median(per_call) * 1e6,
+             "run_times_us": [t * 1e6 for t in per_call], "time_min_us": min(per_call) * 1e6,
+             "iters": iters, "threads": torch.get_num_threads(), "temp_bytes": None,
+             "torch": torch.__version__}
+    return entry, tuple(outputs)
+
+
 # ----------------------------------------------------------------------------- one case
 
 
@@ -416,24 +505,33 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     """Run every (layer, dtype, mode, implementation); returns the results.json dictionary.
 
     The native implementation may be missing on this platform: the op then raises, and its entries
-    are marked "unavailable" with the error. Nothing is ever substituted for it.
+    are marked "unavailable" with the error. Nothing is ever substituted for it. On CPU,
+    torchvision's deform_conv2d runs too where it imports (marked "unavailable" where it cannot
+    run a case, e.g. a dtype its CPU kernel lacks).
     """
     meta = metadata(settings)
     machine = measure_machine(dtypes, settings)
     results = []
     rng = np.random.default_rng(seed)
-    # The reference runs first in each group: its outputs check deft's.
+    impls = ["xla", "deft", "conv"]  # the reference runs first in each group: its outputs check the others'
+    torch_why = torch_unavailable() if jax.default_backend() == "cpu" else "not a CPU run"
+    meta["torch"] = torch_why or "torchvision.ops.deform_conv2d on the CPU"
+    if torch_why is None:
+        impls.append("torch")
     cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
-             for impl in ("xla", "deft", "conv") + det_impls(mode)]
+             for impl in impls + list(det_impls(mode))]
     inputs, reference = None, None
     for layer, dtype_name, mode, impl in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         if impl == "xla" and mode == MODES[0]:
             inputs = make_inputs(layer, DTYPES[dtype_name], rng)
         base = {"shape": layer.name, "layer": dataclasses.asdict(layer), "dtype": dtype_name,
                 "mode": mode, "impl": impl}
-        if impl in ("deft", DET_IMPL):
+        if impl in ("deft", DET_IMPL, "torch"):
             try:
-                entry, outputs = run_case(impl, mode, layer, dtype_name, inputs, machine, settings)
+                if impl == "torch":
+                    entry, outputs = run_torch_case(mode, layer, dtype_name, inputs, settings)
+                else:
+                    entry, outputs = run_case(impl, mode, layer, dtype_name, inputs, machine, settings)
             except Exception as e:  # noqa: BLE001 - any failure of the native path is reported
                 entry = {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
             else:
@@ -450,19 +548,21 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
 
 
 def ratios(results: list[dict]) -> list[dict]:
-    """Per (shape, dtype, mode): xla/deft (speed-up) and deft/conv (deformable overhead)."""
+    """Per (shape, dtype, mode): xla/deft (speed-up), deft/conv (deformable overhead), and
+    torch/deft where torchvision ran."""
     table = {}
     for r in results:
         table.setdefault((r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r.get("time_us")
     out = []
     for (shape, dtype, mode), t in table.items():
-        deft, xla, conv = t.get("deft"), t.get("xla"), t.get("conv")
+        deft, xla, conv, torch = t.get("deft"), t.get("xla"), t.get("conv"), t.get("torch")
         det = t.get(DET_IMPL)
         out.append({"shape": shape, "dtype": dtype, "mode": mode,
                     "det_over_deft": det / deft if det and deft else None,
                     "xla_over_deft": xla / deft if deft and xla else None,
                     "deft_over_conv": deft / conv if deft and conv else None,
-                    "xla_over_conv": xla / conv if xla and conv else None})
+                    "xla_over_conv": xla / conv if xla and conv else None,
+                    "torch_over_deft": torch / deft if deft and torch else None})
     return out
 
 
@@ -494,8 +594,10 @@ def metadata(settings: Settings) -> dict:
 # ----------------------------------------------------------------------------- reporting
 
 
-TEMP_NOTE = ("temp MiB counts the buffers XLA allocates; scratch that a native handler allocates "
-             "itself (the CPU handler's per-thread buffers) is not in it.")
+def _impls(data: dict) -> list[str]:
+    """The implementations in a results.json, in the table's order (torch only where it ran)."""
+    present = {r["impl"] for r in data["results"]}
+    return [i for i in (*IMPLS, "torch") if i in present]
 
 
 def _fmt(v, spec="{:.1f}", missing="-") -> str:
@@ -523,17 +625,25 @@ def _mb(entry: dict) -> str:
 
 def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table (shared by the console and the markdown output)."""
-    header = ["shape", "layer", "dtype", "mode", "deft us", "xla us", "conv us", "xla/deft",
-              "deft/conv", "temp MiB deft", "xla", "conv", "deft/floor", "conv/floor",
-              "deft err"]
+    torch = "torch" in _impls(data)
+    header = ["shape", "layer", "dtype", "mode", "deft us", "xla us", "conv us"]
+    header += ["torch us"] if torch else []
+    header += ["xla/deft", "deft/conv"] + (["torch/deft"] if torch else [])
+    header += ["temp MiB deft", "xla", "conv", "deft/floor", "conv/floor", "deft err"]
+    header += ["torch err"] if torch else []
     rows = []
     for shape, label, dtype, mode, e, q in _rows(data):
-        rows.append([shape, label, dtype, mode, _time(e["deft"]), _time(e["xla"]), _time(e["conv"]),
-                     _fmt(q["xla_over_deft"], "{:.2f}x"), _fmt(q["deft_over_conv"], "{:.2f}x"),
-                     _mb(e["deft"]), _mb(e["xla"]), _mb(e["conv"]),
-                     _fmt(e["deft"].get("over_floor"), "{:.1f}"),
-                     _fmt(e["conv"].get("over_floor"), "{:.1f}"),
-                     _fmt(e["deft"].get("max_rel_err_vs_xla"), "{:.1e}")] + det_cells(data, e, q))
+        t = e.get("torch")
+        row = [shape, label, dtype, mode, _time(e["deft"]), _time(e["xla"]), _time(e["conv"])]
+        row += [_time(t) if t else "-"] if torch else []
+        row += [_fmt(q["xla_over_deft"], "{:.2f}x"), _fmt(q["deft_over_conv"], "{:.2f}x")]
+        row += [_fmt(q.get("torch_over_deft"), "{:.2f}x")] if torch else []
+        row += [_mb(e["deft"]), _mb(e["xla"]), _mb(e["conv"]),
+                _fmt(e["deft"].get("over_floor"), "{:.1f}"),
+                _fmt(e["conv"].get("over_floor"), "{:.1f}"),
+                _fmt(e["deft"].get("max_rel_err_vs_xla"), "{:.1e}")]
+        row += [_fmt((t or {}).get("max_rel_err_vs_xla"), "{:.1e}")] if torch else []
+        rows.append(row + det_cells(data, e, q))
     return header + det_header(data), rows
 
 
@@ -551,28 +661,29 @@ def machine_line(data: dict) -> str:
 
 
 def unavailable_notes(data: dict) -> list[str]:
-    """One loud line per distinct native failure."""
-    errors = sorted({r["error"] for r in data["results"] if r["status"] != "ok"})
-    return [f"!!! deft native implementation UNAVAILABLE on {data['meta']['platform']}: {e} "
-            "(entries marked unavailable; nothing substituted)" for e in errors]
+    """One loud line per distinct (implementation, failure)."""
+    errors = sorted({(r["impl"], r["error"]) for r in data["results"] if r["status"] != "ok"})
+    what = {"deft": "deft native implementation", "torch": "torchvision deform_conv2d"}
+    return [f"!!! {what.get(impl, impl)} UNAVAILABLE on {data['meta']['platform']}: {e} "
+            "(entries marked unavailable; nothing substituted)" for impl, e in errors]
 
 
 def print_table(data: dict) -> None:
+    """The machine line, the table and the failure notes (the legend and the batch note were
+    printed once at the start of the run)."""
     header, rows = table_rows(data)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(machine_line(data))
-    if data["meta"].get("note"):
-        print(data["meta"]["note"])
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    print(TEMP_NOTE)
     for line in unavailable_notes(data):
         print(line)
 
 
 def markdown(data: dict) -> str:
-    """The results as a markdown section for benchmarks/RESULTS.md."""
+    """The results as a markdown section for benchmarks/RESULTS.md: each note once, then the
+    legend."""
     header, rows = table_rows(data)
     lines = [f"### {data['meta']['device']} — {data['meta']['date_utc']}", "",
              machine_line(data) + ".", ""]
@@ -581,12 +692,7 @@ def markdown(data: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += [""] + [f"**{line}**" for line in unavailable_notes(data)]
-    lines += ["Times are device time per call (us); `x/y` are time ratios; floor = "
-              "max(bytes / copy bandwidth, FLOPs / matmul rate); dispatch = host wall time per "
-              "call of a trivial jitted function and of each implementation on a tiny "
-              f"{DISPATCH_LAYER.label()} layer, eager and jitted; "
-              "deft err = max relative difference to the xla reference over all outputs. "
-              + TEMP_NOTE, ""]
+    lines += ["```", LEGEND.rstrip("\n"), "```", ""]
     return "\n".join(lines)
 
 
@@ -600,10 +706,12 @@ def plot(data: dict, path: str) -> None:
     for ax, mode in zip(axes[0], MODES):
         groups = [(s, label, d, e) for s, label, d, m, e, _ in _rows(data) if m == mode]
         xs = np.arange(len(groups))
-        for k, impl in enumerate(IMPLS):
-            ys = [e[impl]["time_us"] if e[impl]["status"] == "ok" else np.nan
+        impls = _impls(data)
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            ys = [e[impl]["time_us"] if impl in e and e[impl]["status"] == "ok" else np.nan
                   for *_, e in groups]
-            ax.bar(xs + (k - 1) * 0.27, ys, 0.27, label=impl)
+            ax.bar(xs + (k - (len(impls) - 1) / 2) * width, ys, width, label=impl)
         short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
         ax.set_xticks(xs, [f"{s}\n{short.get(d, d)}" for s, _, d, _ in groups], fontsize=8)
         ax.set_yscale("log")
@@ -632,16 +740,13 @@ def write_outputs(data: dict, out_dir: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-CPU_QUICK_SHAPES = ("S3", "S6")
-CPU_QUICK_BATCH = 1
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=LEGEND,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=True,
-                      help="default: short runs; on CPU batch %d and shapes %s"
-                      % (CPU_QUICK_BATCH, ",".join(CPU_QUICK_SHAPES)))
+                      help="default: short runs; on CPU every suite shape at a CPU-sized batch "
+                      "(%s)" % ", ".join(f"{k} {v}" for k, v in CPU_BATCH.items()))
     size.add_argument("--full", action="store_true", help="the whole suite at its real batch sizes")
     p.add_argument("--shapes", help="comma-separated suite names (%s)" % ",".join(SUITE))
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
@@ -654,6 +759,19 @@ def parse_args(argv):
     p.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"),
                    help="draw an existing results.json as a bar chart and exit")
     return p.parse_args(argv)
+
+
+def choose_layers(names: list[str], batch: int | None, cpu_sized: bool) -> tuple[list[Layer], str | None]:
+    """The layers to run and the note that says how their batch differs from the suite's."""
+    if batch:
+        layers = [dataclasses.replace(SUITE[n], n=batch) for n in names]
+        return layers, f"NOTE: batch set to N={batch} (suite: " + ", ".join(
+            f"{n} {SUITE[n].n}" for n in names) + ")"
+    if cpu_sized:
+        layers = [dataclasses.replace(SUITE[n], n=CPU_BATCH[n]) for n in names]
+        return layers, "NOTE: CPU-sized batches, 1/8 of the suite's: " + ", ".join(
+            f"{n} {CPU_BATCH[n]} (suite {SUITE[n].n})" for n in names)
+    return [SUITE[n] for n in names], None
 
 
 def main(argv=None) -> dict | None:
@@ -671,20 +789,18 @@ def main(argv=None) -> dict | None:
     settings = settings_for(quick, on_cpu)
     settings = dataclasses.replace(settings, **{k: v for k, v in
                                                 (("iters", args.iters), ("runs", args.runs)) if v})
-    names = args.shapes.split(",") if args.shapes else list(
-        CPU_QUICK_SHAPES if quick and on_cpu else SUITE)
+    names = args.shapes.split(",") if args.shapes else list(SUITE)
     unknown = [n for n in names if n not in SUITE]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; the suite is {list(SUITE)}")
     dtypes = args.dtypes.split(",")
     if set(dtypes) - set(DTYPES):
         raise SystemExit(f"unknown dtypes {sorted(set(dtypes) - set(DTYPES))}; use {list(DTYPES)}")
-    batch = args.batch or (CPU_QUICK_BATCH if quick and on_cpu else None)
-    layers = [dataclasses.replace(SUITE[n], n=batch) if batch else SUITE[n] for n in names]
-    note = (f"NOTE: batch scaled down to N={batch} (suite batch sizes are 8 and 32)"
-            if batch else None)
+    layers, note = choose_layers(names, args.batch, quick and on_cpu)
+    print(LEGEND)
     if note:
-        print(note, file=sys.stderr)
+        print(note)
+    sys.stdout.flush()
     data = benchmark(layers, dtypes, settings)
     data["meta"].update(quick=quick, note=note)
     print_table(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import numpy as np
@@ -13,12 +14,15 @@ from . import _ffi, _partition
 
 @dataclasses.dataclass(frozen=True)
 class NativeCall:
-    """Static part of a native call: the platform whose targets it calls ("cpu" or "cuda"), the
-    FFI attributes and the output shape (hashable)."""
+    """Static part of a native call (hashable): the platform whose targets it calls ("cpu" or
+    "cuda"), the FFI attributes and the output shape; for the CPU column route also the images per
+    chunk and the dots' precision (deft_jax/_columns.py)."""
 
     platform: str
     attrs: tuple[tuple[str, int], ...]
     out_shape: tuple[int, ...]
+    chunk: int = 0
+    precision: Any = None
 
     def attr_dict(self) -> dict[str, np.int64]:
         return {k: np.int64(v) for k, v in self.attrs}

@@ -1,11 +1,13 @@
 """Native modules: load them, register their FFI targets with XLA at import, and wrap the calls.
 
-The CPU module is always built; the CUDA module only where nvcc was found at build time.
-Each platform has its own target names, and a name carries a version: any change of operands,
-results or attribute schema gets a new name, so a serialized program either finds the handler it
-was written for or fails to load (never runs a handler with another contract). The CUDA targets
-return their workspace as an extra output, sized here from the C++ module's own rule. The CUDA
-targets take one attribute more than the CPU ones, ``deterministic`` (0/1; see ops.deform_conv2d).
+The CPU module is always built; the CUDA module only where nvcc was found at build time. The CUDA
+targets are the fused forward and backward; the CPU targets are the column sampler and its
+col2im, around which deft_jax/_columns.py puts XLA's dot. Each platform has its own target names,
+and a name carries a version: any change of operands, results or attribute schema gets a new
+name, so a serialized program either finds the handler it was written for or fails to load (never
+runs a handler with another contract). The CUDA targets return their workspace as an extra output,
+sized here from the C++ module's own rule. The CUDA
+targets take one attribute more, ``deterministic`` (0/1; see ops.deform_conv2d).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _TARGETS = {
-    "cpu": ("deft_deform_conv2d_fwd_v3", "deft_deform_conv2d_bwd_v3"),
+    "cpu": ("deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1"),
     "cuda": ("deft_deform_conv2d_fwd_cuda_v5", "deft_deform_conv2d_bwd_cuda_v5"),
 }
 TARGETS = tuple(t for pair in _TARGETS.values() for t in pair)
@@ -51,7 +53,8 @@ if _deft_cuda is not None:
 
 
 def target_names(platform: str) -> tuple[str, str]:
-    """(forward, backward) FFI target names of a platform ("cpu" or "cuda")."""
+    """(forward, backward) FFI target names of a platform: on "cuda" the fused forward and
+    backward, on "cpu" the column sampler (forward and backward) and the col2im (backward)."""
     return _TARGETS[platform]
 
 
@@ -69,25 +72,53 @@ def _workspace(nbytes: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((int(nbytes),), jnp.uint8)
 
 
-def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape, platform: str):
-    """y [..., N, Ho, Wo, C_out] of the native forward; leading dims are independent problems."""
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float64 for float64, else float32: the native code's arithmetic type."""
+    return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
+
+
+def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):
+    """y [..., N, Ho, Wo, C_out] of the fused CUDA forward; leading dims are independent problems."""
     y = jax.ShapeDtypeStruct(out_shape, x.dtype)
-    if platform == "cuda":
-        nbytes = _deft_cuda.forward_workspace_bytes(
-            jnp.dtype(x.dtype).name, int(np.prod(out_shape)), **{k: int(attrs[k]) for k in _TILE_KEYS})
-        call = jax.ffi.ffi_call(_TARGETS["cuda"][0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
-        return call(x, offset, mask, kernel, **attrs)[0]
-    return jax.ffi.ffi_call(_TARGETS["cpu"][0], y, vmap_method="broadcast_all")(x, offset, mask, kernel, **attrs)
+    nbytes = _deft_cuda.forward_workspace_bytes(
+        jnp.dtype(x.dtype).name, int(np.prod(out_shape)), **{k: int(attrs[k]) for k in _TILE_KEYS})
+    call = jax.ffi.ffi_call(_TARGETS["cuda"][0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
+    return call(x, offset, mask, kernel, **attrs)[0]
 
 
-def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64], platform: str):
-    """(dx, doffset, dmask, dkernel) of the native backward for cotangent dy."""
+def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
+    """(dx, doffset, dmask, dkernel) of the fused CUDA backward for cotangent dy."""
     grads = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, offset, mask, kernel))
-    if platform == "cuda":
-        nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
-                                                     *(int(np.prod(g.shape)) for g in grads),
-                                                     deterministic=bool(attrs["deterministic"]))
-        call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
-        return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
-    call = jax.ffi.ffi_call(_TARGETS["cpu"][1], grads, vmap_method="broadcast_all")
-    return tuple(call(x, offset, mask, kernel, dy, **attrs))
+    nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
+                                                 *(int(np.prod(g.shape)) for g in grads),
+                                                 deterministic=bool(attrs["deterministic"]))
+    call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
+    return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
+
+
+def sample_columns(x, offset, mask, start, images: int, attrs: dict[str, np.int64]):
+    """cols [..., images, Ho, Wo, kh*kw, C] in x's dtype (CPU) for images [start, start + images)
+    of x [..., N, H, W, C] (start: an int, or a traced int32 scalar): cols[..., k, c] = mask x the
+    bilinear sample of channel c at tap k. The chunk is read in place, not sliced out first."""
+    taps = int(attrs["kh"]) * int(attrs["kw"])
+    lead = x.shape[:-4]
+    cols = jax.ShapeDtypeStruct((*lead, images, *offset.shape[-3:-1], taps, x.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call(_TARGETS["cpu"][0], cols, vmap_method="broadcast_all")(
+        x, offset, mask, jnp.asarray(start, jnp.int32), **attrs)
+
+
+def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64]):
+    """(dx, doffset, dmask) of images [start, start + b) for their column cotangent dcols
+    [..., b, Ho, Wo, K, C] (CPU). dcols and dx are in the accumulation dtype
+    (accumulation_dtype(x.dtype)), doffset and dmask in x's; dmask is mask's (0,) placeholder
+    without modulation."""
+    acc = accumulation_dtype(x.dtype)
+    images = dcols.shape[-5]
+
+    def chunk(a):
+        return (*a.shape[:-4], images, *a.shape[-3:])
+    with_mask = int(attrs["with_mask"]) != 0
+    outs = (jax.ShapeDtypeStruct(chunk(x), acc), jax.ShapeDtypeStruct(chunk(offset), x.dtype),
+            jax.ShapeDtypeStruct(chunk(mask) if with_mask else mask.shape, x.dtype))
+    call = jax.ffi.ffi_call(_TARGETS["cpu"][1], outs, vmap_method="broadcast_all")
+    return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc), **attrs))

@@ -1,14 +1,18 @@
-"""How the native calls compose with vmap and with sharded jit.
+"""How the native forward and backward compose with vmap and with sharded jit.
 
-vmap: ``custom_vmap`` moves the vmapped axis in front and calls the handler with leading batch
-dims (every operand gets them; an unbatched operand is broadcast). The handlers treat leading
-dims as independent problems with their own kernel, so vmap over a batch and vmap over
-independent layers are both one custom call, not a loop.
+The native forward / backward of a platform: on "cuda" the fused custom calls (deft_jax/_ffi.py),
+on "cpu" the column route (deft_jax/_columns.py: the sampler and col2im custom calls around
+XLA's dots, in a loop over chunks of images).
+
+vmap: ``custom_vmap`` moves the vmapped axis in front and calls the implementation with leading
+batch dims (every operand gets them; an unbatched operand is broadcast). Both implementations
+treat leading dims as independent problems with their own kernel, so vmap over a batch and vmap
+over independent layers are both one custom call (per chunk on CPU), not a loop over problems.
 
 Sharding: ``custom_partitioning`` with a Shardy sharding rule. Only the image axis N may be
-sharded (data parallelism); every other axis is replicated. Each device runs the handler on its
-shard; the backward all-reduces the kernel cotangent over the devices that share N. No operand
-is all-gathered. On one device the partitioning wrapper is inlined and costs nothing.
+sharded (data parallelism); every other axis is replicated. Each device runs the implementation
+on its shard; the backward all-reduces the kernel cotangent over the devices that share N. No
+operand is all-gathered. On one device the partitioning wrapper is inlined and costs nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _ffi
+from . import _columns, _ffi
 
 # Shardy factor names for the trailing dims; leading (vmap) dims are "...".
 _X, _OFF, _MASK, _KER, _Y = "n h w c", "n i j g", "n i j m", "a b d o", "n i j o"
@@ -51,8 +55,9 @@ def _shardings(mesh, shapes, lead, n_axes, batched):
 # ---------------------------------------------------------------- forward
 
 def _fwd_impl(x, offset, mask, kernel, call):
-    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), (*x.shape[:-3], *call.out_shape[1:]),
-                        call.platform)
+    if call.platform == "cpu":
+        return _columns.forward(x, offset, mask, kernel, call)
+    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), (*x.shape[:-3], *call.out_shape[1:]))
 
 
 _fwd_cp = custom_partitioning(_fwd_impl, static_argnums=(4,))
@@ -87,7 +92,9 @@ _fwd_cp.def_partition(partition=_fwd_partition, infer_sharding_from_operands=_fw
 # ---------------------------------------------------------------- backward
 
 def _bwd_impl(x, offset, mask, kernel, dy, call):
-    return _ffi.backward(x, offset, mask, kernel, dy, call.attr_dict(), call.platform)
+    if call.platform == "cpu":
+        return _columns.backward(x, offset, mask, kernel, dy, call)
+    return _ffi.backward(x, offset, mask, kernel, dy, call.attr_dict())
 
 
 _bwd_cp = custom_partitioning(_bwd_impl, static_argnums=(5,))

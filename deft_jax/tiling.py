@@ -26,8 +26,7 @@ class TileConfig:
     tensor-core path). ``k_splits``: the warp-specialized forward's blocks per output tile (1, or
     2 / 4 on devices with thread-block clusters, compute capability 9.0+): a cluster of that many
     blocks splits the tile's reduction over (tap, channel chunk) and sums the partial tiles in
-    distributed shared memory. CPU: one task processes tile_h x tile_w output pixels (the rest is
-    unused)."""
+    distributed shared memory. (The CPU route has no tiles: ``cpu_chunk_images``.)"""
 
     tile_h: int
     tile_w: int
@@ -57,17 +56,26 @@ class LayerShape:
     dtype: str  # numpy dtype name
 
 
-# Per-task working set the CPU handler keeps hot: the sampled columns of the task's pixels
-# (pixels x taps x C_in accumulators). 256 KiB stays within a typical L2 slice.
-_CPU_COLUMN_BYTES = 256 * 1024
+# Column memory of the CPU route (deft_jax/_columns.py) per chunk of images: the sampled columns in
+# x's dtype plus, in the backward, their cotangent in the accumulation type. Small enough that the
+# program's temporaries stay well under 32 MiB: XLA:CPU allocates them as one block per execution,
+# and glibc maps a block over its largest mmap threshold (32 MiB) afresh every time, so each call
+# page-faults it in. Measured (2-core VM, 4x28x28x128 fp32 fwd+bwd, per call): 32 MiB budget ->
+# temp 41 MB, 10.6k page faults, 8 ms system time, 28.5 ms CPU; 8 MiB -> temp 9 MB, no faults,
+# 20.7 ms. 8 MiB was as fast as 16 MiB or faster at S3-S6 fp32/bf16 and S2 bf16; 4 and 2 MiB lost
+# at S5 (more, smaller GEMMs; bf16 fwd+bwd 6.4 -> 11.3 / 19.1 ms CPU). An image larger than the
+# budget is one chunk (S1/S2 fp32: 19 MB of columns each).
+CPU_COLUMN_BUDGET_BYTES = 8 * 2**20
 
 
-def _cpu_tiling(s: LayerShape) -> TileConfig:
-    acc_bytes = 8 if s.dtype == "float64" else 4
-    per_pixel = max(1, s.taps * s.c_in * acc_bytes)
-    pixels = int(np.clip(_CPU_COLUMN_BYTES // per_pixel, 16, 64))
-    pixels = min(pixels, s.h_out * s.w_out)
-    return TileConfig(tile_h=1, tile_w=pixels, tile_n=s.c_out, tile_k=s.c_in, warps=1, stages=1)
+def cpu_chunk_images(s: LayerShape) -> int:
+    """Images per chunk of the CPU column route: as many as the column budget holds (at least
+    one), so the route's extra memory is bounded independently of the batch. Not capped at
+    ``s.n``: under vmap the chunk is shared by the stacked problems (deft_jax/_columns.py)."""
+    itemsize = {"float64": 8, "float32": 4}.get(s.dtype, 2)
+    acc = 8 if s.dtype == "float64" else 4
+    per_image = max(1, s.h_out * s.w_out * s.taps * s.c_in * (itemsize + acc))
+    return int(max(1, CPU_COLUMN_BUDGET_BYTES // per_image))
 
 
 def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0,
@@ -330,12 +338,10 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
 @functools.lru_cache(maxsize=4096)
 def choose_tiling(platform: str, shape: LayerShape, sm_count: int = 0, cc_major: int = 0,
                   deterministic: bool = False) -> TileConfig:
-    """Tile configuration for ``shape`` on ``platform`` ("cpu" or "cuda"); on "cuda", the device's
-    SM count and compute capability (major) refine it (0: unknown, no rule that needs them), and
-    ``deterministic`` (bitwise reproducible results) excludes the split forward. The CPU tiling
-    is deterministic whatever the flag."""
-    if platform == "cpu":
-        return _cpu_tiling(shape)
+    """Tile configuration for ``shape`` on ``platform`` ("cuda"; the CPU route's only choice is
+    ``cpu_chunk_images``); the device's SM count and compute capability (major) refine it (0:
+    unknown, no rule that needs them), and ``deterministic`` (bitwise reproducible results)
+    excludes the split forward."""
     if platform == "cuda":
         return _gpu_tiling(shape, sm_count, cc_major, bool(deterministic))
     raise ValueError(f"no tiling rules for platform {platform!r}")

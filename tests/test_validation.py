@@ -26,7 +26,8 @@ def no_native_call(monkeypatch):
     # Validation must fail before anything reaches the FFI layer.
     def boom(*a, **k):
         raise AssertionError("native call reached")
-    monkeypatch.setattr(_ffi, "forward", boom)
+    monkeypatch.setattr(_ffi, "forward", boom)  # CUDA
+    monkeypatch.setattr(_ffi, "sample_columns", boom)  # CPU
 
 
 BAD = {
@@ -78,19 +79,39 @@ def test_good_input_passes_validation():
 
 
 def test_native_rejects_inconsistent_attributes():
-    """The C++ handler re-checks and returns an error instead of reading out of bounds."""
+    """The C++ handlers re-check and return an error instead of reading out of bounds."""
     import jax
+    sample, col2im = _ffi.target_names("cpu")
     x = jnp.zeros((1, 4, 4, 2), jnp.float32)
-    call = jax.ffi.ffi_call(_ffi.target_names("cpu")[0], jax.ShapeDtypeStruct((1, 4, 4, 3), jnp.float32))
-    attrs = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1, dil_h=1,
-                 dil_w=1, offset_groups=1, feature_groups=1, with_mask=0, allow_tf32=1, tile_h=1,
-                 tile_w=4, tile_n=3, tile_k=2, warps=1, stages=1, bwd_tile_n=64, k_splits=1)
+    cols = jax.ShapeDtypeStruct((1, 4, 4, 9, 2), jnp.float32)
+    attrs = dict(kh=3, kw=3, stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1,
+                 pad_right=1, dil_h=1, dil_w=1, offset_groups=1, with_mask=0)
     attrs = {k: np.int64(v) for k, v in attrs.items()}
+    no_mask = jnp.zeros((0,), jnp.float32)
+    zero = jnp.int32(0)
+    call = jax.ffi.ffi_call(sample, cols)
     bad_offset = jnp.zeros((1, 4, 4, 17), jnp.float32)  # should be 18 channels
     with pytest.raises(Exception, match="offset"):
-        call(x, bad_offset, jnp.zeros((0,), jnp.float32), jnp.zeros((3, 3, 2, 3), jnp.float32),
-             **attrs).block_until_ready()
-    attrs["feature_groups"] = np.int64(3)  # does not divide C_in = 2
-    with pytest.raises(Exception, match="group"):
-        call(x, jnp.zeros((1, 4, 4, 18), jnp.float32), jnp.zeros((0,), jnp.float32),
-             jnp.zeros((3, 3, 2, 3), jnp.float32), **attrs).block_until_ready()
+        call(x, bad_offset, no_mask, zero, **attrs).block_until_ready()
+    offset = jnp.zeros((1, 4, 4, 18), jnp.float32)
+    with pytest.raises(Exception, match="offset_groups"):  # 3 groups do not divide C = 2
+        call(x, jnp.zeros((1, 4, 4, 54), jnp.float32), no_mask, zero,
+             **(attrs | dict(offset_groups=np.int64(3)))).block_until_ready()
+    with pytest.raises(Exception, match="non-empty mask"):
+        call(x, offset, jnp.zeros((1, 4, 4, 9), jnp.float32), zero, **attrs).block_until_ready()
+    with pytest.raises(Exception, match="columns"):  # 9 taps, but a 5 x 5 kernel has 25
+        call(x, offset, no_mask, zero, **(attrs | dict(kh=np.int64(5), kw=np.int64(5)))).block_until_ready()
+    with pytest.raises(Exception, match="images"):  # the chunk's image 1 of x's 1 images
+        call(x, offset, no_mask, jnp.int32(1), **attrs).block_until_ready()
+    with pytest.raises(Exception, match="int32 scalar"):
+        call(x, offset, no_mask, jnp.zeros((2,), jnp.int32), **attrs).block_until_ready()
+    grads = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(offset.shape, jnp.float32),
+             jax.ShapeDtypeStruct((0,), jnp.float32))
+    back = jax.ffi.ffi_call(col2im, grads)
+    with pytest.raises(Exception, match="float32"):  # the column cotangent is float32, not float64
+        back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float64), **attrs)[0].block_until_ready()
+    with pytest.raises(Exception, match="columns"):
+        back(x, offset, no_mask, zero, jnp.zeros((1, 4, 4, 9, 3), jnp.float32), **attrs)[0].block_until_ready()
+    # The well-formed calls run.
+    call(x, offset, no_mask, zero, **attrs).block_until_ready()
+    back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float32), **attrs)[0].block_until_ready()

@@ -10,14 +10,15 @@
 #include "deft/dtype.h"
 #include "deft/geometry.h"
 #include "deft/tiling.h"
+#include "ffi/ffi_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
-// Every attribute of the deft_deform_conv2d_{fwd,bwd} targets (CPU _v3; the CUDA _cuda_v5 targets add
-// `deterministic`, gpu_ffi.cc CudaConvAttrs); Python passes them by name
+// The attributes of the deft_deform_conv2d_{fwd,bwd}_cuda_v5 targets (gpu_ffi.cc CudaConvAttrs adds
+// `deterministic`); Python passes them by name
 // (deft_jax/_ffi.py). Flags are int64 0/1 so the schema needs no bool attribute support.
 struct ConvAttrs {
   int64_t stride_h, stride_w;
@@ -27,28 +28,6 @@ struct ConvAttrs {
   int64_t with_mask, allow_tf32;
   int64_t tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits;
 };
-
-inline std::string dims_str(ffi::Span<const int64_t> d) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
-  s << (d.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-inline ffi::Error invalid(const std::string& msg) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "deft_jax: " + msg);
-}
-
-inline ffi::ErrorOr<deft::DType> to_dtype(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return deft::DType::kF32;
-    case ffi::DataType::F64: return deft::DType::kF64;
-    case ffi::DataType::BF16: return deft::DType::kBF16;
-    case ffi::DataType::F16: return deft::DType::kF16;
-    default: return ffi::Unexpected(invalid("unsupported element type; expected float32, float64, bfloat16 or float16"));
-  }
-}
 
 inline deft::TileConfig tile_of(const ConvAttrs& a) {
   return deft::TileConfig{a.tile_h, a.tile_w, a.tile_n, a.tile_k, a.warps, a.stages, a.bwd_tile_n, a.k_splits};
@@ -111,15 +90,6 @@ inline ffi::Error BuildParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& off
       a.bwd_tile_n < 1 || a.k_splits < 1)
     return invalid("tile configuration entries must be >= 1");
   *p = q;
-  return ffi::Error::Success();
-}
-
-// The result shape must equal the input's (cotangent of x/offset/mask/kernel).
-inline ffi::Error CheckSameShape(const char* name, ffi::Span<const int64_t> got,
-                                 ffi::Span<const int64_t> want) {
-  bool ok = got.size() == want.size();
-  for (size_t i = 0; ok && i < got.size(); ++i) ok = got[i] == want[i];
-  if (!ok) return invalid(std::string(name) + " has shape " + dims_str(got) + ", expected " + dims_str(want));
   return ffi::Error::Success();
 }
 

@@ -1,13 +1,22 @@
-// XLA typed-FFI handlers for platform "cpu" and the nanobind module `_deft_cpu` that hands their
-// capsules to Python. Decoding, checking and dtype dispatch only; the arithmetic is in csrc/cpu/.
+// XLA typed-FFI handlers for platform "cpu" (the column sampler and its col2im) and the nanobind
+// module `_deft_cpu` that hands their capsules to Python. Decoding, checking, dtype dispatch and the
+// task runner on XLA's intra-op thread pool only; the arithmetic is in csrc/cpu/.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 
-#include "cpu/deform_conv_cpu.h"
+#include "cpu/columns.h"
+#include "cpu/task_runner.h"
 #include "deft/host_half.h"
-#include "ffi/conv_attrs.h"
+#include "ffi/column_attrs.h"
 #include "nanobind/nanobind.h"
+#include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -27,7 +36,7 @@ ffi::Error DispatchDtype(deft::DType t, F&& f) {
   return ffi::Error::Success();
 }
 
-// The CPU code allocates its scratch; turn an allocation failure into an error, not a crash.
+// The CPU kernels allocate a little (a row of zeros); an allocation failure is an error, not a crash.
 template <typename F>
 ffi::Error Guarded(F&& f) {
   try {
@@ -44,42 +53,118 @@ const T* ptr(const ffi::AnyBuffer& b) { return static_cast<const T*>(b.untyped_d
 template <typename T>
 T* ptr(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<T*>(b->untyped_data()); }
 
-ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
-                       ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ConvAttrs attrs) {
+// TaskRunner on XLA's intra-op thread pool (the one the FFI hands a CPU handler), never on threads
+// of our own. The calling thread takes tasks too, and waits only for tasks already taken: a helper
+// that starts late (the pool busy elsewhere, or the handler itself running on a pool thread) finds
+// nothing left and returns, so waiting never depends on a pool thread becoming free (no deadlock).
+class PoolRunner final : public deft::cpu::TaskRunner {
+ public:
+  explicit PoolRunner(ffi::ThreadPool& pool)
+      : pool_(pool), threads_(std::max<int64_t>(1, pool.num_threads())) {}
+
+  int64_t threads() const override { return threads_; }
+
+  void Run(int64_t n, const std::function<void(int64_t)>& body) override {
+    if (n <= 0) return;
+    const int64_t helpers = std::min(threads_, n) - 1;
+    if (helpers == 0) {
+      for (int64_t i = 0; i < n; ++i) body(i);
+      return;
+    }
+    // Shared with the helpers, which may outlive this call (they then run no task).
+    struct State {
+      std::atomic<int64_t> next{0}, done{0};
+      int64_t n = 0;
+      std::function<void(int64_t)> body;
+      std::mutex mu;
+      std::condition_variable cv;
+    };
+    auto st = std::make_shared<State>();
+    st->n = n;
+    st->body = body;
+    auto work = [](State& s) {
+      for (;;) {
+        const int64_t i = s.next.fetch_add(1);
+        if (i >= s.n) return;
+        s.body(i);
+        if (s.done.fetch_add(1) + 1 == s.n) {
+          std::lock_guard<std::mutex> lock(s.mu);
+          s.cv.notify_all();
+        }
+      }
+    };
+    // A helper that cannot be scheduled (out of memory) is simply not there: the calling thread
+    // and the helpers already scheduled take its tasks.
+    try {
+      for (int64_t h = 0; h < helpers; ++h) pool_.Schedule([st, work] { work(*st); });
+    } catch (...) {
+    }
+    work(*st);
+    std::unique_lock<std::mutex> lock(st->mu);
+    st->cv.wait(lock, [&] { return st->done.load() == n; });
+  }
+
+ private:
+  ffi::ThreadPool& pool_;
+  int64_t threads_;
+};
+
+ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                             ffi::AnyBuffer mask, ffi::AnyBuffer start,
+                             ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
   deft::ConvParams p;
-  if (auto err = BuildParams(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success())
+  deft::cpu::Images im;
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &im);
+      !err.success())
     return err;
   auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
-  if (y->element_type() != x.element_type()) return invalid("output dtype differs from x's");
-  if (y->element_count() == 0) return ffi::Error::Success();
-  const int64_t pixels = tile_of(attrs).pixels();
+  if (cols->element_type() != x.element_type()) return invalid("columns dtype differs from x's");
+  if (cols->element_count() == 0) return ffi::Error::Success();
+  PoolRunner runner(pool);
   return Guarded([&] {
     return DispatchDtype(*dtype, [&](auto tag) {
       using T = decltype(tag);
-      deft::cpu::Forward<T>(p, pixels, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(kernel),
-                            ptr<T>(y));
+      deft::cpu::SampleColumns<T>(p, im, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(cols),
+                                  runner);
     });
   });
 }
 
-ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
-                        ffi::AnyBuffer kernel, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-                        ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
-                        ffi::Result<ffi::AnyBuffer> dkernel, ConvAttrs attrs) {
+// dcols and dx are in the accumulation type (float32, float64 for float64); doffset and dmask in
+// x's. The outputs hold the chunk's images (dcols's image count); dmask is (0,) like the mask
+// placeholder without modulation.
+ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+                      ffi::AnyBuffer start, ffi::AnyBuffer dcols, ffi::Result<ffi::AnyBuffer> dx,
+                      ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
+                      ColumnAttrs attrs) {
   deft::ConvParams p;
-  if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success())
+  deft::cpu::Images im;
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &im);
+      !err.success())
     return err;
-  auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
+  auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
-  if (x.element_count() == 0 || dy.element_count() == 0) return ffi::Error::Success();
-  const int64_t pixels = tile_of(attrs).pixels();
+  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (dcols.element_type() != acc || dx->element_type() != acc)
+    return invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)");
+  if (doffset->element_type() != x.element_type() || dmask->element_type() != x.element_type())
+    return invalid("doffset and dmask must have x's dtype");
+  const auto want_dx = WithImages(x.dimensions(), im.n_out);
+  const auto want_doff = WithImages(offset.dimensions(), im.n_out);
+  const auto want_dmask = attrs.with_mask ? WithImages(mask.dimensions(), im.n_out)
+                                          : std::vector<int64_t>(mask.dimensions().begin(), mask.dimensions().end());
+  if (auto e = CheckSameShape("dx", dx->dimensions(), want_dx); !e.success()) return e;
+  if (auto e = CheckSameShape("doffset", doffset->dimensions(), want_doff); !e.success()) return e;
+  if (auto e = CheckSameShape("dmask", dmask->dimensions(), want_dmask); !e.success()) return e;
+  if (dx->element_count() == 0) return ffi::Error::Success();
+  PoolRunner runner(pool);
   return Guarded([&] {
     return DispatchDtype(*dtype, [&](auto tag) {
       using T = decltype(tag);
-      deft::cpu::Backward<T>(p, pixels, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(kernel),
-                             ptr<T>(dy), ptr<T>(dx), ptr<T>(doffset), ptr<T>(dmask),
-                             ptr<T>(dkernel));
+      using A = typename deft::Acc<T>::type;
+      deft::cpu::Col2Im<T>(p, im, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<A>(dcols),
+                           ptr<A>(dx), ptr<T>(doffset), ptr<T>(dmask), runner);
     });
   });
 }
@@ -87,33 +172,36 @@ ffi::Error BackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer 
 }  // namespace
 }  // namespace deft_ffi
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCpu, deft_ffi::ForwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCpu, deft_ffi::SampleColumnsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attrs<deft_ffi::ConvAttrs>());
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar, the chunk's first image
+                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
+                                  .Attrs<deft_ffi::ColumnAttrs>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCpu, deft_ffi::BackwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // offset
                                   .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Ret<ffi::AnyBuffer>()  // doffset
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar, the chunk's first image
+                                  .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
+                                  .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
+                                  .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
-                                  .Ret<ffi::AnyBuffer>()  // dkernel
-                                  .Attrs<deft_ffi::ConvAttrs>());
+                                  .Attrs<deft_ffi::ColumnAttrs>());
 
 NB_MODULE(_deft_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_deform_conv2d_fwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCpu));
-    d["deft_deform_conv2d_bwd_v3"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCpu));
+    d["deft_sample_columns_cpu_v1"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
+    d["deft_col2im_cpu_v1"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
     return d;
   });
+  // The instruction-set build of the CPU kernels this process runs (csrc/cpu/columns_dispatch.cc).
+  m.def("cpu_isa", []() { return std::string(deft::cpu::CpuIsaName()); });
 }

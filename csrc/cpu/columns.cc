@@ -1,0 +1,297 @@
+// CPU sampler and col2im (columns.h). Work is split into tasks that own disjoint output elements:
+//   sampler          (image, block of output pixels): cols of those pixels
+//   col2im, pass 1   (image, block of output pixels): doffset and dmask of those pixels, each a
+//                    reduction over its offset group's channels of its own (pixel, tap), and
+//                    the table of corners and weights that pass 2 scatters with
+//   col2im, pass 2   (image, offset group, block of channels): dx of those channels, scattered
+//                    from every (pixel, tap) of the image in order
+// No atomics, no per-thread partial buffers: each element's sum has one fixed order, so the
+// result does not depend on the thread count or the schedule. The bilinear math is
+// deft/geometry.h's make_bilinear, the same as the CUDA kernels'. A corner outside the image reads
+// a row of zeros (never the image), so it contributes 0 as in the reference.
+//
+// This file is compiled once per instruction set (CMakeLists.txt: baseline x86-64 or the host
+// architecture, AVX2 + FMA, AVX-512) into namespace deft::cpu::DEFT_CPU_ISA; columns_dispatch.cc
+// picks one at run time. Each build is deterministic; builds for different instruction sets may
+// differ in the last bits (vector width of the tails, FMA contraction).
+#include "cpu/columns_isa.h"
+
+#include <algorithm>
+#include <vector>
+
+#ifndef DEFT_CPU_ISA
+#error "compile with -DDEFT_CPU_ISA=<namespace> (see CMakeLists.txt)"
+#endif
+
+namespace deft::cpu::DEFT_CPU_ISA {
+namespace {
+
+// Output pixels per task: about 8 tasks per thread for balance, at least 8 pixels each.
+int64_t PixelBlock(int64_t images, int64_t pixels, int64_t threads) {
+  const int64_t want_tasks = 8 * std::max<int64_t>(1, threads);
+  const int64_t block = (images * pixels + want_tasks - 1) / want_tasks;
+  return std::clamp<int64_t>(block, 8, std::max<int64_t>(1, pixels));
+}
+
+// One (image, output pixel, offset group, tap): its bilinear sample point and modulation, and the
+// four corners' channel rows of the group in x (zeros for a corner outside the image).
+template <typename T, typename A>
+struct Tap {
+  Bilinear<A> b;
+  A m;
+  const T* src[4];
+  A w[4];
+};
+
+// An output pixel: its row in the inputs offset / mask (input image * pixels_out + pixel) and in
+// the chunk's outputs cols / dcols / doffset / dmask (output image * pixels_out + pixel), its input
+// image and its undeformed position (tap (i, j) adds i * dil_h, j * dil_w).
+struct Pixel {
+  int64_t row, out, img, y, x;
+};
+
+template <typename T, typename A>
+struct Sampler {
+  const ConvParams& p;
+  const T* x;
+  const T* offset;
+  const T* mask;
+  const T* zeros;  // c_per_offset_group() zeros
+
+  // Pixel pix of output image o, whose input image is img.
+  Pixel pixel(int64_t o, int64_t img, int64_t pix) const {
+    const int64_t ho = pix / p.w_out, wo = pix - ho * p.w_out;
+    return Pixel{img * p.pixels_out() + pix, o * p.pixels_out() + pix, img, p.base_y(ho, 0),
+                 p.base_x(wo, 0)};
+  }
+
+  // Tap k = i * kw + j of offset group g.
+  Bilinear<A> point(const Pixel& q, int64_t g, int64_t i, int64_t j, A* m) const {
+    const int64_t k = g * p.taps() + i * p.kw + j;
+    const T* off = offset + q.row * p.offset_channels() + k * 2;
+    *m = p.with_mask ? load_as<A>(mask[q.row * p.mask_channels() + k]) : A(1);
+    return make_bilinear<A>(A(q.y + i * p.dil_h) + load_as<A>(off[0]),
+                            A(q.x + j * p.dil_w) + load_as<A>(off[1]), p.h, p.w);
+  }
+
+  Tap<T, A> tap(const Pixel& q, int64_t g, int64_t i, int64_t j) const {
+    Tap<T, A> t;
+    t.b = point(q, g, i, j, &t.m);
+    const T* base = x + q.img * p.h * p.w * p.c_in + g * p.c_per_offset_group();
+    auto row = [&](bool valid, int64_t dy, int64_t dx) {
+      return valid ? base + ((t.b.y0 + dy) * p.w + (t.b.x0 + dx)) * p.c_in : zeros;
+    };
+    t.src[0] = row(t.b.v00, 0, 0);
+    t.src[1] = row(t.b.v01, 0, 1);
+    t.src[2] = row(t.b.v10, 1, 0);
+    t.src[3] = row(t.b.v11, 1, 1);
+    t.w[0] = t.b.w00();
+    t.w[1] = t.b.w01();
+    t.w[2] = t.b.w10();
+    t.w[3] = t.b.w11();
+    return t;
+  }
+};
+
+// What the dx scatter needs of one (pixel, group, tap), written by col2im's first pass: each
+// corner's pixel in the image (y * w + x; -1 outside) and its weight times the modulation.
+template <typename A>
+struct Scatter {
+  int64_t at[4];
+  A wm[4];
+};
+
+// dst[c] = (sum over corners of x * w) * m, corners in the reference's order; NaN for every
+// channel of a NaN sample point (geometry.h's non-finite policy).
+template <typename T, typename A>
+void Blend(const Tap<T, A>& t, T* __restrict dst, int64_t n) {
+  if (t.b.nan_point) {
+    std::fill(dst, dst + n, store_as<T>(t.b.fill()));
+    return;
+  }
+  const T* __restrict s0 = t.src[0];
+  const T* __restrict s1 = t.src[1];
+  const T* __restrict s2 = t.src[2];
+  const T* __restrict s3 = t.src[3];
+  const A w0 = t.w[0], w1 = t.w[1], w2 = t.w[2], w3 = t.w[3], m = t.m;
+  for (int64_t c = 0; c < n; ++c) {
+    const A v = load_as<A>(s0[c]) * w0 + load_as<A>(s1[c]) * w1 + load_as<A>(s2[c]) * w2 +
+                load_as<A>(s3[c]) * w3;
+    dst[c] = store_as<T>(v * m);
+  }
+}
+
+// out[j] = sum_c g[c] * src[j][c] for the four corners, in kLanes fixed partial sums (so the
+// compiler may vectorise without reassociating: the order, and so the result, is fixed).
+constexpr int64_t kLanes = 16;
+template <typename T, typename A>
+void Dot4(const A* __restrict g, const T* const src[4], int64_t n, A out[4]) {
+  const T* __restrict s0 = src[0];
+  const T* __restrict s1 = src[1];
+  const T* __restrict s2 = src[2];
+  const T* __restrict s3 = src[3];
+  A a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const A gl = g[c + l];
+      a0[l] += gl * load_as<A>(s0[c + l]);
+      a1[l] += gl * load_as<A>(s1[c + l]);
+      a2[l] += gl * load_as<A>(s2[c + l]);
+      a3[l] += gl * load_as<A>(s3[c + l]);
+    }
+  A t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (; c < n; ++c) {
+    t0 += g[c] * load_as<A>(s0[c]);
+    t1 += g[c] * load_as<A>(s1[c]);
+    t2 += g[c] * load_as<A>(s2[c]);
+    t3 += g[c] * load_as<A>(s3[c]);
+  }
+  // The lanes summed as a tree (a fixed order, log2(kLanes) dependent steps instead of kLanes).
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) {
+      a0[l] += a0[l + w];
+      a1[l] += a1[l + w];
+      a2[l] += a2[l + w];
+      a3[l] += a3[l + w];
+    }
+  out[0] = a0[0] + t0, out[1] = a1[0] + t1, out[2] = a2[0] + t2, out[3] = a3[0] + t3;
+}
+
+// dst[j][c] += w[j] * g[c] for the four corners in one pass over the channels. A corner outside
+// the image has its own row of `trash` instead of a row of dx (so the four rows never alias).
+template <typename A>
+void Scatter4(const A w[4], const A* __restrict g, A* __restrict d0, A* __restrict d1,
+              A* __restrict d2, A* __restrict d3, int64_t n) {
+  const A w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t c = 0; c < n; ++c) {
+    const A gc = g[c];
+    d0[c] += w0 * gc;
+    d1[c] += w1 * gc;
+    d2[c] += w2 * gc;
+    d3[c] += w3 * gc;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+                   T* cols, TaskRunner& runner) {
+  using A = typename Acc<T>::type;
+  const int64_t images = im.count(), P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t G = p.offset_groups, Cg = p.c_per_offset_group();
+  if (images == 0 || P == 0 || K == 0 || C == 0) return;
+  const std::vector<T> zeros(Cg, store_as<T>(A(0)));
+  const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
+  const int64_t block = PixelBlock(images, P, runner.threads());
+  const int64_t per_image = (P + block - 1) / block;
+  runner.Run(images * per_image, [&](int64_t task) {
+    const int64_t o = task / per_image, q0 = (task % per_image) * block;
+    const int64_t q1 = std::min(P, q0 + block), img = im.in(o);
+    for (int64_t pix = q0; pix < q1; ++pix) {
+      const Pixel q = s.pixel(o, img, pix);
+      T* out = cols + q.out * K * C;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < p.kh; ++i)
+          for (int64_t j = 0; j < p.kw; ++j)
+            Blend(s.tap(q, g, i, j), out + (i * p.kw + j) * C + g * Cg, Cg);
+    }
+  });
+}
+
+template <typename T>
+void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+            const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
+            TaskRunner& runner) {
+  using A = typename Acc<T>::type;
+  const int64_t images = im.count(), P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t G = p.offset_groups, Cg = p.c_per_offset_group(), HW = p.h * p.w;
+  if (images == 0 || C == 0) return;
+  const std::vector<T> zeros(Cg, store_as<T>(A(0)));
+  const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
+  const int64_t threads = runner.threads();
+  // Per (image, pixel, group, tap), in that order: the first pass writes it, the second reads it
+  // once per channel block (1/C of the columns' size).
+  std::vector<Scatter<A>> scatter(images * P * G * K);
+
+  // Pass 1, (image, pixel block) tasks: doffset and dmask, and the scatter table.
+  if (P > 0) {
+    const int64_t block = PixelBlock(images, P, threads);
+    const int64_t per_image = (P + block - 1) / block;
+    runner.Run(images * per_image, [&](int64_t task) {
+      const int64_t o = task / per_image, q0 = (task % per_image) * block;
+      const int64_t q1 = std::min(P, q0 + block), img = im.in(o);
+      for (int64_t pix = q0; pix < q1; ++pix) {
+        const Pixel q = s.pixel(o, img, pix);
+        Scatter<A>* sc = scatter.data() + q.out * G * K;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < p.kh; ++i)
+            for (int64_t j = 0; j < p.kw; ++j) {
+              const int64_t k = i * p.kw + j;
+              const Tap<T, A> t = s.tap(q, g, i, j);
+              A d[4];
+              Dot4(dcols + (q.out * K + k) * C + g * Cg, t.src, Cg, d);
+              const A ly = t.b.ly, lx = t.b.lx, f = t.b.fill();  // f: NaN for a NaN point, else 0
+              // d sample / d(y, x) of each corner's weight, as torchvision.
+              const A gy = f - (A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
+              const A gx = f - (A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
+              T* doff = doffset + q.out * p.offset_channels() + (g * K + k) * 2;
+              doff[0] = store_as<T>(A(t.m * gy));
+              doff[1] = store_as<T>(A(t.m * gx));
+              if (p.with_mask) {
+                const A gm = f + t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
+                dmask[q.out * p.mask_channels() + g * K + k] = store_as<T>(gm);
+              }
+              Scatter<A>& e = sc[g * K + k];
+              const bool valid[4] = {t.b.v00, t.b.v01, t.b.v10, t.b.v11};
+              for (int c = 0; c < 4; ++c) {
+                e.at[c] = valid[c] ? (t.b.y0 + c / 2) * p.w + (t.b.x0 + c % 2) : -1;
+                e.wm[c] = t.m * t.w[c];
+              }
+            }
+      }
+    });
+  }
+
+  // Pass 2, (image, offset group, channel block) tasks: dx, every (pixel, tap) of the image in
+  // order. Blocks of >= 16 channels (a 64-byte line of float), at most kMaxBlock, until there
+  // is a task per thread (each task walks the whole table: wider blocks share that cost); the
+  // block size changes no result.
+  constexpr int64_t kMaxBlock = 256;
+  const int64_t want = (threads + images * G - 1) / (images * G);
+  const int64_t nb = std::clamp<int64_t>(std::max(want, (Cg + kMaxBlock - 1) / kMaxBlock), 1,
+                                         std::max<int64_t>(1, Cg / 16));
+  const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);
+  const int64_t blocks = (Cg + cb - 1) / cb;
+  runner.Run(images * G * blocks, [&](int64_t task) {
+    const int64_t o = task / (G * blocks), g = (task / blocks) % G, c0 = (task % blocks) * cb;
+    const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
+    A* dxi = dx + o * HW * C + ch;
+    A trash[4][kMaxBlock] = {};  // the rows of corners outside the image
+    for (int64_t i = 0; i < HW; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
+    for (int64_t pix = 0; pix < P; ++pix) {
+      const int64_t row = o * P + pix;
+      const Scatter<A>* sc = scatter.data() + (row * G + g) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        A* d[4];
+        for (int c = 0; c < 4; ++c) d[c] = sc[k].at[c] >= 0 ? dxi + sc[k].at[c] * C : trash[c];
+        Scatter4(sc[k].wm, dcols + (row * K + k) * C + ch, d[0], d[1], d[2], d[3], n);
+      }
+    }
+  });
+}
+
+#define DEFT_INSTANTIATE(T)                                                                    \
+  template void SampleColumns<T>(const ConvParams&, const Images&, const T*, const T*,         \
+                                 const T*, T*, TaskRunner&);                                   \
+  template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
+                          const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
+                          TaskRunner&);
+DEFT_INSTANTIATE(float)
+DEFT_INSTANTIATE(double)
+DEFT_INSTANTIATE(bf16_t)
+DEFT_INSTANTIATE(f16_t)
+#undef DEFT_INSTANTIATE
+
+}  // namespace deft::cpu::DEFT_CPU_ISA

@@ -1,0 +1,52 @@
+// CPU deformable convolution as columns: a sampler that writes the bilinearly sampled column
+// tensor and a col2im that turns its cotangent into dx, doffset and dmask. The reduction over
+// (tap, input channel) against the kernel is not in here: it is XLA's dot (deft_jax/_columns.py),
+// the same split as the GPU's GEMM-dominated route. No XLA types: csrc/ffi/cpu_ffi.cc decodes the
+// buffers and supplies the threads (task_runner.h).
+//
+// Layouts (dense, row-major), with `batch` = every leading dim folded (vmap), n_in images each in
+// the inputs and n_out (a chunk: images [start, start + n_out) of each problem) in the outputs:
+//   x      [batch, n_in, h, w, c_in]
+//   offset [batch, n_in, h_out, w_out, G * K * 2]   (deft/geometry.h)
+//   mask   [batch, n_in, h_out, w_out, G * K]       (unused when !p.with_mask)
+//   cols   [batch, n_out, h_out, w_out, K, c_in]    cols[.., k, c] = mask * sample of channel c at tap k
+// The chunk reads its images in place: no copy of the inputs per chunk.
+//
+// Every output element is written by one task in a fixed order of operations, so the results are
+// bitwise the same for any number of threads and any schedule.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/task_runner.h"
+#include "deft/geometry.h"
+#include "deft/host_half.h"
+
+namespace deft::cpu {
+
+// The images one call covers (see the layouts above).
+struct Images {
+  int64_t batch, n_in, n_out, start;
+  int64_t count() const { return batch * n_out; }
+  // The input image of output image o.
+  int64_t in(int64_t o) const { return (o / n_out) * n_in + start + o % n_out; }
+};
+
+// cols in x's type T (blended in Acc<T>: float, double for double).
+template <typename T>
+void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+                   T* cols, TaskRunner& runner);
+
+// For dcols [batch, n_out, h_out, w_out, K, c_in] in the accumulation type A = Acc<T>: the chunk's
+// dx [batch, n_out, h, w, c_in] (in A, every element written), doffset and dmask (in T, the
+// chunk's images too; dmask not written when !p.with_mask).
+template <typename T>
+void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+            const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
+            TaskRunner& runner);
+
+// The instruction set the kernels above run with: "avx512", "avx2" or "generic" (the compiler's
+// default target), chosen once per process.
+const char* CpuIsaName();
+
+}  // namespace deft::cpu

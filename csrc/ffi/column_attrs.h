@@ -1,0 +1,108 @@
+// FFI attribute schema (version 1) of the CPU column targets deft_sample_columns_cpu_v1 and
+// deft_col2im_cpu_v1, and the checks that turn their decoded buffers + attributes into a
+// deft::ConvParams. Checking only: no arithmetic of the op.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+
+#include "cpu/columns.h"
+#include "deft/geometry.h"
+#include "ffi/ffi_util.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace deft_ffi {
+
+// Geometry of the sampling; Python passes these by name (deft_jax/_ffi.py). The kernel is not an
+// operand of these targets, so its size is an attribute. Flags are int64 0/1.
+struct ColumnAttrs {
+  int64_t kh, kw;
+  int64_t stride_h, stride_w;
+  int64_t pad_top, pad_bottom, pad_left, pad_right;
+  int64_t dil_h, dil_w;
+  int64_t offset_groups;
+  int64_t with_mask;
+};
+
+// Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
+// (0,) without mask, cols [B..., b, Ho, Wo, K, C] for images [start, start + b) of each of the
+// B... problems (leading dims from vmap, folded into ConvParams::batch; N is ConvParams::n).
+// `start` is a scalar int32 operand (the chunk's first image, traced in a loop), read here.
+inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
+                                    const ffi::AnyBuffer& mask, const ffi::AnyBuffer& start,
+                                    ffi::Span<const int64_t> cols, const ColumnAttrs& a,
+                                    deft::ConvParams* p, deft::cpu::Images* im) {
+  auto xd = x.dimensions(), od = offset.dimensions(), md = mask.dimensions();
+  if (xd.size() < 4) return invalid("x must have rank >= 4 [..., N, H, W, C], got " + dims_str(xd));
+  const size_t lead = xd.size() - 4;
+  auto same_lead = [&](ffi::Span<const int64_t> d, size_t rank, bool with_n) {
+    if (d.size() != lead + rank) return false;
+    for (size_t i = 0; i < lead + (with_n ? 1 : 0); ++i)
+      if (d[i] != xd[i]) return false;
+    return true;
+  };
+  if (!same_lead(od, 4, true)) return invalid("offset rank/leading dims do not match x: offset " + dims_str(od) + ", x " + dims_str(xd));
+  if (!same_lead(cols, 5, false)) return invalid("columns " + dims_str(cols) + " must be [..., b, H_out, W_out, K, C] for x " + dims_str(xd));
+  if (a.with_mask != 0 && !same_lead(md, 4, true)) return invalid("mask rank/leading dims do not match x: mask " + dims_str(md));
+  if (a.with_mask == 0 && mask.element_count() != 0) return invalid("with_mask=0 but a non-empty mask was passed: " + dims_str(md));
+  if (offset.element_type() != x.element_type() || (a.with_mask != 0 && mask.element_type() != x.element_type()))
+    return invalid("x, offset and mask must share one dtype");
+  if (start.element_type() != ffi::DataType::S32 || start.element_count() != 1)
+    return invalid("start must be an int32 scalar (the chunk's first image)");
+
+  deft::ConvParams q{};
+  q.batch = 1;
+  for (size_t i = 0; i < lead; ++i) q.batch *= xd[i];
+  q.n = xd[lead], q.h = xd[lead + 1], q.w = xd[lead + 2], q.c_in = xd[lead + 3];
+  q.kh = a.kh, q.kw = a.kw, q.c_out = 0;
+  q.h_out = cols[lead + 1], q.w_out = cols[lead + 2];
+  q.stride_h = a.stride_h, q.stride_w = a.stride_w, q.dil_h = a.dil_h, q.dil_w = a.dil_w;
+  q.pad_top = a.pad_top, q.pad_left = a.pad_left;
+  q.offset_groups = a.offset_groups, q.feature_groups = 1;
+  q.with_mask = a.with_mask != 0;
+
+  if (q.kh < 1 || q.kw < 1) return invalid("kernel size (kh, kw) must be >= 1");
+  if (q.stride_h < 1 || q.stride_w < 1 || q.dil_h < 1 || q.dil_w < 1)
+    return invalid("strides and dilations must be >= 1");
+  if (a.pad_top < 0 || a.pad_bottom < 0 || a.pad_left < 0 || a.pad_right < 0)
+    return invalid("paddings must be >= 0");
+  if (q.offset_groups < 1 || q.c_in % q.offset_groups != 0)
+    return invalid("offset_groups must be >= 1 and divide the channel count of x " + dims_str(xd));
+  const int64_t ho = deft::conv_out_size(q.h, a.pad_top, a.pad_bottom, q.kh, q.stride_h, q.dil_h);
+  const int64_t wo = deft::conv_out_size(q.w, a.pad_left, a.pad_right, q.kw, q.stride_w, q.dil_w);
+  if (ho != q.h_out || wo != q.w_out || cols[lead + 3] != q.taps() || cols[lead + 4] != q.c_in)
+    return invalid("columns " + dims_str(cols) + " inconsistent with the convolution geometry (expected [..., b, " +
+                   std::to_string(ho) + ", " + std::to_string(wo) + ", " + std::to_string(q.taps()) + ", " +
+                   std::to_string(q.c_in) + "])");
+  if (od[lead + 1] != ho || od[lead + 2] != wo || od[lead + 3] != q.offset_channels())
+    return invalid("offset " + dims_str(od) + " must be [..., N, H_out, W_out, G*kh*kw*2]");
+  if (q.with_mask && (md[lead + 1] != ho || md[lead + 2] != wo || md[lead + 3] != q.mask_channels()))
+    return invalid("mask " + dims_str(md) + " must be [..., N, H_out, W_out, G*kh*kw]");
+  const int64_t first = *static_cast<const int32_t*>(start.untyped_data()), chunk = cols[lead];
+  if (first < 0 || chunk < 0 || first + chunk > q.n)
+    return invalid("images [" + std::to_string(first) + ", " + std::to_string(first + chunk) +
+                   ") are not within the " + std::to_string(q.n) + " images of x");
+  *p = q;
+  *im = deft::cpu::Images{q.batch, q.n, chunk, first};
+  return ffi::Error::Success();
+}
+
+// `dims` with its image axis (index rank - 4 of an NHWC-like array) set to `images`.
+inline std::vector<int64_t> WithImages(ffi::Span<const int64_t> dims, int64_t images) {
+  std::vector<int64_t> d(dims.begin(), dims.end());
+  if (d.size() >= 4) d[d.size() - 4] = images;
+  return d;
+}
+
+}  // namespace deft_ffi
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    deft_ffi::ColumnAttrs, ::xla::ffi::StructMember<int64_t>("kh"),
+    ::xla::ffi::StructMember<int64_t>("kw"), ::xla::ffi::StructMember<int64_t>("stride_h"),
+    ::xla::ffi::StructMember<int64_t>("stride_w"), ::xla::ffi::StructMember<int64_t>("pad_top"),
+    ::xla::ffi::StructMember<int64_t>("pad_bottom"), ::xla::ffi::StructMember<int64_t>("pad_left"),
+    ::xla::ffi::StructMember<int64_t>("pad_right"), ::xla::ffi::StructMember<int64_t>("dil_h"),
+    ::xla::ffi::StructMember<int64_t>("dil_w"), ::xla::ffi::StructMember<int64_t>("offset_groups"),
+    ::xla::ffi::StructMember<int64_t>("with_mask"));

@@ -1,0 +1,195 @@
+"""The CPU route: the native sampler writes a bounded chunk of columns, XLA's dot reduces it.
+
+The same split as the GPU's GEMM-dominated route (DESIGN.md, "Kernel strategy"): per chunk of
+images (read in place by the native calls, which take the chunk's first image as an operand),
+
+  forward    cols = sample_columns(x, offset, mask)          [b, Ho, Wo, K, C]  (C++, threaded)
+             y    = cols . kernel                             XLA's dot
+  backward   cols  = sample_columns(...)                      recomputed, not saved
+             dW   += cols^T . dy                              XLA's dot, float32 (float64) sum
+             dcols = dy . kernel^T                            XLA's dot, float32 (float64)
+             dx, doffset, dmask = col2im(x, offset, mask, dcols)   (C++, threaded)
+
+The chunk (images per chunk, ``tiling.cpu_chunk_images``) comes from a column-memory budget, so the
+extra memory is bounded independently of the batch: a batch larger than one chunk runs as a loop
+over full chunks plus one remainder chunk. Feature groups are a grouped contraction, as in the
+reference; offset groups are inside the sampler. The dots take ``precision`` and accumulate in
+float32 (float64 for float64). Every piece is deterministic: the native code fixes the order of
+every sum, the kernel cotangent sums the chunks in order.
+
+Arrays may carry leading dims (from vmap, deft_jax/_partition.py): independent problems, each with
+its own kernel; the sampler treats them as more images, the dots as a batch dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from . import _ffi
+
+
+def _fold(a, lead: int):
+    """[*lead dims, ...] -> [Z, ...] with Z the product of the leading dims."""
+    return a.reshape((math.prod(a.shape[:lead]), *a.shape[lead:]))
+
+
+def _chunk_size(n: int, z: int, chunk: int) -> int:
+    """Images per chunk: the budget's `chunk` images of one problem, shared by the z problems."""
+    return max(1, min(n, chunk // max(z, 1)))
+
+
+def _for_chunks(n: int, b: int, step, carry):
+    """carry = step(start, size, carry) for chunks [start, start + size) covering [0, n): one
+    remainder chunk at the end, then a loop over the n // b full chunks (static sizes).
+
+    The remainder goes first: written after the loop, its update of the loop's result made XLA
+    copy the whole result (temporary memory then grew with the batch)."""
+    full, rem = divmod(n, b)
+    if rem:
+        carry = step(full * b, rem, carry)
+    if full == 1:
+        carry = step(0, b, carry)
+    elif full > 1:
+        carry = lax.fori_loop(0, full, lambda i, c: step(i * b, b, c), carry)
+    return carry
+
+
+def _images(a, start, size):
+    """Images [start, start + size) of a [Z, N, ...] array (start may be traced)."""
+    if size == a.shape[1]:
+        return a
+    return lax.dynamic_slice_in_dim(a, start, size, axis=1)
+
+
+def _put(a, update, start):
+    if update.shape == a.shape:
+        return update
+    return lax.dynamic_update_slice_in_dim(a, update, start, axis=1)
+
+
+def _shapes(x, kernel):
+    z, _, _, _, c = x.shape
+    _, kh, kw, cig, cout = kernel.shape
+    fg = c // cig
+    return z, kh * kw, fg, cig, cout // fg
+
+
+def _sample(x, offset, mask, start, size, call, with_mask):
+    """cols of images [start, start + size), read in place from the whole arrays."""
+    return _ffi.sample_columns(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
+                               start, size, call.attr_dict())
+
+
+def _dot(a, b, contract: tuple[int, int], call, acc):
+    """dot_general of [z, ...] operands over batch dim 0, contracting one dim of each; for z = 1
+    the plain 2D product (XLA:CPU's GEMM takes it directly)."""
+    if a.shape[0] == 1:
+        out = lax.dot_general(a[0], b[0], (((contract[0] - 1,), (contract[1] - 1,)), ((), ())),
+                              precision=call.precision, preferred_element_type=acc)
+        return out[None]
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))),
+                           precision=call.precision, preferred_element_type=acc)
+
+
+def _forward_dot(cols, wk, call, acc):
+    """y [z, b, Ho, Wo, C_out] = cols [z, b, Ho, Wo, K, C] . wk [z, K, C/fg, fg, C_out/fg]."""
+    z, b, ho, wo, k, c = cols.shape
+    _, _, cig, fg, cog = wk.shape
+    if fg == 1:  # one GEMM [b Ho Wo, K C] x [K C, C_out]
+        y = _dot(cols.reshape(z, b * ho * wo, k * c), wk.reshape(z, k * c, cog), (2, 1), call, acc)
+        return y.reshape(z, b, ho, wo, cog)
+    y = jnp.einsum("znhwkfc,zkcfo->znhwfo", cols.reshape(z, b, ho, wo, k, fg, cig), wk,
+                   precision=call.precision, preferred_element_type=acc)
+    return y.reshape(z, b, ho, wo, fg * cog)
+
+
+def _dcols_dot(dy, wk, call, acc):
+    """dcols [z, b, Ho, Wo, K, C] = dy [z, b, Ho, Wo, C_out] . wk^T, in acc."""
+    z, b, ho, wo, _ = dy.shape
+    _, k, cig, fg, cog = wk.shape
+    if fg == 1:  # [b Ho Wo, C_out] x [K C, C_out]^T
+        dcols = _dot(dy.reshape(z, b * ho * wo, cog), wk.reshape(z, k * cig, cog), (2, 2), call, acc)
+        return dcols.reshape(z, b, ho, wo, k, cig)
+    dcols = jnp.einsum("znhwfo,zkcfo->znhwkfc", dy.reshape(z, b, ho, wo, fg, cog), wk,
+                       precision=call.precision, preferred_element_type=acc)
+    return dcols.reshape(z, b, ho, wo, k, fg * cig)
+
+
+def _dkernel_dot(cols, dy, fg: int, call, acc):
+    """dwk [z, K, C/fg, fg, C_out/fg] = cols^T . dy, summed over the chunk's pixels, in acc.
+
+    Written as the 5D contraction, not as a 2D product contracting both operands' first dim: XLA
+    then lays the columns out as [K C, pixels] and runs its plain GEMM (for bfloat16 its native
+    16-bit path, which the transposed-operand form leaves for a float32 conversion and a slower
+    GEMM: measured 9.6 -> 3.1 ms at 4x28x28x128->128 bf16, 8.5 -> 6.5 ms fp32)."""
+    z, b, ho, wo, k, c = cols.shape
+    cig, cog = c // fg, dy.shape[-1] // fg
+    return jnp.einsum("znhwkfc,znhwfo->zkcfo", cols.reshape(z, b, ho, wo, k, fg, cig),
+                      dy.reshape(z, b, ho, wo, fg, cog), precision=call.precision,
+                      preferred_element_type=acc)
+
+
+def forward(x, offset, mask, kernel, call):
+    """y [..., N, Ho, Wo, C_out]; mask is the (0,) placeholder (possibly broadcast) without
+    modulation."""
+    lead_shape = x.shape[:-4]
+    lead = len(lead_shape)
+    with_mask = dict(call.attrs)["with_mask"] != 0
+    x, offset, kernel = _fold(x, lead), _fold(offset, lead), _fold(kernel, lead)
+    mask = _fold(mask, lead) if with_mask else None
+    z, n = x.shape[:2]
+    k, fg, cig, cog = _shapes(x, kernel)[1:]
+    acc = _ffi.accumulation_dtype(x.dtype)
+    wk = kernel.reshape(z, k, cig, fg, cog)
+
+    def step(start, size, y):
+        cols = _sample(x, offset, mask, start, size, call, with_mask)
+        return _put(y, _forward_dot(cols, wk, call, acc).astype(x.dtype), start)
+
+    ho, wo = offset.shape[2:4]
+    y = jnp.zeros((z, n, ho, wo, fg * cog), x.dtype)
+    y = _for_chunks(n, _chunk_size(n, z, call.chunk), step, y)
+    return y.reshape(*lead_shape, *y.shape[1:])
+
+
+def backward(x, offset, mask, kernel, dy, call):
+    """(dx, doffset, dmask, dkernel) for cotangent dy; dmask is the placeholder without
+    modulation."""
+    lead_shape = x.shape[:-4]
+    lead = len(lead_shape)
+    with_mask = dict(call.attrs)["with_mask"] != 0
+    mask_in = mask
+    x, offset, kernel, dy = (_fold(a, lead) for a in (x, offset, kernel, dy))
+    mask = _fold(mask, lead) if with_mask else None
+    z, n = x.shape[:2]
+    k, fg, cig, cog = _shapes(x, kernel)[1:]
+    acc = _ffi.accumulation_dtype(x.dtype)
+    wk = kernel.reshape(z, k, cig, fg, cog)
+    attrs = call.attr_dict()
+
+    def step(start, size, carry):
+        dx, doffset, dmask, dwk = carry
+        dyc = _images(dy, start, size)
+        cols = _sample(x, offset, mask, start, size, call, with_mask)
+        dwk = dwk + _dkernel_dot(cols, dyc, fg, call, acc)
+        dcols = _dcols_dot(dyc, wk, call, acc)
+        dxc, doc, dmc = _ffi.col2im(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
+                                    start, dcols, attrs)
+        dx = _put(dx, dxc.astype(x.dtype), start)
+        doffset = _put(doffset, doc, start)
+        if with_mask:
+            dmask = _put(dmask, dmc, start)
+        return dx, doffset, dmask, dwk
+
+    carry = (jnp.zeros_like(x), jnp.zeros_like(offset),
+             jnp.zeros_like(mask) if with_mask else None, jnp.zeros(wk.shape, acc))
+    dx, doffset, dmask, dwk = _for_chunks(n, _chunk_size(n, z, call.chunk), step, carry)
+    dx = dx.reshape(*lead_shape, *dx.shape[1:])
+    doffset = doffset.reshape(*lead_shape, *doffset.shape[1:])
+    dmask = (dmask.reshape(*lead_shape, *dmask.shape[1:]) if with_mask
+             else jnp.zeros(mask_in.shape, mask_in.dtype))
+    dkernel = dwk.reshape(*lead_shape, *kernel.shape[1:]).astype(kernel.dtype)
+    return dx, doffset, dmask, dkernel

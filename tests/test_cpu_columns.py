@@ -1,0 +1,159 @@
+"""The CPU column route (deft_jax/_columns.py around the C++ sampler and col2im): chunking over
+images, extra memory independent of the batch, bitwise determinism across runs, processes and
+thread counts, and every instruction-set build of the kernels."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deft_jax
+from deft_jax import _ffi, tiling
+from helpers import Case, make_inputs, rel_err
+
+PROBE = Path(__file__).with_name("cpu_columns_probe.py")
+
+
+def _grads(case, x, off, kernel, mask, dy, impl=None):
+    def f(*a):
+        return deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if len(a) > 3 else None,
+                                      implementation=impl, **case.kwargs())
+    args = (x, off, kernel) + ((mask,) if mask is not None else ())
+    y, vjp = jax.vjp(f, *args)
+    return (y, *vjp(dy))
+
+
+@pytest.fixture
+def chunk(monkeypatch):
+    """Set the images per chunk of the CPU route."""
+    def set_chunk(images):
+        monkeypatch.setattr(tiling, "cpu_chunk_images", lambda shape: images)
+    return set_chunk
+
+
+@pytest.mark.parametrize("case", [
+    Case(n=5),  # two full chunks of 2 and a remainder of 1
+    Case(n=5, with_mask=False, offset_groups=2, c_in=6, c_out=4),
+    Case(n=4, feature_groups=2, c_in=4, c_out=6, strides=(2, 1), padding=((1, 0), (2, 1))),
+])
+def test_chunked_equals_reference(case, chunk, rng):
+    chunk(2)
+    x, off, kernel, mask = make_inputs(case, rng)
+    dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
+    got = _grads(case, x, off, kernel, mask, dy)
+    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b) < 1e-10
+    # The chunks are a loop in the program, each sampling 2 images.
+    f = lambda *a: deft_jax.deform_conv2d(*a, **case.kwargs())  # noqa: E731
+    hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
+    assert "while" in hlo and f"tensor<1x2x{case.out_hw()[0]}x" in hlo
+
+
+def test_vmap_over_layers_with_chunks(chunk, rng):
+    """Stacked problems share a chunk: 3 problems x 3 images in chunks of 2 // 3 -> 1 image."""
+    chunk(2)
+    case = Case(n=3)
+    batches = [make_inputs(case, rng) for _ in range(3)]
+    xs, offs, ks, ms = (jnp.stack(a) for a in zip(*batches))
+    f = lambda x, o, k, m: deft_jax.deform_conv2d(x, o, k, m, **case.kwargs())  # noqa: E731
+    loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    got = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(xs, offs, ks, ms)
+    for i, b in enumerate(batches):
+        want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*b)
+        for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert rel_err(a[i], c) < 1e-12
+
+
+def _temp_bytes(f, *args) -> int:
+    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_extra_memory_does_not_grow_with_batch(with_mask, chunk, rng):
+    """XLA's temporary memory for the op and its gradient is the same for 4, 8 and 32 chunks'
+    worth of images (at most twice that with a remainder chunk), while the reference's grows."""
+    chunk(2)
+    case = Case(h=12, w=10, c_in=8, c_out=8, with_mask=with_mask)
+    temps = {}
+    for n in (8, 16, 64, 63):
+        x, off, kernel, mask = make_inputs(Case(**{**vars(case), "n": n}), rng, np.float32)
+        dy = jnp.zeros((n, *case.out_hw(), case.c_out), jnp.float32)
+        args = (x, off, kernel) + ((mask,) if with_mask else ())
+
+        def fwd(*a, impl=None):
+            return deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if with_mask else None,
+                                          implementation=impl, **case.kwargs())
+        bwd = lambda *a, impl=None: jax.vjp(lambda *b: fwd(*b, impl=impl), *a[:-1])[1](a[-1])  # noqa: E731
+        temps[n] = (_temp_bytes(fwd, *args), _temp_bytes(bwd, *args, dy),
+                    _temp_bytes(lambda *a: bwd(*a, impl="xla"), *args, dy))
+    for n in (16, 64):
+        assert temps[n][0] == temps[8][0], temps  # forward
+        assert temps[n][1] == temps[8][1], temps  # forward + backward
+    # With a remainder the program holds a chunk of another size too: at most twice as much.
+    assert temps[63][0] <= 2 * temps[8][0] and temps[63][1] <= 2 * temps[8][1], temps
+    assert temps[64][2] > 4 * temps[8][2]  # the reference's columns scale with the batch
+
+
+def test_repeatable_bits_in_process(rng):
+    """Forward and every gradient, float32 and bfloat16, twice in one process: the same bits."""
+    case = Case(n=3, h=17, w=15, c_in=40, c_out=24, offset_groups=2)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, off, kernel, mask = make_inputs(case, rng, dtype)
+        dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)), dtype)
+        f = jax.jit(lambda *a: _grads(case, *a))
+        first, second = f(x, off, kernel, mask, dy), f(x, off, kernel, mask, dy)
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _probe(*, cpus=None, isa=None) -> dict[str, str]:
+    """Run cpu_columns_probe.py in a fresh process (restricted to `cpus` CPUs, capped at
+    instruction set `isa`); its {name: sha256 of the bytes} per output."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("DEFT_CPU_ISA", None)
+    if isa:
+        env["DEFT_CPU_ISA"] = isa
+    if cpus:
+        env["PROBE_CPUS"] = ",".join(str(c) for c in cpus)
+    r = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return dict(line.split(" ", 1) for line in r.stdout.strip().splitlines() if " " in line)
+
+
+def test_bitwise_identical_across_processes_and_thread_counts():
+    """The same inputs in fresh processes, with XLA's intra-op pool (which the handlers run on)
+    at 1 thread and at every CPU: the native sampler and col2im give the same bits at every
+    thread count; the whole op (its XLA dots included) the same bits in every process with the
+    same thread count."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    one, again = _probe(cpus=cpus[:1] or None), _probe(cpus=cpus[:1] or None)
+    assert one == again
+    if len(cpus) < 2:
+        pytest.skip("one CPU: no second thread count to compare")
+    every = _probe(cpus=cpus)
+    assert one["threads"] == "1" and every["threads"] == str(len(cpus))
+    native = [k for k in one if k.startswith(("cols", "col2im"))]
+    assert len(native) == 8
+    for k in native:
+        assert one[k] == every[k], k
+    assert every == _probe(cpus=cpus)
+
+
+def test_every_instruction_set_build_matches_the_reference():
+    """Each build of the kernels this CPU can run (generic, AVX2, AVX-512): float64 parity with
+    the reference for the forward and all four gradients (the probe checks, 1e-10)."""
+    best = _ffi._deft_cpu.cpu_isa()
+    builds = {"generic": ["generic"], "avx2": ["generic", "avx2"],
+              "avx512": ["generic", "avx2", "avx512"]}[best]
+    for isa in builds:
+        out = _probe(isa=isa)
+        assert out["isa"] == isa
+        assert float(out["max_rel_err_f64"]) < 1e-10, (isa, out)

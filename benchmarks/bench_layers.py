@@ -1,10 +1,11 @@
 """Layer benchmark: deft_jax native vs its pure-JAX gather reference vs a dense conv.
 
-Runs on whatever device JAX finds (CPU works). It follows the "Performance protocol" of
-DESIGN.md: for each layer shape and dtype, the forward and the forward+backward of the
+Runs on whatever device JAX finds (CPU works). It follows the project's performance protocol
+(docs/kernels.md, "Measurements"): for each layer shape and dtype, the forward and the forward+backward of the
 implementations in LEGEND are timed side by side in one process. The headline is the ratios
-xla/deft (speed-up of the native op) and deft/conv (what deformability costs over a dense conv).
-On GPU the forward+backward also runs as deft_det (deterministic=True; see LEGEND).
+xla/deft (speed-up of the native op) and deft/conv (what deformability costs over a dense conv). On GPU the
+forward+backward also runs as ``deft_det`` (``deterministic=True``, the bitwise reproducible mode;
+columns "det us", "det/deft" and "det repro": two calls gave bitwise identical outputs).
 
 Usage:
   python benchmarks/bench_layers.py                       # --quick (default); on CPU every suite
@@ -55,8 +56,6 @@ Columns (times are per call; ratios are time ratios):
                uses as many threads as JAX may)
   xla/deft     > 1: the native op beats the reference      deft/conv  cost over the dense conv
   torch/deft   > 1: the native op beats torchvision
-  det us, det/deft, det repro   GPU fwdbwd only: deft_jax.deform_conv2d(..., deterministic=True),
-               its time over deft's, and whether two calls gave bitwise identical outputs
   temp MiB     XLA's temporary buffers for one call: jit(f).lower(...).compile().memory_analysis()
                .temp_size_in_bytes, for deft / xla / conv (torch: not measured); deft's include its
                column chunk (CPU) or workspace (GPU): its native handlers allocate nothing sizable
@@ -70,7 +69,7 @@ Method: device time = R iterations inside one jitted program, (t(2R) - t(R)) / R
 runs, after compile and warm-up (torch: wall time of R calls / R, median over runs); dispatch = host
 cost per call (trivial jitted call; eager and jitted forward of each implementation on a tiny layer).
 """
-OFFSET_STD = 2.0  # pixels, DESIGN.md: offsets ~ N(0, 2^2)
+OFFSET_STD = 2.0  # pixels: the suite's offsets ~ N(0, 2^2)
 # A probe of the outputs is scaled by this before it is added to one element of each input:
 # nonzero as far as XLA can tell, so no iteration can be dropped or hoisted, yet x + 1e-30 * p
 # rounds back to x for every |x| > 1e-23, so the values keep their scale (float32 and bfloat16
@@ -406,7 +405,7 @@ def _torch_threads() -> int:
 
 def run_torch_case(mode, layer, dtype_name, inputs, settings) -> tuple[dict, object]:
     """torchvision.ops.deform_conv2d on the CPU, on the same inputs (NCHW / OIHW, offsets and mask
-    with their channel axis moved first, as DESIGN.md's public contract says) -> (entry, outputs in
+    with their channel axis moved first, as the public contract says) -> (entry, outputs in
     the layout and order of the JAX cases, for the error check)."""
     import torch
     import torchvision.ops
@@ -520,14 +519,14 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     if torch_why is None:
         impls.append("torch")
     cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
-             for impl in (*impls, *det_impls(mode))]
+             for impl in impls + list(det_impls(mode))]
     inputs, reference = None, None
     for layer, dtype_name, mode, impl in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         if impl == "xla" and mode == MODES[0]:
             inputs = make_inputs(layer, DTYPES[dtype_name], rng)
         base = {"shape": layer.name, "layer": dataclasses.asdict(layer), "dtype": dtype_name,
                 "mode": mode, "impl": impl}
-        if impl in ("deft", "torch", DET_IMPL):
+        if impl in ("deft", DET_IMPL, "torch"):
             try:
                 if impl == "torch":
                     entry, outputs = run_torch_case(mode, layer, dtype_name, inputs, settings)

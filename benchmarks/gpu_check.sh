@@ -10,7 +10,7 @@
 # train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
 # it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
 # sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
-# benchmarks/memcheck_small.py. fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000}.
+# benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py. fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000}.
 # Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
@@ -72,10 +72,14 @@ if has sanitize; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     echo "== compute-sanitizer $tool ($(date -u +%T))"
     # The platform allocator gives every buffer its own allocation, so an overrun is seen.
-    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-      timeout ${SANITIZE_TIMEOUT:-400} compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
-      "$PY" benchmarks/memcheck_small.py > "$OUT/sanitize_$tool.log" 2>&1
-    rc=$?
+    # memcheck_small.py: every kernel family, fwd+bwd, default and deterministic; nonfinite_sanitize.py:
+    # NaN / inf / 1e30 offsets and masks through each family.
+    rc=0
+    for script in benchmarks/memcheck_small.py benchmarks/nonfinite_sanitize.py; do
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        timeout ${SANITIZE_TIMEOUT:-400} compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+        "$PY" $script >> "$OUT/sanitize_$tool.log" 2>&1 || rc=$?
+    done
     tail -n 6 "$OUT/sanitize_$tool.log"
     echo "$tool rc=$rc"
     [[ $rc -eq 0 ]] || status=1

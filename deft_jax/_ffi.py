@@ -6,9 +6,8 @@ col2im, around which deft_jax/_columns.py puts XLA's dot. Each platform has its 
 and a name carries a version: any change of operands, results or attribute schema gets a new
 name, so a serialized program either finds the handler it was written for or fails to load (never
 runs a handler with another contract). The CUDA targets return their workspace as an extra output,
-sized here from the C++ module's own rule.
-The CUDA targets take one attribute more than the CPU ones, ``deterministic`` (0/1; see
-ops.deform_conv2d).
+sized here from the C++ module's own rule. The CUDA
+targets take one attribute more, ``deterministic`` (0/1; see ops.deform_conv2d).
 """
 
 from __future__ import annotations

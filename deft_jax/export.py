@@ -14,9 +14,19 @@ Example:
     >>> # Later, in a process that has imported deft_jax (which registers the targets with XLA):
     >>> y = jax.export.deserialize(blob).call(x)
 
-The FFI attributes (geometry and the tile configuration chosen at trace time for the tracing
-process's default backend) are frozen into the serialized module. Programs that use
-``implementation="xla"`` contain no custom call and need no disabled check.
+Several platforms: ``jax.export.export(..., platforms=("cpu", "cuda"))`` lowers each platform's
+own call (the CPU column route, the fused CUDA kernels), each with its own FFI attributes, in one
+serialized module (the op traces one call per platform whose module is built and
+``lax.platform_dependent`` picks the branch). The CUDA tile choice is made at trace time: for the
+tracing process's GPU, or, when it has none (exporting on a CPU host), for an H100 (132 SMs,
+compute capability 9.0) — ops._EXPORT_GPU. Lowering for CUDA needs the CUDA module, i.e. a
+deft_jax built with nvcc, in the exporting process.
+
+Compatibility promise: a target name never changes meaning. A serialized program runs with any
+deft_jax that still registers its targets; a release that changes a target's operands, results
+or attributes adds a new name (and may drop old ones, which then fails loudly at load time with
+XLA's "no FFI handler" error, never silently). Programs that use ``implementation="xla"``
+contain no custom call and need no disabled check.
 """
 
 from __future__ import annotations

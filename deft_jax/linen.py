@@ -27,7 +27,7 @@ from flax.linen.dtypes import promote_dtype  # noqa: E402
 from flax.linen.linear import PaddingLike, canonicalize_padding, default_kernel_init  # noqa: E402
 from flax.typing import Dtype, Initializer, PrecisionLike  # noqa: E402
 
-from .ops import deform_conv2d  # noqa: E402
+from . import _layer  # noqa: E402
 
 __all__ = ["DeformConv", "DeformConvPack"]
 
@@ -113,23 +113,7 @@ class DeformConv(nn.Module):
         """The layer (shapes as ``__call__``), shared with ``DeformConvPack``: it declares
         'kernel' and 'bias' inside the calling compact method's scope."""
         kh, kw = _pair(self.kernel_size, "kernel_size")
-        taps = kh * kw
-        if self.offset_groups is not None and offset.shape[-1] != 2 * self.offset_groups * taps:
-            raise ValueError(
-                "offset: expected last axis 2*offset_groups*kh*kw = "
-                f"{2 * self.offset_groups * taps} for offset_groups={self.offset_groups} and "
-                f"kernel {(kh, kw)}, got shape {tuple(offset.shape)}")
-        if inputs.ndim < 3:
-            raise ValueError(f"inputs: expected [*batch, H, W, C_in], got shape {inputs.shape}")
-        batch_shape = inputs.shape[:-3]
-        for name, a in (("offset", offset), ("mask", mask)):
-            if a is not None and a.shape[:-3] != batch_shape:
-                raise ValueError(f"{name}: leading batch axes {a.shape[:-3]} differ from the "
-                                 f"inputs' {batch_shape}")
-
-        def flat(a):
-            return None if a is None else a.reshape((-1, *a.shape[-3:]))
-
+        lead = _layer.batch_shape(inputs, offset, mask, (kh, kw), self.offset_groups)
         in_features = inputs.shape[-1]
         if in_features % self.feature_group_count:
             raise ValueError(f"feature_group_count: {self.feature_group_count} must divide the "
@@ -141,16 +125,13 @@ class DeformConv(nn.Module):
                 if self.use_bias else None)
         inputs, offset, mask, kernel, bias = promote_dtype(
             inputs, offset, mask, kernel, bias, dtype=self.dtype)
-        y = deform_conv2d(flat(inputs), flat(offset), kernel, flat(mask),
-                          strides=_pair(self.strides, "strides"),
-                          padding=canonicalize_padding(self.padding, 2),
-                          kernel_dilation=_pair(self.kernel_dilation, "kernel_dilation"),
-                          feature_group_count=self.feature_group_count,
-                          precision=self.precision, implementation=self.implementation,
-                          deterministic=self.deterministic)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(batch_shape + y.shape[1:])
+        return _layer.apply(inputs, offset, mask, kernel, bias, lead,
+                            strides=_pair(self.strides, "strides"),
+                            padding=canonicalize_padding(self.padding, 2),
+                            kernel_dilation=_pair(self.kernel_dilation, "kernel_dilation"),
+                            feature_group_count=self.feature_group_count,
+                            precision=self.precision, implementation=self.implementation,
+                            deterministic=self.deterministic)
 
 
 class DeformConvPack(DeformConv):

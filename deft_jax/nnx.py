@@ -33,7 +33,7 @@ from flax.nnx.nn.dtypes import promote_dtype  # noqa: E402
 from flax.nnx.nn.linear import canonicalize_padding, default_kernel_init  # noqa: E402
 from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike  # noqa: E402
 
-from .ops import deform_conv2d  # noqa: E402
+from . import _layer  # noqa: E402
 
 __all__ = ["DeformConv", "DeformConvPack"]
 
@@ -176,41 +176,21 @@ class DeformConv(nnx.Module):
 
     def _deform(self, inputs, offset, mask):
         """The layer (shapes as ``__call__``), shared with ``DeformConvPack``."""
-        kh, kw = self.kernel_size
-        taps = kh * kw
-        if inputs.ndim < 3:
-            raise ValueError(f"inputs: expected [*batch, H, W, C_in], got shape {inputs.shape}")
-        if inputs.shape[-1] != self.in_features:
+        if inputs.ndim >= 1 and inputs.shape[-1] != self.in_features:
             raise ValueError(f"inputs: expected {self.in_features} channels (in_features) on the "
                              f"last axis, got shape {inputs.shape}")
-        if self.offset_groups is not None and offset.shape[-1] != 2 * self.offset_groups * taps:
-            raise ValueError(
-                "offset: expected last axis 2*offset_groups*kh*kw = "
-                f"{2 * self.offset_groups * taps} for offset_groups={self.offset_groups} and "
-                f"kernel {(kh, kw)}, got shape {tuple(offset.shape)}")
-        batch_shape = inputs.shape[:-3]
-        for name, a in (("offset", offset), ("mask", mask)):
-            if a is not None and (a.ndim < 3 or a.shape[:-3] != batch_shape):
-                raise ValueError(f"{name}: leading batch axes of shape {tuple(a.shape)} differ "
-                                 f"from the inputs' {batch_shape}")
-
-        def flat(a):
-            # The op takes exactly one batch axis.
-            return None if a is None else a.reshape((-1, *a.shape[-3:]))
+        lead = _layer.batch_shape(inputs, offset, mask, self.kernel_size, self.offset_groups)
 
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, offset, mask, kernel, bias = promote_dtype(
             (inputs, offset, mask, kernel, bias), dtype=self.dtype)
-        y = deform_conv2d(flat(inputs), flat(offset), kernel, flat(mask),
-                          strides=self.strides, padding=canonicalize_padding(self.padding, 2),
-                          kernel_dilation=self.kernel_dilation,
-                          feature_group_count=self.feature_group_count,
-                          precision=self.precision, implementation=self.implementation,
-                          deterministic=self.deterministic)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(batch_shape + y.shape[1:])
+        return _layer.apply(inputs, offset, mask, kernel, bias, lead, strides=self.strides,
+                            padding=canonicalize_padding(self.padding, 2),
+                            kernel_dilation=self.kernel_dilation,
+                            feature_group_count=self.feature_group_count,
+                            precision=self.precision, implementation=self.implementation,
+                            deterministic=self.deterministic)
 
 
 class DeformConvPack(DeformConv):

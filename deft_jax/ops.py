@@ -138,39 +138,48 @@ def _allow_tf32(precision) -> bool:
     return all(lax.Precision(p) == lax.Precision.DEFAULT for p in ps)
 
 
-def _native_platform() -> str:
+def _native_platforms() -> tuple[str, ...]:
+    """The platforms a native call is traced for: the default backend's first, then every other
+    platform whose module is built (CPU always, CUDA where nvcc was found), so that one
+    ``jax.export`` for ("cpu", "cuda") lowers each platform's own call. Lowering for one platform
+    keeps only its branch (lax.platform_dependent), so the extra trace costs no device work."""
     backend = jax.default_backend()
-    if backend == "cpu":
-        return "cpu"
-    if backend in ("gpu", "cuda"):
-        if not _ffi.cuda_available():
-            raise RuntimeError(
-                "deft_jax: the default backend is a GPU but the CUDA module was not built "
-                "(no nvcc at install time). Reinstall with nvcc on PATH (DEFT_CUDA=ON pip install .), "
-                "or pass implementation='xla' to use the pure-JAX reference explicitly.")
-        return "cuda"
-    raise RuntimeError(f"deft_jax: no native kernels for backend {backend!r}; "
-                       "pass implementation='xla' to use the pure-JAX reference explicitly")
+    if backend in ("gpu", "cuda") and not _ffi.cuda_available():
+        raise RuntimeError(
+            "deft_jax: the default backend is a GPU but the CUDA module was not built "
+            "(no nvcc at install time). Reinstall with nvcc on PATH (DEFT_CUDA=ON pip install .), "
+            "or pass implementation='xla' to use the pure-JAX reference explicitly.")
+    if backend not in ("cpu", "gpu", "cuda"):
+        raise RuntimeError(f"deft_jax: no native kernels for backend {backend!r}; "
+                           "pass implementation='xla' to use the pure-JAX reference explicitly")
+    built = ("cpu", "cuda") if _ffi.cuda_available() else ("cpu",)
+    first = "cpu" if backend == "cpu" else "cuda"
+    return (first, *(p for p in built if p != first))
 
 
-def _device_sm_count() -> int:
-    return int(getattr(jax.devices()[0], "core_count", 0) or 0)
+# The GPU a CUDA call is tiled for when the tracing process has none (jax.export on a CPU host):
+# an H100 (132 SMs, compute capability 9.0), the device the tiling rules were measured on.
+_EXPORT_GPU = (132, 9)
 
 
-def _device_cc_major() -> int:
-    """The GPU's compute capability major (0 if the runtime does not say)."""
-    cc = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+def _gpu_model() -> tuple[int, int]:
+    """(SM count, compute capability major) of the default GPU, or _EXPORT_GPU without one."""
+    if jax.default_backend() not in ("gpu", "cuda"):
+        return _EXPORT_GPU
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", "") or "")
     try:
-        return int(cc.split(".")[0])
+        major = int(cc.split(".")[0])
     except ValueError:
-        return 0
+        major = 0
+    return int(getattr(dev, "core_count", 0) or 0), major
 
 
-def native_call(x, kernel, geo: Geometry, with_mask: bool, precision,
-                deterministic: bool = False) -> _autodiff.NativeCall:
-    """FFI attributes (geometry + tiling) and output shape for one native call. The CUDA targets
-    also take ``deterministic``; the CPU route does not (it is deterministic anyway)."""
-    platform = _native_platform()
+def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
+                platform: str = "cpu") -> _autodiff.NativeCall:
+    """FFI attributes (geometry + tiling) and output shape of the native call on `platform`
+    ("cpu": the column route; "cuda": the fused kernels). The CUDA targets also take
+    ``deterministic``; the CPU targets do not (their handler is deterministic anyway)."""
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
                               c_out=kernel.shape[3], taps=geo.kernel_size[0] * geo.kernel_size[1],
@@ -190,12 +199,12 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision,
                                     attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                     out_shape=out_shape, chunk=tiling.cpu_chunk_images(shape),
                                     precision=_hashable_precision(precision))
-    cc = _device_cc_major()
-    tile = tiling.choose_tiling(platform, shape, _device_sm_count(), cc, deterministic=deterministic)
+    sm_count, cc = _gpu_model()
+    tile = tiling.choose_tiling(platform, shape, sm_count, cc, deterministic=deterministic)
     tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
-    attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)))
+    attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)),
+                 deterministic=int(deterministic))
     attrs.update(dataclasses.asdict(tile))
-    attrs["deterministic"] = int(deterministic)
     return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                 out_shape=out_shape)
 
@@ -205,9 +214,18 @@ def _hashable_precision(precision):
     return tuple(precision) if isinstance(precision, list) else precision
 
 
+def _native(x, offset, mask, kernel, calls: tuple[_autodiff.NativeCall, ...]):
+    """The native op with one call per platform: lowering picks the platform's own branch."""
+    if len(calls) == 1:
+        return _autodiff.deform_conv2d(x, offset, mask, kernel, calls[0])
+    branches = {c.platform: (lambda x, o, m, k, c=c: _autodiff.deform_conv2d(x, o, m, k, c))
+                for c in calls}
+    return lax.platform_dependent(x, offset, mask, kernel, **branches)
+
+
 # Jitted so an eager call costs a cache lookup instead of retracing the custom_vjp / custom_vmap /
 # custom_partitioning wrappers (~2.5 ms per call measured); inside an outer jit it is inlined.
-_native_jit = jax.jit(_autodiff.deform_conv2d, static_argnums=(4,))
+_native_jit = jax.jit(_native, static_argnums=(4,))
 
 
 def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
@@ -229,8 +247,8 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       feature_group_count: grouped convolution, as in lax.conv_general_dilated.
       precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT (or None).
       implementation: None for the native kernel of the platform (on CPU a C++ column sampler and
-        col2im around XLA's dot, on GPU fused CUDA kernels), or
-        "xla" for the pure-JAX gather reference.
+        col2im around XLA's dot, on GPU fused CUDA kernels), or "xla" for the pure-JAX gather
+        reference.
       deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
         identical from run to run (same inputs, device model and build). Applies to the native
         implementation only (the reference's XLA scatter is not deterministic on GPU); combined
@@ -296,5 +314,6 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             x, offset, kernel, mask, strides=geo.strides, padding=geo.padding,
             kernel_dilation=geo.kernel_dilation, feature_group_count=geo.feature_group_count,
             precision=precision)
-    call = native_call(x, kernel, geo, mask is not None, precision, bool(deterministic))
-    return _native_jit(x, offset, mask, kernel, call)
+    calls = tuple(native_call(x, kernel, geo, mask is not None, precision, bool(deterministic), p)
+                  for p in _native_platforms())
+    return _native_jit(x, offset, mask, kernel, calls)

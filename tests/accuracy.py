@@ -52,9 +52,9 @@ The tolerance of output o with reduction length n_o (terms summed into one eleme
 
 * ``c_st`` = roundings to the storage / operand type on one term's path (the model of each
   implementation, ``MODELS``), counted from the code:
-  - native CPU route (csrc/cpu + deft_jax/_columns.py): the sampled column is rounded to the dtype
-    (the GEMM's operand, as the reference's column), the dots and col2im accumulate in float32
-    (float64), the column cotangent stays float32, then the store: c_st = 2.
+  - native CPU route (csrc/cpu + XLA's dot): the sampled column is stored in the dtype (the dot's
+    operand), the dot accumulates in float32, then the store: c_st = 2 (the same count as the GPU
+    kernels); the column cotangent and dx stay in float32.
   - native GPU kernels (csrc/cuda): the sampled column is rounded to the MMA operand type (the
     forward's A operand, the weight pass's cols), grad_col stays in float32 (shared memory ``Cs`` of
     type A), then the store: c_st = 2. For float32 at DEFAULT precision both MMA operands are

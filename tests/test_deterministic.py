@@ -46,10 +46,12 @@ def test_cpu_attributes_have_no_deterministic_flag():
     x, kernel = jnp.zeros((1, 6, 6, 4)), jnp.zeros((3, 3, 4, 8))
     geo = ops.validate(x, jnp.zeros((1, 6, 6, 18)), kernel, None, strides=1, padding=1,
                        kernel_dilation=1, feature_group_count=1)
-    with jax.default_device(CPU):
-        a = ops.native_call(x, kernel, geo, False, None, False)
-        b = ops.native_call(x, kernel, geo, False, None, True)
+    a = ops.native_call(x, kernel, geo, False, None, False, "cpu")
+    b = ops.native_call(x, kernel, geo, False, None, True, "cpu")
     assert a == b and "deterministic" not in dict(a.attrs)
+    if deft_jax.cuda_available():
+        c = ops.native_call(x, kernel, geo, False, None, True, "cuda")
+        assert dict(c.attrs)["deterministic"] == 1
 
 
 def test_linen_modules_pass_it_on(rng):

@@ -95,11 +95,6 @@ def _third_party_imports(path: pathlib.Path, local: set[str]) -> set[str]:
     return found - set(sys.stdlib_module_names) - {"deft_jax"} - local
 
 
-# Imported only where installed, never required: bench_layers.py compares against torchvision's
-# CPU deform_conv2d when torch imports (its entries say "unavailable" otherwise).
-OPTIONAL_IMPORTS = {"bench": {"torch", "torchvision"}}
-
-
 @pytest.mark.parametrize("extra,paths", [
     ("examples", ["examples/*.py"]),
     ("bench", ["benchmarks/bench_layers.py"]),
@@ -112,7 +107,9 @@ def test_each_extra_covers_its_imports(extra, paths):
     assert files
     # Modules of the tree imported by name: the tests' helpers and examples/ (on sys.path).
     local = {f.stem for d in ("tests", "examples") for f in (ROOT / d).glob("*.py")}
+    # torch/torchvision are optional comparisons, imported inside try/except ImportError.
+    optional = {"torch", "torchvision"}
     for f in files:
-        needed = _third_party_imports(f, local) - OPTIONAL_IMPORTS.get(extra, set())
+        needed = _third_party_imports(f, local) - optional  # import names = distribution names here
         assert needed <= provided, f"{f.relative_to(ROOT)} imports {sorted(needed - provided)}, " \
                                    f"not in the {extra!r} extra"

@@ -101,19 +101,19 @@ struct Scatter {
   A wm[4];
 };
 
-// dst[c] = (sum over corners of x * w) * m, corners in the reference's order. A NaN sample point
-// (geometry.h: no corner is read) gives fill() * m = NaN in every channel of its group.
+// dst[c] = (sum over corners of x * w) * m, corners in the reference's order; NaN for every
+// channel of a NaN sample point (geometry.h's non-finite policy).
 template <typename T, typename A>
 void Blend(const Tap<T, A>& t, T* __restrict dst, int64_t n) {
+  if (t.b.nan_point) {
+    std::fill(dst, dst + n, store_as<T>(t.b.fill()));
+    return;
+  }
   const T* __restrict s0 = t.src[0];
   const T* __restrict s1 = t.src[1];
   const T* __restrict s2 = t.src[2];
   const T* __restrict s3 = t.src[3];
   const A w0 = t.w[0], w1 = t.w[1], w2 = t.w[2], w3 = t.w[3], m = t.m;
-  if (t.b.nan_point) {
-    std::fill(dst, dst + n, store_as<T>(A(t.b.fill() * m)));
-    return;
-  }
   for (int64_t c = 0; c < n; ++c) {
     const A v = load_as<A>(s0[c]) * w0 + load_as<A>(s1[c]) * w1 + load_as<A>(s2[c]) * w2 +
                 load_as<A>(s3[c]) * w3;
@@ -232,20 +232,15 @@ void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, 
               const Tap<T, A> t = s.tap(q, g, i, j);
               A d[4];
               Dot4(dcols + (q.out * K + k) * C + g * Cg, t.src, Cg, d);
-              const A ly = t.b.ly, lx = t.b.lx;
-              // d sample / d(y, x) of each corner's weight, as torchvision. A NaN sample point's
-              // derivatives (and its mask gradient) are NaN: fill() (geometry.h).
-              const bool nan_point = t.b.nan_point;
-              const A gy = nan_point ? t.b.fill()
-                                     : -(A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
-              const A gx = nan_point ? t.b.fill()
-                                     : -(A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
+              const A ly = t.b.ly, lx = t.b.lx, f = t.b.fill();  // f: NaN for a NaN point, else 0
+              // d sample / d(y, x) of each corner's weight, as torchvision.
+              const A gy = f - (A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
+              const A gx = f - (A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
               T* doff = doffset + q.out * p.offset_channels() + (g * K + k) * 2;
               doff[0] = store_as<T>(A(t.m * gy));
               doff[1] = store_as<T>(A(t.m * gx));
               if (p.with_mask) {
-                const A gm = nan_point ? t.b.fill()
-                                       : t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
+                const A gm = f + t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
                 dmask[q.out * p.mask_channels() + g * K + k] = store_as<T>(gm);
               }
               Scatter<A>& e = sc[g * K + k];

@@ -17,9 +17,9 @@ namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
-// Every attribute of the deft_deform_conv2d_{fwd,bwd}_cuda targets (the _cuda_v5 targets add
-// `deterministic`, gpu_ffi.cc CudaConvAttrs); Python passes them by name
+// The attributes of the deft_deform_conv2d_{fwd,bwd}_cuda_v5 targets; Python passes them by name
 // (deft_jax/_ffi.py). Flags are int64 0/1 so the schema needs no bool attribute support.
+// `deterministic`: bitwise reproducible forward and backward (csrc/cuda/det.cuh).
 struct ConvAttrs {
   int64_t stride_h, stride_w;
   int64_t pad_top, pad_bottom, pad_left, pad_right;
@@ -27,6 +27,7 @@ struct ConvAttrs {
   int64_t offset_groups, feature_groups;
   int64_t with_mask, allow_tf32;
   int64_t tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits;
+  int64_t deterministic;
 };
 
 inline deft::TileConfig tile_of(const ConvAttrs& a) {
@@ -126,4 +127,4 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("tile_w"), ::xla::ffi::StructMember<int64_t>("tile_n"),
     ::xla::ffi::StructMember<int64_t>("tile_k"), ::xla::ffi::StructMember<int64_t>("warps"),
     ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
-    ::xla::ffi::StructMember<int64_t>("k_splits"));
+    ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("deterministic"));

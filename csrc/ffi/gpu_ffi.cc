@@ -21,14 +21,6 @@ namespace ffi = xla::ffi;
 
 namespace deft_ffi {
 
-// The CUDA targets' attributes (_cuda_v5): the shared ConvAttrs plus `deterministic` (int64 0/1:
-// bitwise reproducible forward and backward, kernels/det.cuh). A struct of its own, so the CPU
-// targets keep their attribute schema (ConvAttrs, decoded by exact count): their handler is
-// deterministic anyway, and Python passes `deterministic` to the CUDA targets only.
-struct CudaConvAttrs : ConvAttrs {
-  int64_t deterministic;
-};
-
 namespace {
 
 ffi::Error cuda_error(const char* what, cudaError_t e, const deft::ConvParams& p) {
@@ -40,7 +32,7 @@ ffi::Error cuda_error(const char* what, cudaError_t e, const deft::ConvParams& p
                         std::to_string(p.kw) + ")");
 }
 
-ffi::Error CheckTile(const CudaConvAttrs& attrs, deft::DType dtype) {
+ffi::Error CheckTile(const ConvAttrs& attrs, deft::DType dtype) {
   if (attrs.deterministic != 0 && attrs.deterministic != 1)
     return invalid("deterministic must be 0 or 1, got " + std::to_string(attrs.deterministic));
   const std::string why = deft::CheckGpuTileConfig(tile_of(attrs), dtype);
@@ -58,7 +50,7 @@ ffi::ErrorOr<void*> Workspace(ffi::Result<ffi::AnyBuffer>& ws, size_t bytes, con
 
 ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
                        ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> workspace,
-                       CudaConvAttrs attrs) {
+                       ConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success()) return err;
   auto dtype = to_dtype(x.element_type());
@@ -82,7 +74,7 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
                         ffi::AnyBuffer offset, ffi::AnyBuffer mask, ffi::AnyBuffer kernel, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> doffset,
                         ffi::Result<ffi::AnyBuffer> dmask, ffi::Result<ffi::AnyBuffer> dkernel,
-                        ffi::Result<ffi::AnyBuffer> workspace, CudaConvAttrs attrs) {
+                        ffi::Result<ffi::AnyBuffer> workspace, ConvAttrs attrs) {
   deft::ConvParams p;
   if (auto err = BuildParams(x, offset, mask, kernel, dy.dimensions(), attrs, &p); !err.success()) return err;
   auto dtype = CheckBackwardBuffers(x, offset, mask, kernel, dy, *dx, *doffset, *dmask, *dkernel);
@@ -108,21 +100,6 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
 }  // namespace
 }  // namespace deft_ffi
 
-// ConvAttrs' members (conv_attrs.h, in its order) and `deterministic`.
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
-    deft_ffi::CudaConvAttrs, ::xla::ffi::StructMember<int64_t>("stride_h"),
-    ::xla::ffi::StructMember<int64_t>("stride_w"), ::xla::ffi::StructMember<int64_t>("pad_top"),
-    ::xla::ffi::StructMember<int64_t>("pad_bottom"), ::xla::ffi::StructMember<int64_t>("pad_left"),
-    ::xla::ffi::StructMember<int64_t>("pad_right"), ::xla::ffi::StructMember<int64_t>("dil_h"),
-    ::xla::ffi::StructMember<int64_t>("dil_w"), ::xla::ffi::StructMember<int64_t>("offset_groups"),
-    ::xla::ffi::StructMember<int64_t>("feature_groups"), ::xla::ffi::StructMember<int64_t>("with_mask"),
-    ::xla::ffi::StructMember<int64_t>("allow_tf32"), ::xla::ffi::StructMember<int64_t>("tile_h"),
-    ::xla::ffi::StructMember<int64_t>("tile_w"), ::xla::ffi::StructMember<int64_t>("tile_n"),
-    ::xla::ffi::StructMember<int64_t>("tile_k"), ::xla::ffi::StructMember<int64_t>("warps"),
-    ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
-    ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("deterministic"));
-static_assert(sizeof(deft_ffi::CudaConvAttrs) == sizeof(deft_ffi::ConvAttrs) + sizeof(int64_t),
-              "CudaConvAttrs = ConvAttrs + deterministic");
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                               ffi::Ffi::Bind()
@@ -133,7 +110,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                                   .Arg<ffi::AnyBuffer>()  // kernel
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
-                                  .Attrs<deft_ffi::CudaConvAttrs>(),
+                                  .Attrs<deft_ffi::ConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
@@ -149,7 +126,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
                                   .Ret<ffi::AnyBuffer>()  // dkernel
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
-                                  .Attrs<deft_ffi::CudaConvAttrs>(),
+                                  .Attrs<deft_ffi::ConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 namespace {

@@ -1,0 +1,71 @@
+"""jax.export of a program using deft_jax: per-platform lowering, serialization, the checks to disable."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deft_jax
+from deft_jax import _ffi
+
+
+def _layer(x, offset, kernel, mask):
+    return deft_jax.deform_conv2d(x, offset, kernel, mask, padding=1)
+
+
+def _inputs(rng, dtype=np.float32):
+    x = rng.normal(size=(2, 7, 6, 4)).astype(dtype)
+    off = (rng.normal(size=(2, 7, 6, 18)) * 2).astype(dtype)
+    kernel = (rng.normal(size=(3, 3, 4, 5)) / 6).astype(dtype)
+    mask = rng.uniform(size=(2, 7, 6, 9)).astype(dtype)
+    return x, off, kernel, mask
+
+
+def test_disabled_checks_name_every_target():
+    names = {c.is_custom_call() for c in deft_jax.export.disabled_safety_checks()}
+    assert names == set(_ffi.TARGETS)
+    assert all(t.rsplit("_", 1)[-1].startswith("v") for t in names)  # versioned names
+
+
+def test_export_without_the_checks_is_refused_with_the_target_named(rng):
+    args = _inputs(rng)
+    with pytest.raises(ValueError, match=_ffi.target_names("cpu")[0]):
+        jax.export.export(jax.jit(_layer))(*args)
+
+
+def test_export_round_trip_equals_the_direct_call(rng):
+    args = _inputs(rng)
+    exp = jax.export.export(jax.jit(_layer), disabled_checks=deft_jax.export.disabled_safety_checks())(*args)
+    restored = jax.export.deserialize(exp.serialize(vjp_order=1))
+    np.testing.assert_array_equal(restored.call(*args), jax.jit(_layer)(*args))
+    g = jax.grad(lambda *a: jnp.sum(restored.call(*a) ** 2), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(lambda *a: jnp.sum(_layer(*a) ** 2), argnums=(0, 1, 2, 3))(*args)
+    for a, b in zip(g, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built with nvcc)")
+def test_one_export_lowers_each_platform_its_own_call(rng):
+    """platforms=("cpu", "cuda"): the CPU lowering calls the CPU targets, the CUDA lowering the CUDA
+    ones with the CUDA tiling (here, on a CPU host, the default GPU model's); the CPU half runs."""
+    args = _inputs(rng)
+    exp = jax.export.export(jax.jit(_layer), platforms=("cpu", "cuda"),
+                            disabled_checks=deft_jax.export.disabled_safety_checks())(*args)
+    text = exp.mlir_module()
+    assert _ffi.target_names("cpu")[0] in text and _ffi.target_names("cuda")[0] in text
+    assert "tile_w" in text  # the CUDA call carries its tile choice as attributes
+    restored = jax.export.deserialize(exp.serialize())
+    assert restored.platforms == ("cpu", "cuda")
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(restored.call(*args), jax.jit(_layer)(*args))
+    else:
+        np.testing.assert_allclose(restored.call(*args), jax.jit(_layer)(*args), rtol=0, atol=0)
+
+
+def test_jit_on_one_platform_lowers_only_its_branch(rng):
+    args = _inputs(rng)
+    text = jax.jit(_layer).lower(*args).as_text()
+    here = "cpu" if jax.default_backend() == "cpu" else "cuda"
+    other = "cuda" if here == "cpu" else "cpu"
+    assert _ffi.target_names(here)[0] in text
+    assert _ffi.target_names(other)[0] not in text

@@ -2,8 +2,12 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from deft_jax import _ffi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +64,16 @@ def rel_err(a, b):
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _gpu_device():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+GPU = _gpu_device()  # the first GPU, or None
+HAS_GPU = GPU is not None and _ffi.cuda_available()
+# For tests of the CUDA kernels: skipped without a GPU or the CUDA module (add pytest.mark.gpu).
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the deft_jax CUDA module")

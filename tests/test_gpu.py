@@ -17,24 +17,11 @@ import pytest
 from jax import lax
 
 import deft_jax
-from deft_jax import _ffi, reference
-from helpers import Case, make_inputs, rel_err
+from helpers import GPU, Case, make_inputs, needs_gpu, rel_err
 
 
-def _gpu_device():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu_device()
 CPU = jax.devices("cpu")[0]
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(GPU is None or not _ffi.cuda_available(),
-                       reason="needs a CUDA GPU and the deft_jax CUDA module"),
-]
+pytestmark = [pytest.mark.gpu, needs_gpu]
 
 GRID = [
     Case(),

@@ -14,25 +14,13 @@ import pytest
 from jax import lax
 
 import deft_jax
-from deft_jax import _ffi, tiling
-from helpers import Case, make_inputs, rel_err
+from deft_jax import tiling
+from helpers import GPU, Case, make_inputs, needs_gpu, rel_err
 from test_gpu import TOL
 
 
-def _gpu_device():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu_device()
 CPU = jax.devices("cpu")[0]
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(GPU is None or not _ffi.cuda_available(),
-                       reason="needs a CUDA GPU and the deft_jax CUDA module"),
-]
+pytestmark = [pytest.mark.gpu, needs_gpu]
 
 RUNS = 5
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]

@@ -16,22 +16,10 @@ import numpy as np
 import pytest
 
 import deft_jax
-from deft_jax import _ffi
+from helpers import GPU, needs_gpu
 
 
-def _gpu_device():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu_device()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(GPU is None or not _ffi.cuda_available(),
-                       reason="needs a CUDA GPU and the deft_jax CUDA module"),
-]
+pytestmark = [pytest.mark.gpu, needs_gpu]
 
 DTYPES = ["bfloat16", "float16", "float32"]
 

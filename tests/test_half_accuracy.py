@@ -28,19 +28,10 @@ import pytest
 from jax import lax
 
 import accuracy as A
-from deft_jax import _ffi
+from helpers import GPU, HAS_GPU
 
 
-def _gpu_device():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu_device()
 CPU = jax.devices("cpu")[0]
-HAS_GPU = GPU is not None and _ffi.cuda_available()
 PLATFORMS = [
     pytest.param("cpu", marks=pytest.mark.skipif(
         jax.default_backend() != "cpu", reason="the C++ handler runs where the CPU is jax's backend")),

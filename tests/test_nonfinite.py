@@ -33,7 +33,8 @@ import pytest
 from jax import lax
 
 import deft_jax
-from deft_jax import _ffi, tiling
+from deft_jax import tiling
+from helpers import GPU, needs_gpu
 
 POISONS = (np.nan, np.inf, -np.inf, 1e30, -1e30)
 TARGETS = ("dy", "dx", "mask")
@@ -345,16 +346,6 @@ def test_native_matches_reference_on_poisoned_inputs():
 # ---------------------------------------------------------------------------------------------
 # (b) The CUDA kernels, every family forced by a tile override (skipped without a GPU).
 
-def _gpu_device():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu_device()
-needs_gpu = pytest.mark.skipif(GPU is None or not _ffi.cuda_available(),
-                               reason="needs a CUDA GPU and the deft_jax CUDA module")
 
 # TileConfig(tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits) -> the family.
 GPU_FAMILIES = {

@@ -282,16 +282,6 @@ void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, 
   });
 }
 
-#define DEFT_INSTANTIATE(T)                                                                    \
-  template void SampleColumns<T>(const ConvParams&, const Images&, const T*, const T*,         \
-                                 const T*, T*, TaskRunner&);                                   \
-  template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
-                          const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
-                          TaskRunner&);
-DEFT_INSTANTIATE(float)
-DEFT_INSTANTIATE(double)
-DEFT_INSTANTIATE(bf16_t)
-DEFT_INSTANTIATE(f16_t)
-#undef DEFT_INSTANTIATE
+DEFT_INSTANTIATE_COLUMNS
 
 }  // namespace deft::cpu::DEFT_CPU_ISA

@@ -22,3 +22,17 @@
 DEFT_DECLARE_COLUMNS(generic)
 DEFT_DECLARE_COLUMNS(avx2)
 DEFT_DECLARE_COLUMNS(avx512)
+
+// Explicit instantiations of SampleColumns and Col2Im for every element type, in the namespace
+// where the macro is expanded (each ISA build and the dispatcher).
+#define DEFT_INSTANTIATE_COLUMNS_FOR(T)                                                        \
+  template void SampleColumns<T>(const ConvParams&, const Images&, const T*, const T*,         \
+                                 const T*, T*, TaskRunner&);                                   \
+  template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
+                          const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
+                          TaskRunner&);
+#define DEFT_INSTANTIATE_COLUMNS    \
+  DEFT_INSTANTIATE_COLUMNS_FOR(float)  \
+  DEFT_INSTANTIATE_COLUMNS_FOR(double) \
+  DEFT_INSTANTIATE_COLUMNS_FOR(bf16_t) \
+  DEFT_INSTANTIATE_COLUMNS_FOR(f16_t)

@@ -49,7 +49,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LEGEND = """\
 Columns (times are per call; ratios are time ratios):
   deft us      deft_jax.deform_conv2d(..., implementation=None): the native op of the platform
-               (CPU: C++ column sampler + XLA's dot + C++ col2im; GPU: the fused CUDA kernels)
+               (CPU: C++ column sampler + XLA's dot + C++ col2im; GPU: the route
+               deft_jax.tiling.choose_route picks for the shape)
+  fused us, columns us   (GPU) the two GPU routes forced: implementation="fused" (the fused CUDA
+               kernels) and "columns" (CUDA sampler + cuBLAS via XLA's dot + CUDA col2im)
   xla us       deft_jax.deform_conv2d(..., implementation="xla"): the pure-JAX gather reference
   conv us      lax.conv_general_dilated of the same shape: the dense floor (offset 0, no mask)
   torch us     torchvision.ops.deform_conv2d on the CPU (CPU runs where torch imports; NCHW; torch
@@ -171,7 +174,7 @@ def forward_fn(impl: str, layer: Layer):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return conv, ("x", "kernel")
 
-    implementation = {"deft": None, "xla": "xla", DET_IMPL: None}[impl]
+    implementation = {"deft": None, "xla": "xla", DET_IMPL: None, **ROUTE_IMPLS}[impl]
     extra = {"deterministic": True} if impl == DET_IMPL else {}
 
     def deform(x, offset, mask, kernel):
@@ -294,6 +297,22 @@ DET_HEADER = ["det us", "det/deft", "det repro"]
 
 def det_impls(mode: str) -> tuple[str, ...]:
     return (DET_IMPL,) if mode == "fwdbwd" and jax.default_backend() == "gpu" else ()
+
+
+# On GPU each route of the native op also runs on its own (implementation="fused" / "columns"):
+# the measurements behind deft_jax/routes.json (benchmarks/make_routes.py).
+ROUTE_IMPLS = {"deft_fused": "fused", "deft_columns": "columns"}
+ROUTE_HEADER = ["fused us", "columns us"]
+
+
+def route_impls() -> tuple[str, ...]:
+    return tuple(ROUTE_IMPLS) if jax.default_backend() == "gpu" else ()
+
+
+def route_cells(data: dict, entries: dict) -> list[str]:
+    if not any(r["impl"] in ROUTE_IMPLS for r in data["results"]):
+        return []
+    return [_time(entries[i]) if i in entries else "-" for i in ROUTE_IMPLS]
 
 
 def det_repro(layer, mode, inputs, outputs) -> bool:
@@ -519,14 +538,14 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     if torch_why is None:
         impls.append("torch")
     cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
-             for impl in impls + list(det_impls(mode))]
+             for impl in impls + list(route_impls()) + list(det_impls(mode))]
     inputs, reference = None, None
     for layer, dtype_name, mode, impl in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         if impl == "xla" and mode == MODES[0]:
             inputs = make_inputs(layer, DTYPES[dtype_name], rng)
         base = {"shape": layer.name, "layer": dataclasses.asdict(layer), "dtype": dtype_name,
                 "mode": mode, "impl": impl}
-        if impl in ("deft", DET_IMPL, "torch"):
+        if impl in ("deft", DET_IMPL, "torch", *ROUTE_IMPLS):
             try:
                 if impl == "torch":
                     entry, outputs = run_torch_case(mode, layer, dtype_name, inputs, settings)
@@ -643,8 +662,9 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
                 _fmt(e["conv"].get("over_floor"), "{:.1f}"),
                 _fmt(e["deft"].get("max_rel_err_vs_xla"), "{:.1e}")]
         row += [_fmt((t or {}).get("max_rel_err_vs_xla"), "{:.1e}")] if torch else []
-        rows.append(row + det_cells(data, e, q))
-    return header + det_header(data), rows
+        rows.append(row + route_cells(data, e) + det_cells(data, e, q))
+    routes = ROUTE_HEADER if any(r["impl"] in ROUTE_IMPLS for r in data["results"]) else []
+    return header + routes + det_header(data), rows
 
 
 def machine_line(data: dict) -> str:

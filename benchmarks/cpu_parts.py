@@ -64,7 +64,7 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
     k = layer.kh * layer.kw
     wk = kernel.reshape(1, k, layer.cin, 1, layer.cout)
     n = layer.n
-    sample = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs)[None])
+    sample = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs, "cpu")[None])
     cols = sample(x, off, mask)
     dcols = _columns._dcols_dot(dy[None], wk, _Call, acc)
     m_rows = cols.shape[1] * cols.shape[2] * cols.shape[3]
@@ -79,7 +79,7 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
         return part.sum(0)
 
     out = {
-        "sampler": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs), (x, off, mask), reps),
+        "sampler": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs, "cpu"), (x, off, mask), reps),
         "fwd dot": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols, wk), reps),
         "dk dot (route)": timed(lambda c, d: _columns._dkernel_dot(c, d[None], 1, _Call, acc),
                                 (cols, dy), reps),
@@ -87,7 +87,7 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
                                                            preferred_element_type=acc), (c2, dy2), reps),
         "dk dot blocked 1024": timed(dk_blocked, (c2, dy2), reps),
         "dcols dot": timed(lambda d, w: _columns._dcols_dot(d[None], w, _Call, acc), (dy, wk), reps),
-        "col2im": timed(lambda x, o, m, d: _ffi.col2im(x, o, m, 0, d[0], attrs), (x, off, mask, dcols),
+        "col2im": timed(lambda x, o, m, d: _ffi.col2im(x, o, m, 0, d[0], attrs, "cpu"), (x, off, mask, dcols),
                          reps),
     }
 

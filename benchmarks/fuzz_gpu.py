@@ -70,6 +70,9 @@ def parse_args(argv=None):
                    help="channels, image side, batch of the GPU-sized geometries (default 256,32,4)")
     p.add_argument("--oracle-device", choices=["same", "cpu"], default="same",
                    help="where the float64 reference runs (default: the native op's device)")
+    p.add_argument("--routes", default="fused,columns",
+                   help="GPU routes to check on every config (implementation=...); on CPU the "
+                        "native op (implementation=None) whatever this says")
     p.add_argument("--check-reference", action="store_true",
                    help="also check the same-dtype reference (implementation='xla') against the bound")
     p.add_argument("--max-seconds", type=float, default=540.0,
@@ -109,9 +112,14 @@ def main(argv=None) -> int:
             print("deft_jax was built without its CUDA module", file=sys.stderr)
             return 2
         model = "native-gpu"
+        routes = [r for r in args.routes.split(",") if r]
+        if any(r not in ("fused", "columns") for r in routes):
+            print(f"--routes: expected fused and/or columns, got {args.routes!r}", file=sys.stderr)
+            return 2
     else:
         device = jax.devices("cpu")[0]
         model = "native-cpu"
+        routes = [None]
     oracle_device = jax.devices("cpu")[0] if args.oracle_device == "cpu" else device
     runs = [r for r in args.runs.split(",") if r]
     unknown = [r for r in runs if r not in RUNS]
@@ -208,14 +216,14 @@ def main(argv=None) -> int:
                 if dtype not in oracles:
                     oracles[dtype] = A.oracle(cfg, inp, dtype, device=oracle_device)
                 orc = oracles[dtype]
-                impls = [(None, model)] + ([("xla", "reference")] if args.check_reference else [])
+                impls = [(r, model) for r in routes] + ([("xla", "reference")] if args.check_reference else [])
                 all_ok = True
                 for impl, mdl in impls:
                     stage = f"implementation={impl!r}"
                     got = A.run_op(cfg, inp, dtype, implementation=impl, precision=precision,
                                    device=device)
                     tol = A.tolerances(cfg, orc, dtype, mdl, operand=operand)
-                    key = run if impl is None else run + "-reference"
+                    key = run + "-" + (impl or "native")
                     for v in A.check(got, orc["want"], tol):
                         w = worst.setdefault(key, {})
                         w[v.name] = max(w.get(v.name, 0.0), v.max_ratio if np.isfinite(v.max_ratio)

@@ -34,9 +34,9 @@ export PYTHONUNBUFFERED=1
 status=0
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 if has build; then
-  echo "== build ($(date -u +%T))" | tee -a "$OUT/build.log"
+  echo "== build ($(date -u +%T))" | tee "$OUT/build.log"
   DEFT_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps \
       -e . 2>&1 | tail -n 40 >> "$OUT/build.log" || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
   "$PY" -c "import deft_jax, jax; print(jax.__version__, jax.devices(), 'cuda module:', deft_jax._ffi.cuda_available())" \
@@ -87,7 +87,7 @@ if has sanitize; then
 fi
 if has fuzz; then
   echo "== fuzz ($(date -u +%T))"
-  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" > "$OUT/fuzz.log" 2>&1
+  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" > "$OUT/fuzz.log" 2>&11
   rc=$?
   grep -v "it/s]" "$OUT/fuzz.log" | tail -n 15
   [[ $rc -eq 0 ]] || { status=1; echo "fuzz: FAILED (rc=$rc)"; }

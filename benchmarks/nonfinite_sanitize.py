@@ -58,8 +58,9 @@ def run(family, tile, dtype, n, h, w, c, co, g, fg, precision=None, strides=1):
         tc = tiling.TileConfig(*tile)
         tiling.choose_tiling = lambda *a, **kw: tc
     try:
+        impl = "columns" if family == "columns" else None
         f = lambda *a: deft_jax.deform_conv2d(*a, padding=1, strides=strides, feature_group_count=fg,
-                                              precision=precision)
+                                              precision=precision, implementation=impl)
         for o_, m_, allowed_y, dx_finite in ((off_p, m, nan_pixels, True),
                                              (off, m_p, set(mask_pix), False)):
             args = [jnp.asarray(a, dtype) for a in (x, o_, k, m_)]
@@ -94,6 +95,7 @@ FAMILIES = [
     ("ws-ksplit-2", (1, 128, 128, 32, 8, 3, 128, 2)),
     ("ws-ksplit-4", (1, 128, 128, 32, 8, 3, 128, 4)),
     ("wide-weight", (8, 8, 64, 32, 4, 2, 128)),
+    ("columns", None),  # the column route: CUDA sampler, cuBLAS, CUDA col2im
 ]
 
 for dtype in (jnp.float32, jnp.bfloat16):
@@ -104,6 +106,7 @@ for dtype in (jnp.float32, jnp.bfloat16):
         run(family, tile, dtype, 2, 11, 13, 64, 136, 2, 1)
     run("scalar-channels", (8, 8, 64, 32, 4, 2), dtype, 2, 9, 7, 6, 9, 2, 3)
     run("stride-2-vector", (8, 8, 64, 32, 4, 2), dtype, 1, 12, 10, 32, 64, 1, 2, strides=2)
-for family, tile in (("chosen", None), ("stream-pipelined", (8, 8, 64, 32, 4, 2)), ("ws-64x64", (8, 8, 64, 32, 8, 3))):
+for family, tile in (("chosen", None), ("stream-pipelined", (8, 8, 64, 32, 4, 2)), ("ws-64x64", (8, 8, 64, 32, 8, 3)),
+                     ("columns", None)):
     run(family, tile, jnp.float32, 2, 11, 13, 64, 136, 2, 1, precision=lax.Precision.HIGHEST)
 print("nonfinite sanitize workload done")

@@ -15,12 +15,14 @@ from . import _ffi, _partition
 @dataclasses.dataclass(frozen=True)
 class NativeCall:
     """Static part of a native call (hashable): the platform whose targets it calls ("cpu" or
-    "cuda"), the FFI attributes and the output shape; for the CPU column route also the images per
-    chunk and the dots' precision (deft_jax/_columns.py)."""
+    "cuda"), the route ("columns": sampler + XLA's dot + col2im, deft_jax/_columns.py; "fused":
+    the fused CUDA kernels), the FFI attributes and the output shape; for the column route also
+    the images per chunk and the dots' precision."""
 
     platform: str
     attrs: tuple[tuple[str, int], ...]
     out_shape: tuple[int, ...]
+    route: str = "columns"
     chunk: int = 0
     precision: Any = None
 

@@ -1,22 +1,25 @@
-"""The CPU route: the native sampler writes a bounded chunk of columns, XLA's dot reduces it.
+"""The column route: the native sampler writes a bounded chunk of columns, XLA's dot reduces it.
 
-The same split as the GPU's GEMM-dominated route (DESIGN.md, "Kernel strategy"): per chunk of
-images (read in place by the native calls, which take the chunk's first image as an operand),
+The CPU's route, and the GPU's for GEMM-dominated layers (tiling.choose_route): one program for
+both platforms, whose sampler and col2im are the platform's custom calls (C++ on XLA's intra-op
+thread pool; CUDA kernels, with cuBLAS doing the dots). Per chunk of images (read in place by the
+native calls, which take the chunk's first image as an operand),
 
-  forward    cols = sample_columns(x, offset, mask)          [b, Ho, Wo, K, C]  (C++, threaded)
+  forward    cols = sample_columns(x, offset, mask)          [b, Ho, Wo, K, C]  (native)
              y    = cols . kernel                             XLA's dot
   backward   cols  = sample_columns(...)                      recomputed, not saved
              dW   += cols^T . dy                              XLA's dot, float32 (float64) sum
              dcols = dy . kernel^T                            XLA's dot, float32 (float64)
-             dx, doffset, dmask = col2im(x, offset, mask, dcols)   (C++, threaded)
+             dx, doffset, dmask = col2im(x, offset, mask, dcols)   (native)
 
-The chunk (images per chunk, ``tiling.cpu_chunk_images``) comes from a column-memory budget, so the
-extra memory is bounded independently of the batch: a batch larger than one chunk runs as a loop
-over full chunks plus one remainder chunk. Feature groups are a grouped contraction, as in the
+The chunk (images per chunk, ``tiling.column_chunk_images``) comes from a column-memory budget, so
+the extra memory is bounded independently of the batch: a batch larger than one chunk runs as a
+loop over equal chunks plus at most one smaller one. Feature groups are a grouped contraction, as in the
 reference; offset groups are inside the sampler. The dots take ``precision`` and accumulate in
-float32 (float64 for float64). Every piece is deterministic run to run: the native code fixes the
+float32 (float64 for float64). On CPU every piece is deterministic run to run: the C++ fixes the
 order of every sum (for any thread count), the kernel cotangent sums the chunks in order, and
-XLA's dots are deterministic for a given intra-op thread count.
+XLA's dots are deterministic for a given intra-op thread count. On GPU the col2im scatters dx
+with float atomics (ops.deform_conv2d's ``deterministic=True`` takes the fused route instead).
 
 Arrays may carry leading dims (from vmap, deft_jax/_partition.py): independent problems, each with
 its own kernel; the sampler treats them as more images, the dots as a batch dimension.
@@ -38,8 +41,10 @@ def _fold(a, lead: int):
 
 
 def _chunk_size(n: int, z: int, chunk: int) -> int:
-    """Images per chunk: the budget's `chunk` images of one problem, shared by the z problems."""
-    return max(1, min(n, chunk // max(z, 1)))
+    """Images per chunk: the budget's `chunk` images of one problem, shared by the z problems, and
+    spread evenly over the chunks that takes (32 images in chunks of at most 23: 16 + 16)."""
+    most = max(1, min(n, chunk // max(z, 1)))
+    return -(-n // -(-n // most))
 
 
 def _for_chunks(n: int, b: int, step, carry):
@@ -82,7 +87,7 @@ def _shapes(x, kernel):
 def _sample(x, offset, mask, start, size, call, with_mask):
     """cols of images [start, start + size), read in place from the whole arrays."""
     return _ffi.sample_columns(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
-                               start, size, call.attr_dict())
+                               start, size, call.attr_dict(), call.platform)
 
 
 def _dot(a, b, contract: tuple[int, int], call, acc):
@@ -179,7 +184,7 @@ def backward(x, offset, mask, kernel, dy, call):
         dwk = dwk + _dkernel_dot(cols, dyc, fg, call, acc)
         dcols = _dcols_dot(dyc, wk, call, acc)
         dxc, doc, dmc = _ffi.col2im(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
-                                    start, dcols, attrs)
+                                    start, dcols, attrs, call.platform)
         dx = _put(dx, dxc.astype(x.dtype), start)
         doffset = _put(doffset, doc, start)
         if with_mask:

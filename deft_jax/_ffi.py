@@ -5,9 +5,9 @@ targets are the fused forward and backward; the CPU targets are the column sampl
 col2im, around which deft_jax/_columns.py puts XLA's dot. Each platform has its own target names,
 and a name carries a version: any change of operands, results or attribute schema gets a new
 name, so a serialized program either finds the handler it was written for or fails to load (never
-runs a handler with another contract). The CUDA targets return their workspace as an extra output,
-sized here from the C++ module's own rule. The CUDA
-targets take one attribute more, ``deterministic`` (0/1; see ops.deform_conv2d).
+runs a handler with another contract). The fused targets return their workspace as an extra
+output, sized here from the C++ module's own rule, and take one attribute more, ``deterministic``
+(0/1; see ops.deform_conv2d).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_TARGETS = {
+# The fused forward and backward (CUDA only).
+_FUSED_TARGETS = ("deft_deform_conv2d_fwd_cuda_v5", "deft_deform_conv2d_bwd_cuda_v5")
+# The column route's sampler and col2im, per platform (one contract: csrc/ffi/column_attrs.h).
+_COLUMN_TARGETS = {
     "cpu": ("deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1"),
-    "cuda": ("deft_deform_conv2d_fwd_cuda_v5", "deft_deform_conv2d_bwd_cuda_v5"),
+    "cuda": ("deft_sample_columns_cuda_v1", "deft_col2im_cuda_v1"),
 }
-TARGETS = tuple(t for pair in _TARGETS.values() for t in pair)
+TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair))
 _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits")
 
 try:
@@ -52,10 +55,10 @@ if _deft_cuda is not None:
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
 
-def target_names(platform: str) -> tuple[str, str]:
-    """(forward, backward) FFI target names of a platform: on "cuda" the fused forward and
-    backward, on "cpu" the column sampler (forward and backward) and the col2im (backward)."""
-    return _TARGETS[platform]
+def target_names(platform: str, route: str = "columns") -> tuple[str, str]:
+    """The two FFI targets of a route on a platform: "columns": the column sampler (forward and
+    backward) and the col2im (backward); "fused" (CUDA only): the fused forward and backward."""
+    return _FUSED_TARGETS if route == "fused" else _COLUMN_TARGETS[platform]
 
 
 def cuda_available() -> bool:
@@ -82,7 +85,7 @@ def forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):
     y = jax.ShapeDtypeStruct(out_shape, x.dtype)
     nbytes = _deft_cuda.forward_workspace_bytes(
         jnp.dtype(x.dtype).name, int(np.prod(out_shape)), **{k: int(attrs[k]) for k in _TILE_KEYS})
-    call = jax.ffi.ffi_call(_TARGETS["cuda"][0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(_FUSED_TARGETS[0], (y, _workspace(nbytes)), vmap_method="broadcast_all")
     return call(x, offset, mask, kernel, **attrs)[0]
 
 
@@ -92,24 +95,24 @@ def backward(x, offset, mask, kernel, dy, attrs: dict[str, np.int64]):
     nbytes = _deft_cuda.backward_workspace_bytes(jnp.dtype(x.dtype).name,
                                                  *(int(np.prod(g.shape)) for g in grads),
                                                  deterministic=bool(attrs["deterministic"]))
-    call = jax.ffi.ffi_call(_TARGETS["cuda"][1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(_FUSED_TARGETS[1], (*grads, _workspace(nbytes)), vmap_method="broadcast_all")
     return tuple(call(x, offset, mask, kernel, dy, **attrs)[:4])
 
 
-def sample_columns(x, offset, mask, start, images: int, attrs: dict[str, np.int64]):
-    """cols [..., images, Ho, Wo, kh*kw, C] in x's dtype (CPU) for images [start, start + images)
+def sample_columns(x, offset, mask, start, images: int, attrs: dict[str, np.int64], platform: str):
+    """cols [..., images, Ho, Wo, kh*kw, C] in x's dtype for images [start, start + images)
     of x [..., N, H, W, C] (start: an int, or a traced int32 scalar): cols[..., k, c] = mask x the
     bilinear sample of channel c at tap k. The chunk is read in place, not sliced out first."""
     taps = int(attrs["kh"]) * int(attrs["kw"])
     lead = x.shape[:-4]
     cols = jax.ShapeDtypeStruct((*lead, images, *offset.shape[-3:-1], taps, x.shape[-1]), x.dtype)
-    return jax.ffi.ffi_call(_TARGETS["cpu"][0], cols, vmap_method="broadcast_all")(
+    return jax.ffi.ffi_call(_COLUMN_TARGETS[platform][0], cols, vmap_method="broadcast_all")(
         x, offset, mask, jnp.asarray(start, jnp.int32), **attrs)
 
 
-def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64]):
+def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64], platform: str):
     """(dx, doffset, dmask) of images [start, start + b) for their column cotangent dcols
-    [..., b, Ho, Wo, K, C] (CPU). dcols and dx are in the accumulation dtype
+    [..., b, Ho, Wo, K, C]. dcols and dx are in the accumulation dtype
     (accumulation_dtype(x.dtype)), doffset and dmask in x's; dmask is mask's (0,) placeholder
     without modulation."""
     acc = accumulation_dtype(x.dtype)
@@ -120,5 +123,5 @@ def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64]):
     with_mask = int(attrs["with_mask"]) != 0
     outs = (jax.ShapeDtypeStruct(chunk(x), acc), jax.ShapeDtypeStruct(chunk(offset), x.dtype),
             jax.ShapeDtypeStruct(chunk(mask) if with_mask else mask.shape, x.dtype))
-    call = jax.ffi.ffi_call(_TARGETS["cpu"][1], outs, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(_COLUMN_TARGETS[platform][1], outs, vmap_method="broadcast_all")
     return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc), **attrs))

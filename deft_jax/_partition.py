@@ -1,8 +1,8 @@
 """How the native forward and backward compose with vmap and with sharded jit.
 
-The native forward / backward of a platform: on "cuda" the fused custom calls (deft_jax/_ffi.py),
-on "cpu" the column route (deft_jax/_columns.py: the sampler and col2im custom calls around
-XLA's dots, in a loop over chunks of images).
+The native forward / backward of a call's route: "columns" (deft_jax/_columns.py: the platform's
+sampler and col2im custom calls around XLA's dots, in a loop over chunks of images; CPU and CUDA)
+or "fused" (the fused CUDA custom calls, deft_jax/_ffi.py).
 
 vmap: ``custom_vmap`` moves the vmapped axis in front and calls the implementation with leading
 batch dims (every operand gets them; an unbatched operand is broadcast). Both implementations
@@ -55,7 +55,7 @@ def _shardings(mesh, shapes, lead, n_axes, batched):
 # ---------------------------------------------------------------- forward
 
 def _fwd_impl(x, offset, mask, kernel, call):
-    if call.platform == "cpu":
+    if call.route == "columns":
         return _columns.forward(x, offset, mask, kernel, call)
     return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), (*x.shape[:-3], *call.out_shape[1:]))
 
@@ -92,7 +92,7 @@ _fwd_cp.def_partition(partition=_fwd_partition, infer_sharding_from_operands=_fw
 # ---------------------------------------------------------------- backward
 
 def _bwd_impl(x, offset, mask, kernel, dy, call):
-    if call.platform == "cpu":
+    if call.route == "columns":
         return _columns.backward(x, offset, mask, kernel, dy, call)
     return _ffi.backward(x, offset, mask, kernel, dy, call.attr_dict())
 

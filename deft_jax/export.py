@@ -15,7 +15,8 @@ Example:
     >>> y = jax.export.deserialize(blob).call(x)
 
 Several platforms: ``jax.export.export(..., platforms=("cpu", "cuda"))`` lowers each platform's
-own call (the CPU column route, the fused CUDA kernels), each with its own FFI attributes, in one
+own call (the CPU column route; on CUDA the route tiling.choose_route picks for the shape), each
+with its own FFI attributes, in one
 serialized module (the op traces one call per platform whose module is built and
 ``lax.platform_dependent`` picks the branch). The CUDA tile choice is made at trace time: for the
 tracing process's GPU, or, when it has none (exporting on a CPU host), for an H100 (132 SMs,

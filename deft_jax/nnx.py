@@ -34,10 +34,9 @@ from flax.nnx.nn.linear import canonicalize_padding, default_kernel_init  # noqa
 from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike  # noqa: E402
 
 from . import _layer  # noqa: E402
+from .ops import _IMPLEMENTATIONS  # noqa: E402  (one list for the op and the modules)
 
 __all__ = ["DeformConv", "DeformConvPack"]
-
-_IMPLEMENTATIONS = (None, "xla")
 
 
 def _positive_int(value, name: str) -> int:
@@ -99,7 +98,8 @@ class DeformConv(nnx.Module):
       bias_init: initializer of ``bias`` (zeros).
       offset_groups: G, the number of offset groups; None infers it from the offset's size at call
         time, an int is checked against it. Input channel c follows group c // (C_in / G).
-      implementation: None for the native kernel of the platform, "xla" for the pure-JAX reference.
+      implementation: None for the native op (its route chosen per shape), "fused" or "columns"
+        to ask for one GPU route (see deft_jax.deform_conv2d), "xla" for the pure-JAX reference.
       deterministic: bitwise reproducible forward and gradients on GPU (``deform_conv2d``'s
         ``deterministic``; numerics only, unrelated to dropout-style flags). Native implementation
         only: with implementation="xla" it is a ValueError. No effect on CPU.

@@ -14,7 +14,7 @@ from jax import lax
 from . import _autodiff, _ffi, reference, tiling
 
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
-_IMPLEMENTATIONS = (None, "xla")
+_IMPLEMENTATIONS = (None, "xla", "fused", "columns")
 
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
@@ -176,10 +176,11 @@ def _gpu_model() -> tuple[int, int]:
 
 
 def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
-                platform: str = "cpu") -> _autodiff.NativeCall:
-    """FFI attributes (geometry + tiling) and output shape of the native call on `platform`
-    ("cpu": the column route; "cuda": the fused kernels). The CUDA targets also take
-    ``deterministic``; the CPU targets do not (their handler is deterministic anyway)."""
+                platform: str = "cpu", route: str | None = None) -> _autodiff.NativeCall:
+    """FFI attributes (geometry + tiling or chunk) and output shape of the native call on
+    `platform`, on the route tiling.choose_route picks ("columns": sampler + XLA's dot + col2im,
+    CPU and CUDA; "fused": the fused CUDA kernels, which also take ``deterministic``). ``route``:
+    the one the caller asked for (implementation="fused" / "columns"), or None."""
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
                               c_out=kernel.shape[3], taps=geo.kernel_size[0] * geo.kernel_size[1],
@@ -192,12 +193,13 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, determinis
                  dil_w=geo.kernel_dilation[1], offset_groups=geo.offset_groups,
                  with_mask=int(with_mask))
     out_shape = (n, *geo.out_hw, kernel.shape[3])
-    if platform == "cpu":
-        # The column route: the sampler's geometry; feature groups and precision are the dots'.
+    if tiling.choose_route(platform, shape, bool(deterministic), route) == "columns":
+        # The sampler's geometry; feature groups and precision are the dots'.
         attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1])
+        chunk = (tiling.cpu_chunk_images if platform == "cpu" else tiling.cuda_chunk_images)(shape)
         return _autodiff.NativeCall(platform=platform,
                                     attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
-                                    out_shape=out_shape, chunk=tiling.cpu_chunk_images(shape),
+                                    out_shape=out_shape, route="columns", chunk=chunk,
                                     precision=_hashable_precision(precision))
     sm_count, cc = _gpu_model()
     tile = tiling.choose_tiling(platform, shape, sm_count, cc, deterministic=deterministic)
@@ -206,7 +208,7 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, determinis
                  deterministic=int(deterministic))
     attrs.update(dataclasses.asdict(tile))
     return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
-                                out_shape=out_shape)
+                                out_shape=out_shape, route="fused")
 
 
 def _hashable_precision(precision):
@@ -246,14 +248,19 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       kernel_dilation: int or (dh, dw).
       feature_group_count: grouped convolution, as in lax.conv_general_dilated.
       precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT (or None).
-      implementation: None for the native kernel of the platform (on CPU a C++ column sampler and
-        col2im around XLA's dot, on GPU fused CUDA kernels), or "xla" for the pure-JAX gather
-        reference.
+      implementation: None for the native op of the platform, its route chosen per shape (CPU:
+        the column route, a C++ sampler and col2im around XLA's dot; GPU: that route with CUDA
+        kernels and cuBLAS, or the fused CUDA kernels, per tiling.choose_route); "columns" or
+        "fused" to ask for one GPU route ("fused" is CUDA only: ValueError on a CPU backend); or
+        "xla" for the pure-JAX gather reference.
       deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
         identical from run to run (same inputs, device model and build). Applies to the native
         implementation only (the reference's XLA scatter is not deterministic on GPU); combined
         with implementation="xla" it raises ValueError. On CPU it changes nothing: the CPU
-        route is always deterministic run to run. Costs on GPU: see "Determinism" below.
+        route is always deterministic run to run. On GPU it runs the fused kernels (the GPU
+        column route adds dx with float atomics; implementation="columns" with
+        deterministic=True on a GPU backend raises ValueError). Costs on GPU: see
+        "Determinism" below.
 
     Returns:
       y: [N, H_out, W_out, C_out] in x's dtype. Tap (i, j) of output (ho, wo) samples
@@ -307,6 +314,16 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             "(the pure-JAX reference) uses XLA's scatter, which is not deterministic on GPU. Use "
             "implementation=None with deterministic=True, or deterministic=False with 'xla' "
             "(XLA_FLAGS=--xla_gpu_deterministic_ops=true makes XLA's own ops deterministic).")
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    if implementation == "fused" and not on_gpu:
+        raise ValueError(
+            f"implementation: 'fused' is the CUDA kernels, and the default backend is "
+            f"{jax.default_backend()!r}; use implementation=None (or 'columns'): the native route "
+            "on CPU is the column route")
+    if implementation == "columns" and deterministic and on_gpu:
+        raise ValueError(
+            "deterministic: True runs the fused kernels on GPU (the column route's col2im adds dx "
+            "with float atomics); use implementation=None with deterministic=True")
     geo = validate(x, offset, kernel, mask, strides=strides, padding=padding,
                    kernel_dilation=kernel_dilation, feature_group_count=feature_group_count)
     if implementation == "xla":
@@ -314,6 +331,7 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             x, offset, kernel, mask, strides=geo.strides, padding=geo.padding,
             kernel_dilation=geo.kernel_dilation, feature_group_count=geo.feature_group_count,
             precision=precision)
-    calls = tuple(native_call(x, kernel, geo, mask is not None, precision, bool(deterministic), p)
+    calls = tuple(native_call(x, kernel, geo, mask is not None, precision, bool(deterministic), p,
+                              implementation)
                   for p in _native_platforms())
     return _native_jit(x, offset, mask, kernel, calls)

@@ -1,8 +1,10 @@
 """Shape-driven tile configurations: the one place where tiling decisions live.
 
-``choose_tiling`` is a pure, memoised function of the layer's shape, dtype and device; its result
-is passed to the native handlers as FFI attributes, so the choice is visible in the HLO,
-deterministic at trace time and exportable. The measurements behind each rule are in
+``choose_route`` picks the implementation family per shape (the column route or the fused
+kernels; a measured table, deft_jax/routes.json, then a short rule), ``choose_tiling`` the fused
+kernels' tiles and ``*_chunk_images`` the column route's chunk. All are pure, memoised functions
+of the layer's shape, dtype and device; their results are static attributes of the custom calls,
+so the choice is visible in the HLO, deterministic at trace time and exportable. The measurements behind each rule are in
 docs/kernels.md.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 
 import numpy as np
 
@@ -68,14 +72,28 @@ class LayerShape:
 CPU_COLUMN_BUDGET_BYTES = 8 * 2**20
 
 
+# Column memory of the GPU's column route per chunk (columns in x's dtype + their float32
+# cotangent): larger chunks make larger GEMMs for cuBLAS, and the issue's bound on extra device
+# memory is max(64 MiB, 1.5x the dense conv's); 48 MiB leaves room for the chunk's dx.
+CUDA_COLUMN_BUDGET_BYTES = 48 * 2**20
+
+
+def _column_bytes_per_image(s: LayerShape) -> int:
+    itemsize = {"float64": 8, "float32": 4}.get(s.dtype, 2)
+    acc = 8 if s.dtype == "float64" else 4
+    return max(1, s.h_out * s.w_out * s.taps * s.c_in * (itemsize + acc))
+
+
 def cpu_chunk_images(s: LayerShape) -> int:
     """Images per chunk of the CPU column route: as many as the column budget holds (at least
     one), so the route's extra memory is bounded independently of the batch. Not capped at
     ``s.n``: under vmap the chunk is shared by the stacked problems (deft_jax/_columns.py)."""
-    itemsize = {"float64": 8, "float32": 4}.get(s.dtype, 2)
-    acc = 8 if s.dtype == "float64" else 4
-    per_image = max(1, s.h_out * s.w_out * s.taps * s.c_in * (itemsize + acc))
-    return int(max(1, CPU_COLUMN_BUDGET_BYTES // per_image))
+    return int(max(1, CPU_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))
+
+
+def cuda_chunk_images(s: LayerShape) -> int:
+    """Images per chunk of the GPU column route (as ``cpu_chunk_images``, with the GPU budget)."""
+    return int(max(1, CUDA_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))
 
 
 def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0,
@@ -333,6 +351,61 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
                                         f"forward: (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
                                         f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
                      + "; k_splits=1 everywhere else")
+
+
+# --------------------------------------------------------------------------- the route per shape
+
+ROUTES = ("fused", "columns")
+# The measured table: which route ran the forward + backward faster, per layer shape and dtype,
+# on one GPU model (deft_jax/routes.json, written by benchmarks/make_routes.py from a
+# bench_layers.py run that timed both routes side by side).
+_ROUTE_TABLE = pathlib.Path(__file__).with_name("routes.json")
+
+
+def _route_key(h_out, w_out, c_in, c_out, taps, offset_groups, feature_groups, dtype) -> tuple:
+    return (int(h_out), int(w_out), int(c_in), int(c_out), int(taps), int(offset_groups),
+            int(feature_groups), str(dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def route_table() -> dict[tuple, str]:
+    """{shape key: route} of deft_jax/routes.json (empty when the file is absent)."""
+    if not _ROUTE_TABLE.is_file():
+        return {}
+    rows = json.loads(_ROUTE_TABLE.read_text())["routes"]
+    return {_route_key(*(r[k] for k in ("h_out", "w_out", "c_in", "c_out", "taps", "offset_groups",
+                                       "feature_groups", "dtype"))): r["route"] for r in rows}
+
+
+def route_heuristic(s: LayerShape) -> str:
+    """The route of a shape the table has not measured: the column route where the GEMM
+    dominates. The fused kernels sample each (pixel, tap, channel) once per output-channel tile
+    (128 wide), so their sampling work grows with C_out per group, while the column route samples
+    once and leaves the reduction to cuBLAS; fused wins where the image is large and C_out small
+    (sampling dominates; the column round trip through memory is then the larger cost)."""
+    return "columns" if s.c_out // s.feature_groups >= ROUTE_COLUMNS_MIN_COUT else "fused"
+
+
+# Output channels per group from which unseen shapes take the column route (route_heuristic).
+ROUTE_COLUMNS_MIN_COUT = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
+                 requested: str | None = None) -> str:
+    """"columns" or "fused" for ``shape`` on ``platform``. CPU: always the column route (no fused
+    CPU kernels). GPU: the fused kernels when ``deterministic`` (the column route's col2im adds dx
+    with float atomics), else ``requested`` when given (implementation="fused" / "columns"), else
+    the measured table, else route_heuristic."""
+    if platform == "cpu":
+        return "columns"
+    if deterministic:
+        return "fused"
+    if requested is not None:
+        return requested
+    key = _route_key(shape.h_out, shape.w_out, shape.c_in, shape.c_out, shape.taps,
+                     shape.offset_groups, shape.feature_groups, shape.dtype)
+    return route_table().get(key) or route_heuristic(shape)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -77,7 +77,11 @@ def _vjp_on(device, f, args, dy):
     return [np.asarray(a, np.float64) for a in (y, *vjp(dy))]
 
 
-def _compare(case, rng, dtype, precision=None, tol_key=None):
+# Both GPU routes of the native op: the fused kernels and the column route (sampler + cuBLAS + col2im).
+ROUTES = pytest.mark.parametrize("route", ["fused", "columns"])
+
+
+def _compare(case, rng, dtype, precision=None, tol_key=None, route=None):
     x, off, kernel, mask = make_inputs(case, rng, np.float64)
     args = [a for a in (x, off, kernel, mask) if a is not None]
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
@@ -86,7 +90,7 @@ def _compare(case, rng, dtype, precision=None, tol_key=None):
     with jax.default_device(CPU):
         want = _vjp_on(CPU, _op(case, "xla"), [a.astype(jnp.float64) for a in low],
                        dy.astype(dtype).astype(jnp.float64))
-    got = _vjp_on(GPU, _op(case, None, precision), low, dy.astype(dtype))
+    got = _vjp_on(GPU, _op(case, route, precision), low, dy.astype(dtype))
     names = ["y", "dx", "doffset", "dkernel", "dmask"][: len(got)]
     tol = TOL[tol_key or jnp.dtype(dtype).name]
     errs = {}
@@ -97,25 +101,30 @@ def _compare(case, rng, dtype, precision=None, tol_key=None):
     assert max(errs.values()) < tol, errs
 
 
+@ROUTES
 @pytest.mark.parametrize("case", GRID, ids=_ids)
-def test_float64(case, rng):
-    _compare(case, rng, jnp.float64)
+def test_float64(case, route, rng):
+    _compare(case, rng, jnp.float64, route=route)
 
 
+@ROUTES
 @pytest.mark.parametrize("case", GRID, ids=_ids)
-def test_float32_exact(case, rng):
-    _compare(case, rng, jnp.float32, precision=lax.Precision.HIGHEST, tol_key="float32-highest")
+def test_float32_exact(case, route, rng):
+    _compare(case, rng, jnp.float32, precision=lax.Precision.HIGHEST, tol_key="float32-highest",
+             route=route)
 
 
+@ROUTES
 @pytest.mark.parametrize("case", GRID[::2], ids=_ids)
-def test_float32_tf32(case, rng):
-    _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32")
+def test_float32_tf32(case, route, rng):
+    _compare(case, rng, jnp.float32, precision=None, tol_key="float32-tf32", route=route)
 
 
+@ROUTES
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("case", GRID[::3] + GRID[14:], ids=_ids)
-def test_half(case, dtype, rng):
-    _compare(case, rng, dtype)
+def test_half(case, dtype, route, rng):
+    _compare(case, rng, dtype, route=route)
 
 
 def test_jit_grad_vmap(rng):
@@ -589,3 +598,21 @@ def test_command_buffers_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("case", [
+    Case(n=5),  # chunks of 2: two full ones in a loop (a traced start) and a remainder of 1
+    Case(n=5, with_mask=False, offset_groups=2, c_in=6, c_out=4, dilation=(2, 1),
+         padding=((2, 1), (1, 1))),
+    Case(n=3, h=9, w=7, c_in=24, c_out=16, feature_groups=2, strides=(2, 1)),
+], ids=_ids)
+def test_columns_in_chunks(case, rng, monkeypatch):
+    """The GPU column route over several chunks (the sampler and col2im read the chunk's first
+    image from a device scalar) equals the float64 oracle."""
+    from deft_jax import tiling
+    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape: 2)
+    _compare(case, rng, jnp.float64, route="columns")
+    x, off, kernel, mask = (jnp.asarray(a) if a is not None else None for a in make_inputs(case, rng))
+    f = lambda *a: deft_jax.deform_conv2d(*a, implementation="columns", **case.kwargs())  # noqa: E731
+    hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
+    assert "while" in hlo and "deft_sample_columns_cuda_v1" in hlo

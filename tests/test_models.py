@@ -145,8 +145,11 @@ def test_training_steps_decrease_loss(glyphs, variables):
 
 
 def _targets() -> tuple[str, str]:
-    """(forward, backward) FFI targets that programs lowered for the default backend call."""
-    return _ffi.target_names("cuda" if jax.default_backend() == "gpu" else "cpu")
+    """(forward, backward) FFI targets that programs lowered for the default backend call (on GPU
+    the tiny model's layers take the fused route: tiling.route_heuristic)."""
+    if jax.default_backend() == "gpu":
+        return _ffi.target_names("cuda", "fused")
+    return _ffi.target_names("cpu")
 
 
 def _tiny_model():
@@ -196,4 +199,4 @@ def test_export_refuses_our_targets_without_the_disabled_checks():
         jax.export.export(jax.jit(layer.apply))(variables, x)
     # is_custom_call() returns the target name of a custom-call check.
     assert {c.is_custom_call() for c in deft_jax.export.disabled_safety_checks()} == {
-        *_ffi.target_names("cpu"), *_ffi.target_names("cuda")}
+        *_ffi.target_names("cpu"), *_ffi.target_names("cuda"), *_ffi.target_names("cuda", "fused")}

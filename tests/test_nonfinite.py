@@ -358,7 +358,12 @@ GPU_FAMILIES = {
     "ws-flat-128x128": (1, 128, 128, 32, 8, 3),
     "ws-ksplit-2": (1, 128, 128, 32, 8, 3, 128, 2),               # k-split clusters (sm_90)
     "wide-weight": (8, 8, 64, 32, 4, 2, 128),                     # 64 x 128 weight pass
-}
+    "columns": None,                                              # the column route (its sampler,
+}                                                                 # cuBLAS and col2im)
+
+
+def _gpu_impl(family):
+    return "columns" if family == "columns" else None
 GPU_TOL = {"float32": 1e-3, "bfloat16": 3e-2}
 
 
@@ -389,16 +394,16 @@ def test_gpu_random_poisoning(dtype, family, seed, monkeypatch):
     # scalar channel counts (the simple loops the launchers fall back to).
     rng = np.random.default_rng(3000 + 17 * seed + 7 * len(family))
     geo = random_geometry(rng, vector=seed < 2)
-    _gpu_search(geo, rng, dtype, None, monkeypatch, GPU_FAMILIES[family])
+    _gpu_search(geo, rng, dtype, _gpu_impl(family), monkeypatch, GPU_FAMILIES[family])
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("family", ["chosen", "stream-simple", "ws-64x64"])
+@pytest.mark.parametrize("family", ["chosen", "stream-simple", "ws-64x64", "columns"])
 def test_gpu_random_poisoning_exact_fp32(family, monkeypatch):
     """float32 at Precision.HIGHEST: the SIMT paths (no tensor cores; the ring falls back)."""
     rng = np.random.default_rng(4000 + len(family))
-    _gpu_search(random_geometry(rng, vector=True), rng, jnp.float32, None, monkeypatch,
+    _gpu_search(random_geometry(rng, vector=True), rng, jnp.float32, _gpu_impl(family), monkeypatch,
                 GPU_FAMILIES[family], precision=lax.Precision.HIGHEST)
 
 
@@ -412,7 +417,7 @@ def test_gpu_reference_poisoning(dtype, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("impl", [None, "xla"], ids=["native", "xla"])
+@pytest.mark.parametrize("impl", [None, "columns", "xla"], ids=["native", "columns", "xla"])
 def test_gpu_issue_reproducer(impl):
     with jax.default_device(GPU):
         _check_reproducer(impl)

@@ -1,5 +1,5 @@
-// FFI attribute schema (version 1) of the CPU column targets deft_sample_columns_cpu_v1 and
-// deft_col2im_cpu_v1, and the checks that turn their decoded buffers + attributes into a
+// FFI attribute schema (version 1) of the column targets deft_sample_columns_{cpu,cuda}_v1 and
+// deft_col2im_{cpu,cuda}_v1, and the checks that turn their decoded buffers + attributes into a
 // deft::ConvParams. Checking only: no arithmetic of the op.
 #pragma once
 
@@ -8,7 +8,6 @@
 #include <vector>
 
 
-#include "cpu/columns.h"
 #include "deft/geometry.h"
 #include "ffi/ffi_util.h"
 #include "xla/ffi/api/ffi.h"
@@ -29,11 +28,13 @@ struct ColumnAttrs {
 // Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
 // (0,) without mask, cols [B..., b, Ho, Wo, K, C] for images [start, start + b) of each of the
 // B... problems (leading dims from vmap, folded into ConvParams::batch; N is ConvParams::n).
-// `start` is a scalar int32 operand (the chunk's first image, traced in a loop), read here.
+// `start` is a scalar int32 operand (the chunk's first image, traced in a loop); it lives in the
+// platform's memory, so only its type is checked here (the CPU handler reads its host copy).
+// *n_out: the chunk's images per problem.
 inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
                                     const ffi::AnyBuffer& mask, const ffi::AnyBuffer& start,
                                     ffi::Span<const int64_t> cols, const ColumnAttrs& a,
-                                    deft::ConvParams* p, deft::cpu::Images* im) {
+                                    deft::ConvParams* p, int64_t* n_out) {
   auto xd = x.dimensions(), od = offset.dimensions(), md = mask.dimensions();
   if (xd.size() < 4) return invalid("x must have rank >= 4 [..., N, H, W, C], got " + dims_str(xd));
   const size_t lead = xd.size() - 4;
@@ -80,12 +81,11 @@ inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffe
     return invalid("offset " + dims_str(od) + " must be [..., N, H_out, W_out, G*kh*kw*2]");
   if (q.with_mask && (md[lead + 1] != ho || md[lead + 2] != wo || md[lead + 3] != q.mask_channels()))
     return invalid("mask " + dims_str(md) + " must be [..., N, H_out, W_out, G*kh*kw]");
-  const int64_t first = *static_cast<const int32_t*>(start.untyped_data()), chunk = cols[lead];
-  if (first < 0 || chunk < 0 || first + chunk > q.n)
-    return invalid("images [" + std::to_string(first) + ", " + std::to_string(first + chunk) +
-                   ") are not within the " + std::to_string(q.n) + " images of x");
+  if (cols[lead] < 0 || cols[lead] > q.n)
+    return invalid("a chunk of " + std::to_string(cols[lead]) + " images does not fit the " +
+                   std::to_string(q.n) + " images of x");
   *p = q;
-  *im = deft::cpu::Images{q.batch, q.n, chunk, first};
+  *n_out = cols[lead];
   return ffi::Error::Success();
 }
 
@@ -94,6 +94,31 @@ inline std::vector<int64_t> WithImages(ffi::Span<const int64_t> dims, int64_t im
   std::vector<int64_t> d(dims.begin(), dims.end());
   if (d.size() >= 4) d[d.size() - 4] = images;
   return d;
+}
+
+// The col2im's buffers: dcols and dx in the accumulation type (float32, float64 for float64),
+// doffset and dmask in x's; dx, doffset and dmask hold the chunk's n_out images; dmask is (0,) like
+// the mask placeholder without modulation. Returns x's dtype.
+inline ffi::ErrorOr<deft::DType> CheckCol2ImBuffers(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
+                                                    const ffi::AnyBuffer& mask, const ffi::AnyBuffer& dcols,
+                                                    const ffi::AnyBuffer& dx, const ffi::AnyBuffer& doffset,
+                                                    const ffi::AnyBuffer& dmask, const ColumnAttrs& attrs,
+                                                    int64_t n_out) {
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype;
+  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (dcols.element_type() != acc || dx.element_type() != acc)
+    return ffi::Unexpected(invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)"));
+  if (doffset.element_type() != x.element_type() || dmask.element_type() != x.element_type())
+    return ffi::Unexpected(invalid("doffset and dmask must have x's dtype"));
+  const auto want_dmask = attrs.with_mask ? WithImages(mask.dimensions(), n_out)
+                                          : std::vector<int64_t>(mask.dimensions().begin(), mask.dimensions().end());
+  if (auto e = CheckSameShape("dx", dx.dimensions(), WithImages(x.dimensions(), n_out)); !e.success())
+    return ffi::Unexpected(e);
+  if (auto e = CheckSameShape("doffset", doffset.dimensions(), WithImages(offset.dimensions(), n_out)); !e.success())
+    return ffi::Unexpected(e);
+  if (auto e = CheckSameShape("dmask", dmask.dimensions(), want_dmask); !e.success()) return ffi::Unexpected(e);
+  return dtype;
 }
 
 }  // namespace deft_ffi

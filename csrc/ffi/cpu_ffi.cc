@@ -109,14 +109,27 @@ class PoolRunner final : public deft::cpu::TaskRunner {
   int64_t threads_;
 };
 
+// The chunk of a host (CPU) call: reads `start` and checks that [start, start + n_out) is within x.
+inline ffi::Error ReadChunkStart(const ffi::AnyBuffer& start, const deft::ConvParams& p, int64_t n_out,
+                                 deft::cpu::Images* im) {
+  const int64_t first = *static_cast<const int32_t*>(start.untyped_data());
+  if (first < 0 || first + n_out > p.n)
+    return invalid("images [" + std::to_string(first) + ", " + std::to_string(first + n_out) +
+                   ") are not within the " + std::to_string(p.n) + " images of x");
+  *im = deft::cpu::Images{p.batch, p.n, n_out, first};
+  return ffi::Error::Success();
+}
+
 ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
                              ffi::AnyBuffer mask, ffi::AnyBuffer start,
                              ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
   deft::ConvParams p;
+  int64_t n_out = 0;
   deft::cpu::Images im;
-  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &im);
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &n_out);
       !err.success())
     return err;
+  if (auto err = ReadChunkStart(start, p, n_out, &im); !err.success()) return err;
   auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
   if (cols->element_type() != x.element_type()) return invalid("columns dtype differs from x's");
@@ -139,24 +152,14 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
                       ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
                       ColumnAttrs attrs) {
   deft::ConvParams p;
+  int64_t n_out = 0;
   deft::cpu::Images im;
-  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &im);
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &n_out);
       !err.success())
     return err;
-  auto dtype = to_dtype(x.element_type());
+  if (auto err = ReadChunkStart(start, p, n_out, &im); !err.success()) return err;
+  auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
   if (dtype.has_error()) return dtype.error();
-  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
-  if (dcols.element_type() != acc || dx->element_type() != acc)
-    return invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)");
-  if (doffset->element_type() != x.element_type() || dmask->element_type() != x.element_type())
-    return invalid("doffset and dmask must have x's dtype");
-  const auto want_dx = WithImages(x.dimensions(), im.n_out);
-  const auto want_doff = WithImages(offset.dimensions(), im.n_out);
-  const auto want_dmask = attrs.with_mask ? WithImages(mask.dimensions(), im.n_out)
-                                          : std::vector<int64_t>(mask.dimensions().begin(), mask.dimensions().end());
-  if (auto e = CheckSameShape("dx", dx->dimensions(), want_dx); !e.success()) return e;
-  if (auto e = CheckSameShape("doffset", doffset->dimensions(), want_doff); !e.success()) return e;
-  if (auto e = CheckSameShape("dmask", dmask->dimensions(), want_dmask); !e.success()) return e;
   if (dx->element_count() == 0) return ffi::Error::Success();
   PoolRunner runner(pool);
   return Guarded([&] {

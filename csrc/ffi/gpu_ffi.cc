@@ -1,4 +1,5 @@
-// XLA typed-FFI handlers for platform "CUDA" and the nanobind module `_deft_cuda` that hands their
+// XLA typed-FFI handlers for platform "CUDA" (the fused forward and backward; the column route's
+// sampler and col2im) and the nanobind module `_deft_cuda` that hands their
 // capsules to Python. Decoding, checking and launching only; the arithmetic is in csrc/cuda/.
 // Execute never synchronises, allocates device memory or reads device memory back, so the handlers
 // are command-buffer (CUDA graph) compatible. The workspace is the last output buffer, sized by
@@ -10,8 +11,10 @@
 
 #include <string>
 
-#include "ffi/conv_attrs.h"
+#include "cuda/columns.h"
 #include "cuda/launch.h"
+#include "ffi/column_attrs.h"
+#include "ffi/conv_attrs.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"
@@ -97,6 +100,44 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   return ffi::Error::Success();
 }
 
+// The column route's sampler (columns.h): cols [..., b, Ho, Wo, K, C] in x's dtype for the chunk
+// that starts at the device scalar `start`.
+ffi::Error SampleColumnsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+                             ffi::AnyBuffer start, ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
+  deft::ConvParams p;
+  int64_t n_out = 0;
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &n_out); !err.success())
+    return err;
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype.error();
+  if (cols->element_type() != x.element_type()) return invalid("columns dtype differs from x's");
+  if (cols->element_count() == 0) return ffi::Error::Success();
+  const cudaError_t e = deft::LaunchSampleColumns(stream, p, n_out, static_cast<const int32_t*>(start.untyped_data()),
+                                                  *dtype, x.untyped_data(), offset.untyped_data(),
+                                                  mask.untyped_data(), cols->untyped_data());
+  if (e != cudaSuccess) return cuda_error("column sampler launch", e, p);
+  return ffi::Error::Success();
+}
+
+// The column route's col2im: dx (accumulation type), doffset and dmask of the chunk.
+ffi::Error Col2ImImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+                      ffi::AnyBuffer start, ffi::AnyBuffer dcols, ffi::Result<ffi::AnyBuffer> dx,
+                      ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask, ColumnAttrs attrs) {
+  deft::ConvParams p;
+  int64_t n_out = 0;
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &n_out); !err.success())
+    return err;
+  auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
+  if (dtype.has_error()) return dtype.error();
+  if (dx->element_count() + doffset->element_count() == 0) return ffi::Error::Success();
+  const cudaError_t e = deft::LaunchCol2Im(stream, p, n_out, static_cast<const int32_t*>(start.untyped_data()),
+                                           *dtype, x.untyped_data(), offset.untyped_data(), mask.untyped_data(),
+                                           dcols.untyped_data(), dx->untyped_data(), doffset->untyped_data(),
+                                           dmask->untyped_data());
+  if (e != cudaSuccess) return cuda_error("col2im launch", e, p);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace deft_ffi
 
@@ -129,6 +170,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
                                   .Attrs<deft_ffi::ConvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCuda, deft_ffi::SampleColumnsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // offset
+                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device
+                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
+                                  .Attrs<deft_ffi::ColumnAttrs>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCuda, deft_ffi::Col2ImImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // offset
+                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device
+                                  .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
+                                  .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
+                                  .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]
+                                  .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
+                                  .Attrs<deft_ffi::ColumnAttrs>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 namespace {
 
 deft::DType dtype_or_throw(const std::string& name) {
@@ -144,6 +210,8 @@ NB_MODULE(_deft_cuda, m) {
     nb::dict d;
     d["deft_deform_conv2d_fwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
     d["deft_deform_conv2d_bwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
+    d["deft_sample_columns_cuda_v1"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
+    d["deft_col2im_cuda_v1"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCuda));
     return d;
   });
   m.def(

@@ -1,0 +1,308 @@
+// The GPU column sampler and col2im (columns.h). One group of `lanes` threads per (output pixel,
+// offset group, tap) walks that tap's channels in vectors of V elements (16 bytes where the
+// channel count allows): the sampler blends the four corners and writes the column row; col2im
+// reads the column cotangent once, scatters it to the four corners of dx (float atomics) and
+// reduces the four corner dot products over the lanes for doffset and dmask. The bilinear math is
+// deft/geometry.h's make_bilinear, the same as the CPU route's and the fused kernels', and so is
+// the non-finite policy (a NaN point samples NaN and scatters nothing).
+#include <limits>
+
+#include "cuda/columns.h"
+#include "cuda/common.cuh"
+
+namespace deft {
+namespace kern {
+namespace {
+
+constexpr int kThreads = 256;
+
+// The chunk and how threads cover it: `lanes` threads (a power of two <= 32) per tap, `vectors`
+// vectors of V channels per (tap, offset group).
+struct ColGeo {
+  ConvParams p;
+  int64_t n_out;  // images per problem in the chunk
+  int64_t taps;   // batch * n_out * pixels_out * G * K
+  int lanes, vectors;
+};
+
+// The chunk's first image, clamped as XLA's dynamic_slice clamps its start.
+__device__ __forceinline__ int64_t chunk_start(const int32_t* start, const ColGeo& cg) {
+  const int64_t s = *start, hi = cg.p.n - cg.n_out;
+  return s < 0 ? 0 : (s > hi ? hi : s);
+}
+
+// Tap t of the chunk, in the order (output image o, pixel, offset group g, tap k).
+struct ColTap {
+  int64_t q;    // o * pixels_out + pixel: the row of cols / dcols / doffset / dmask
+  int64_t o;    // output image (all problems)
+  int64_t img;  // its input image
+  int64_t row;  // img * pixels_out + pixel: the row of offset / mask
+  int64_t pix;
+  int g, k;
+};
+
+__device__ __forceinline__ ColTap decode(const ColGeo& cg, int64_t t, int64_t start) {
+  const ConvParams& p = cg.p;
+  const int64_t K = p.taps(), G = p.offset_groups, P = p.pixels_out();
+  ColTap c;
+  c.k = static_cast<int>(t % K);
+  const int64_t r = t / K;
+  c.g = static_cast<int>(r % G);
+  c.q = r / G;
+  c.pix = c.q % P;
+  c.o = c.q / P;
+  c.img = (c.o / cg.n_out) * p.n + start + c.o % cg.n_out;
+  c.row = c.img * P + c.pix;
+  return c;
+}
+
+// The tap's sample point and modulation m (1 without mask).
+template <typename T, typename A>
+__device__ __forceinline__ Bilinear<A> point(const ConvParams& p, const ColTap& c, const T* __restrict__ offset,
+                                             const T* __restrict__ mask, A* m) {
+  const int64_t gk = c.g * p.taps() + c.k;
+  const T* off = offset + c.row * p.offset_channels() + gk * 2;
+  *m = p.with_mask ? to_acc<A>(mask[c.row * p.mask_channels() + gk]) : A(1);
+  const int64_t ho = c.pix / p.w_out, wo = c.pix - ho * p.w_out;
+  const int64_t i = c.k / p.kw, j = c.k - i * p.kw;
+  return make_bilinear<A>(A(p.base_y(ho, i)) + to_acc<A>(off[0]), A(p.base_x(wo, j)) + to_acc<A>(off[1]), p.h,
+                          p.w);
+}
+
+// V elements at src / dst, aligned to V * sizeof(E) (up to 16 bytes a transaction).
+template <typename E, int V>
+struct alignas(sizeof(E) * V > 16 ? 16 : sizeof(E) * V) Pack {
+  E e[V];
+};
+template <typename E, int V>
+__device__ __forceinline__ void load_n(const E* __restrict__ src, E (&v)[V]) {
+  const Pack<E, V> pk = *reinterpret_cast<const Pack<E, V>*>(src);
+#pragma unroll
+  for (int e = 0; e < V; ++e) v[e] = pk.e[e];
+}
+template <typename E, int V>
+__device__ __forceinline__ void store_n(E* __restrict__ dst, const E (&v)[V]) {
+  Pack<E, V> pk;
+#pragma unroll
+  for (int e = 0; e < V; ++e) pk.e[e] = v[e];
+  *reinterpret_cast<Pack<E, V>*>(dst) = pk;
+}
+template <typename T, typename A, int V>
+__device__ __forceinline__ void load_acc(const T* __restrict__ src, A (&v)[V]) {
+  T raw[V];
+  load_n<T, V>(src, raw);
+#pragma unroll
+  for (int e = 0; e < V; ++e) v[e] = to_acc<A>(raw[e]);
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    sample_columns_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
+                          const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ cols) {
+  using A = Acc<T>;
+  const ConvParams& p = cg.p;
+  const int64_t start = chunk_start(start_ptr, cg);
+  const int L = cg.lanes, lane = threadIdx.x & (L - 1);
+  const int64_t per_block = kThreads / L, C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps();
+  for (int64_t t = blockIdx.x * per_block + threadIdx.x / L; t < cg.taps; t += int64_t(gridDim.x) * per_block) {
+    const ColTap c = decode(cg, t, start);
+    A m;
+    const Bilinear<A> b = point<T, A>(p, c, offset, mask, &m);
+    const T* base = x + (c.img * p.h * p.w) * C + c.g * Cg;
+    const T* src[4] = {base + (b.y0 * p.w + b.x0) * C, base + (b.y0 * p.w + b.x0 + 1) * C,
+                       base + ((b.y0 + 1) * p.w + b.x0) * C, base + ((b.y0 + 1) * p.w + b.x0 + 1) * C};
+    const bool valid[4] = {b.v00, b.v01, b.v10, b.v11};
+    const A w[4] = {b.w00(), b.w01(), b.w10(), b.w11()};
+    T* dst = cols + (c.q * K + c.k) * C + c.g * Cg;
+    for (int v = lane; v < cg.vectors; v += L) {
+      A out[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) out[e] = b.fill();  // NaN for a NaN point (geometry.h), else 0
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (!valid[j]) continue;
+        A s[V];
+        load_acc<T, A, V>(src[j] + v * V, s);
+#pragma unroll
+        for (int e = 0; e < V; ++e) out[e] += s[e] * w[j];
+      }
+      T res[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) res[e] = from_acc<T>(out[e] * m);
+      store_n<T, V>(dst + v * V, res);
+    }
+  }
+}
+
+// The loop over taps is uniform per warp (every lane runs the same iterations, inactive taps
+// included) so the lanes of a tap can reduce with shuffles.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    col2im_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
+                  const T* __restrict__ offset, const T* __restrict__ mask, const Acc<T>* __restrict__ dcols,
+                  Acc<T>* __restrict__ dx, T* __restrict__ doffset, T* __restrict__ dmask) {
+  using A = Acc<T>;
+  const ConvParams& p = cg.p;
+  const int64_t start = chunk_start(start_ptr, cg);
+  const int L = cg.lanes, lane = threadIdx.x & (L - 1);
+  const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps(), HW = p.h * p.w;
+  const int64_t per_warp = 32 / L;
+  const int64_t warp = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int64_t stride = int64_t(gridDim.x) * (kThreads / 32) * per_warp;
+  for (int64_t t0 = warp * per_warp; t0 < cg.taps; t0 += stride) {
+    const int64_t t = t0 + (threadIdx.x & 31) / L;
+    const bool active = t < cg.taps;
+    A d[4] = {A(0), A(0), A(0), A(0)};  // sum over channels of dcols * corner j
+    ColTap c{};
+    Bilinear<A> b{};
+    A m = A(0);
+    if (active) {
+      c = decode(cg, t, start);
+      b = point<T, A>(p, c, offset, mask, &m);
+      const int64_t at[4] = {b.y0 * p.w + b.x0, b.y0 * p.w + b.x0 + 1, (b.y0 + 1) * p.w + b.x0,
+                             (b.y0 + 1) * p.w + b.x0 + 1};
+      const bool valid[4] = {b.v00, b.v01, b.v10, b.v11};
+      const A wm[4] = {b.w00() * m, b.w01() * m, b.w10() * m, b.w11() * m};
+      const T* xb = x + c.img * HW * C + c.g * Cg;
+      A* dxb = dx + c.o * HW * C + c.g * Cg;
+      const A* gsrc = dcols + (c.q * K + c.k) * C + c.g * Cg;
+      for (int v = lane; v < cg.vectors; v += L) {
+        A gv[V];
+        load_n<A, V>(gsrc + v * V, gv);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (!valid[j]) continue;
+          A s[V], upd[V];
+          load_acc<T, A, V>(xb + at[j] * C + v * V, s);
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            d[j] += gv[e] * s[e];
+            upd[e] = wm[j] * gv[e];
+          }
+          atomic_add_n<V>(dxb + at[j] * C + v * V, upd);
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) {
+      if (s >= L) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) d[j] += __shfl_xor_sync(0xffffffffu, d[j], s);
+    }
+    if (active && lane == 0) {
+      const A ly = b.ly, lx = b.lx, f = b.fill();  // f: NaN for a NaN point, else 0
+      // d sample / d(y, x) of each corner's weight, as torchvision and the CPU route.
+      const A gy = f - (A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
+      const A gx = f - (A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
+      T* doff = doffset + c.q * p.offset_channels() + (c.g * K + c.k) * 2;
+      doff[0] = from_acc<T>(A(m * gy));
+      doff[1] = from_acc<T>(A(m * gx));
+      if (p.with_mask) {
+        const A gm = f + b.w00() * d[0] + b.w01() * d[1] + b.w10() * d[2] + b.w11() * d[3];
+        dmask[c.q * p.mask_channels() + c.g * K + c.k] = from_acc<T>(gm);
+      }
+    }
+  }
+}
+
+// Threads per tap and vector width from the channels of one offset group; grid from the taps.
+template <typename T>
+ColGeo make_col_geo(const ConvParams& p, int64_t n_out, int* vec) {
+  ColGeo cg;
+  cg.p = p;
+  cg.n_out = n_out;
+  cg.taps = p.batch * n_out * p.pixels_out() * p.offset_groups * p.taps();
+  const int64_t cpog = p.c_per_offset_group();
+  int v = kVec<T>;
+  while (v > 1 && cpog % v != 0) v /= 2;
+  *vec = v;
+  cg.vectors = static_cast<int>(cpog / v);
+  int lanes = 1;
+  while (lanes < 32 && lanes < cg.vectors) lanes *= 2;
+  cg.lanes = lanes;
+  return cg;
+}
+
+unsigned grid_of(const ColGeo& cg) {
+  const int64_t per_block = kThreads / cg.lanes;
+  const int64_t blocks = (cg.taps + per_block - 1) / per_block;
+  return static_cast<unsigned>(blocks < (1 << 20) ? (blocks < 1 ? 1 : blocks) : (1 << 20));
+}
+
+template <typename T, typename F>
+cudaError_t with_vec(int v, F&& f) {
+  switch (v) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4:
+      if constexpr (kVec<T> >= 4) return f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      if constexpr (kVec<T> >= 8) return f(std::integral_constant<int, 8>{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t sample_columns(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
+                           const void* x, const void* offset, const void* mask, void* cols) {
+  int v = 1;
+  const ColGeo cg = make_col_geo<T>(p, n_out, &v);
+  if (cg.taps == 0 || p.c_in == 0) return cudaSuccess;
+  return with_vec<T>(v, [&](auto vc) {
+    sample_columns_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(
+        cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
+        static_cast<T*>(cols));
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start, const void* x,
+                   const void* offset, const void* mask, const void* dcols, void* dx, void* doffset, void* dmask) {
+  using A = Acc<T>;
+  const size_t dx_bytes = size_t(p.batch * n_out * p.h * p.w * p.c_in) * sizeof(A);
+  if (dx_bytes > 0)
+    if (cudaError_t e = cudaMemsetAsync(dx, 0, dx_bytes, stream); e != cudaSuccess) return e;
+  int v = 1;
+  const ColGeo cg = make_col_geo<T>(p, n_out, &v);
+  if (cg.taps == 0 || p.c_in == 0) return cudaSuccess;
+  return with_vec<T>(v, [&](auto vc) {
+    col2im_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(
+        cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
+        static_cast<const A*>(dcols), static_cast<A*>(dx), static_cast<T*>(doffset), static_cast<T*>(dmask));
+    return cudaGetLastError();
+  });
+}
+
+template <typename F>
+cudaError_t by_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: return f(float{});
+    case DType::kF64: return f(double{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+    case DType::kF16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+}  // namespace kern
+
+cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
+                                DType dtype, const void* x, const void* offset, const void* mask, void* cols) {
+  return kern::by_dtype(dtype, [&](auto tag) {
+    return kern::sample_columns<decltype(tag)>(stream, p, n_out, start, x, offset, mask, cols);
+  });
+}
+
+cudaError_t LaunchCol2Im(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
+                         DType dtype, const void* x, const void* offset, const void* mask, const void* dcols,
+                         void* dx, void* doffset, void* dmask) {
+  return kern::by_dtype(dtype, [&](auto tag) {
+    return kern::col2im<decltype(tag)>(stream, p, n_out, start, x, offset, mask, dcols, dx, doffset, dmask);
+  });
+}
+
+}  // namespace deft

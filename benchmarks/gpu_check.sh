@@ -10,7 +10,7 @@
 # train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
 # it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
 # sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
-# benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py. fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000}.
+  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>&1
 # Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
@@ -87,7 +87,7 @@ if has sanitize; then
 fi
 if has fuzz; then
   echo "== fuzz ($(date -u +%T))"
-  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" > "$OUT/fuzz.log" 2>&11
+  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>&1
   rc=$?
   grep -v "it/s]" "$OUT/fuzz.log" | tail -n 15
   [[ $rc -eq 0 ]] || { status=1; echo "fuzz: FAILED (rc=$rc)"; }

@@ -50,6 +50,8 @@ if has test; then
   [[ " ${PYTEST_ARGS:-} " == *" -n "* ]] && kargs+=(--dist loadgroup)
   # No up-front 75% reservation: lets PYTEST_ARGS="-n 4" run four workers on one GPU.
   XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false} \
+  # TEST_TIMEOUT: stop pytest with SIGINT, so it still prints the failures so far (-rf).
+  timeout -s INT ${TEST_TIMEOUT:-3000} \
   "$PY" -m pytest -q -rf --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 60
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
@@ -73,9 +75,11 @@ if has sanitize; then
     echo "== compute-sanitizer $tool ($(date -u +%T))"
     # The platform allocator gives every buffer its own allocation, so an overrun is seen.
     # memcheck_small.py: every kernel family, fwd+bwd, default and deterministic; nonfinite_sanitize.py:
-    # NaN / inf / 1e30 offsets and masks through each family.
+    # NaN / inf / 1e30 offsets and masks through each family. XLA's GEMM autotuning is off: under
+    # a sanitizer it compiled and ran candidate kernels for minutes (the column route's dots).
     rc=0
     for script in benchmarks/memcheck_small.py benchmarks/nonfinite_sanitize.py; do
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
       XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
         timeout ${SANITIZE_TIMEOUT:-400} compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
         "$PY" $script >> "$OUT/sanitize_$tool.log" 2>&1 || rc=$?

@@ -47,21 +47,31 @@ def _chunk_size(n: int, z: int, chunk: int) -> int:
     return -(-n // -(-n // most))
 
 
-def _for_chunks(n: int, b: int, step, carry):
-    """carry = step(start, size, carry) for chunks [start, start + size) covering [0, n): first
-    the remainder chunk (the batch's last n % b images), then a loop over the n // b full chunks
-    (static sizes).
+def _for_chunks(n: int, b: int, step, carry, ins, unroll: bool):
+    """carry = step(start, size, carry, ins) for chunks [start, start + size) covering [0, n):
+    first the remainder chunk (the batch's last n % b images), then the n // b full chunks
+    (static sizes); ``ins`` are the arrays the steps read.
 
     The remainder runs first: run after the loop, its update of the loop's result made XLA copy
-    the whole result (temporary memory then grew with the batch)."""
+    the whole result (temporary memory then grew with the batch).
+
+    The full chunks are a fori_loop, or with ``unroll`` (the GPU) one step each in sequence, each
+    chained to the next through an optimization barrier on (ins, carry), so XLA cannot start a
+    chunk's sampler before the previous chunk is done (its columns stay the only ones alive). XLA
+    GPU (jax 0.11.2) fails to compile the backward's loop ("IndexError: absl::container_internal::
+    raw_hash_map<>::at" at compile time, with or without command buffers; the forward's loop
+    compiles): unrolled, it compiles and gives the same results (H200, 5 images in chunks of 2)."""
     full, rem = divmod(n, b)
+    starts = ([(full * b, rem)] if rem else []) + [(i * b, b) for i in range(full)]
+    if unroll or full <= 1:
+        for i, (start, size) in enumerate(starts):
+            carry = step(start, size, carry, ins)
+            if unroll and i + 1 < len(starts):
+                ins, carry = lax.optimization_barrier((ins, carry))
+        return carry
     if rem:
-        carry = step(full * b, rem, carry)
-    if full == 1:
-        carry = step(0, b, carry)
-    elif full > 1:
-        carry = lax.fori_loop(0, full, lambda i, c: step(i * b, b, c), carry)
-    return carry
+        carry = step(full * b, rem, carry, ins)
+    return lax.fori_loop(0, full, lambda i, c: step(i * b, b, c, ins), carry)
 
 
 def _images(a, start, size):
@@ -152,13 +162,15 @@ def forward(x, offset, mask, kernel, call):
     acc = _ffi.accumulation_dtype(x.dtype)
     wk = kernel.reshape(z, k, cig, fg, cog)
 
-    def step(start, size, y):
+    def step(start, size, y, ins):
+        x, offset, mask = ins
         cols = _sample(x, offset, mask, start, size, call, with_mask)
         return _put(y, _forward_dot(cols, wk, call, acc).astype(x.dtype), start)
 
     ho, wo = offset.shape[2:4]
     y = jnp.zeros((z, n, ho, wo, fg * cog), x.dtype)
-    y = _for_chunks(n, _chunk_size(n, z, call.chunk), step, y)
+    y = _for_chunks(n, _chunk_size(n, z, call.chunk), step, y, (x, offset, mask),
+                    unroll=call.platform == "cuda")
     return y.reshape(*lead_shape, *y.shape[1:])
 
 
@@ -177,7 +189,8 @@ def backward(x, offset, mask, kernel, dy, call):
     wk = kernel.reshape(z, k, cig, fg, cog)
     attrs = call.attr_dict()
 
-    def step(start, size, carry):
+    def step(start, size, carry, ins):
+        x, offset, mask, dy = ins
         dx, doffset, dmask, dwk = carry
         dyc = _images(dy, start, size)
         cols = _sample(x, offset, mask, start, size, call, with_mask)
@@ -193,7 +206,8 @@ def backward(x, offset, mask, kernel, dy, call):
 
     carry = (jnp.zeros_like(x), jnp.zeros_like(offset),
              jnp.zeros_like(mask) if with_mask else None, jnp.zeros(wk.shape, acc))
-    dx, doffset, dmask, dwk = _for_chunks(n, _chunk_size(n, z, call.chunk), step, carry)
+    dx, doffset, dmask, dwk = _for_chunks(n, _chunk_size(n, z, call.chunk), step, carry,
+                                          (x, offset, mask, dy), unroll=call.platform == "cuda")
     dx = dx.reshape(*lead_shape, *dx.shape[1:])
     doffset = doffset.reshape(*lead_shape, *doffset.shape[1:])
     dmask = (dmask.reshape(*lead_shape, *dmask.shape[1:]) if with_mask

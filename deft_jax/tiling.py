@@ -379,15 +379,22 @@ def route_table() -> dict[tuple, str]:
 
 def route_heuristic(s: LayerShape) -> str:
     """The route of a shape the table has not measured: the column route where the GEMM
-    dominates. The fused kernels sample each (pixel, tap, channel) once per output-channel tile
-    (128 wide), so their sampling work grows with C_out per group, while the column route samples
-    once and leaves the reduction to cuBLAS; fused wins where the image is large and C_out small
-    (sampling dominates; the column round trip through memory is then the larger cost)."""
-    return "columns" if s.c_out // s.feature_groups >= ROUTE_COLUMNS_MIN_COUT else "fused"
+    dominates, i.e. many output channels on few pixels. The fused kernels sample each (pixel, tap,
+    channel) once per output-channel tile, the column route once, leaving the reduction to cuBLAS;
+    but the column route writes and reads its columns through memory, which costs more than the
+    fused re-sampling wherever an image has more pixels. Measured (H200, bench_layers, fused ->
+    columns, us): S5 (7x7, 512 -> 512) fwd fp32 143 -> 110, bf16 101 -> 46, fwd+bwd bf16 310 ->
+    140; S4 (14x14, 256 -> 256) fwd fp32 125 -> 162, bf16 84 -> 114 (fwd+bwd a tie: 446 / 437,
+    308 / 297); S1-S3, S6 (<= 128 output channels) fwd 1.6-3.1x slower on columns."""
+    pixels = s.h_out * s.w_out
+    cout = s.c_out // s.feature_groups
+    return "columns" if cout >= ROUTE_COLUMNS_MIN_COUT and pixels <= ROUTE_COLUMNS_MAX_PIXELS else "fused"
 
 
-# Output channels per group from which unseen shapes take the column route (route_heuristic).
+# route_heuristic's bounds: C_out per group from which, and pixels per image up to which, unseen
+# shapes take the column route (S5 has 512 and 49; S4, 256 and 196, stays fused).
 ROUTE_COLUMNS_MIN_COUT = 256
+ROUTE_COLUMNS_MAX_PIXELS = 64
 
 
 @functools.lru_cache(maxsize=4096)

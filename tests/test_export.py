@@ -75,3 +75,25 @@ def test_jit_on_one_platform_lowers_only_its_branch(rng):
     other = "cuda" if here == "cpu" else "cpu"
     assert _native_target(here) in text
     assert _native_target(other) not in text
+
+
+@pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built with nvcc)")
+def test_cuda_column_route_lowers_to_a_chain_of_chunks(rng, monkeypatch):
+    """Lowered for CUDA (no GPU needed), the column route's chunks are unrolled, one sampler call
+    per chunk in the forward and the backward and one col2im per chunk, with no while loop (XLA
+    GPU fails to compile the backward's loop: deft_jax/_columns.py)."""
+    from deft_jax import tiling
+    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape: 2)
+    n = 5  # chunks of 2: the remainder, then two full chunks
+    x, off, kernel, mask = (np.concatenate([a] * 3)[:n] if a.ndim == 4 and i != 2 else a
+                            for i, a in enumerate(_inputs(rng)))
+
+    def loss(*a):
+        return jnp.sum(deft_jax.deform_conv2d(*a, padding=1, implementation="columns") ** 2)
+    exp = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=("cuda",),
+                            disabled_checks=deft_jax.export.disabled_safety_checks())(x, off, kernel, mask)
+    text = exp.mlir_module()
+    chunks = -(-n // 2)
+    assert text.count('@deft_sample_columns_cuda_v1(') == 2 * chunks  # forward + backward
+    assert text.count('@deft_col2im_cuda_v1(') == chunks
+    assert "stablehlo.while" not in text

@@ -180,3 +180,39 @@ def test_float32_half_ring_tile_where_measured():
     assert tiling.choose_tiling("cuda", _shape("S3", "float32"), 0, 9).tile_w == 128
     t = tiling.choose_tiling("cuda", _shape("S3", "float32", h_out=32, w_out=32, n=64), 132, 9)
     assert (t.tile_h, t.tile_w, t.tile_n) == (8, 8, 128), t
+
+
+def test_route_choice():
+    """choose_route: CPU always the column route; deterministic always fused; an explicit request
+    wins otherwise; then the measured table (deft_jax/routes.json), then the heuristic."""
+    s5, s3 = _shape("S5", "bfloat16"), _shape("S3", "float32")
+    assert tiling.choose_route("cpu", s3) == "columns"
+    assert tiling.choose_route("cpu", s5, deterministic=True) == "columns"
+    assert tiling.choose_route("cuda", s5, deterministic=True) == "fused"
+    assert tiling.choose_route("cuda", s3, requested="columns") == "columns"
+    assert tiling.choose_route("cuda", s5, requested="fused") == "fused"
+    table = tiling.route_table()
+    for s in (s5, s3, _shape("S5", "float32"), _shape("S1", "bfloat16")):
+        key = (s.h_out, s.w_out, s.c_in, s.c_out, s.taps, s.offset_groups, s.feature_groups, s.dtype)
+        assert tiling.choose_route("cuda", s) == table.get(key, tiling.route_heuristic(s))
+    # The batch is not part of the key: the route is a property of the layer.
+    assert tiling.choose_route("cuda", _shape("S5", "bfloat16", n=3)) == tiling.choose_route("cuda", s5)
+
+
+def test_route_table_is_consistent():
+    """Every row of routes.json names the faster route of its own measurements."""
+    import json
+    rows = json.loads(tiling._ROUTE_TABLE.read_text())["routes"]
+    assert rows
+    for r in rows:
+        t = r[f"{r['basis']}_us"]
+        assert r["route"] == min(t, key=t.get), r
+
+
+def test_route_heuristic():
+    """Unseen shapes: many output channels on few pixels take the column route."""
+    assert tiling.route_heuristic(_shape("S5", "float32", c_in=384, c_out=768)) == "columns"
+    assert tiling.route_heuristic(_shape("S4", "float32", c_in=384)) == "fused"
+    assert tiling.route_heuristic(_shape("S3", "bfloat16", c_in=96)) == "fused"
+    grouped = _shape("S5", "float32", c_out=512, feature_groups=4)  # 128 per group
+    assert tiling.route_heuristic(grouped) == "fused"

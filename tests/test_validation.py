@@ -1,5 +1,6 @@
 """Every malformed call raises a ValueError naming the argument, before any native call."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,6 +62,12 @@ BAD = {
                                          "native implementation"),
     "not an array": (dict(x=[[1.0]]), "x", "array"),
 }
+# Backend-dependent: the fused kernels are CUDA only; the GPU column route is not deterministic.
+if jax.default_backend() == "cpu":
+    BAD["fused on a CPU backend"] = (dict(implementation="fused"), "implementation", "CUDA kernels")
+else:
+    BAD["deterministic columns on GPU"] = (dict(deterministic=True, implementation="columns"),
+                                           "deterministic", "fused kernels")
 
 
 @pytest.mark.parametrize("name", list(BAD))

@@ -18,3 +18,11 @@ def rng(request):
     # Fresh inputs per test, reproducible from the test's name.
     seed = abs(hash(request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def on_cpu():
+    """Run the test's computations and lowerings on the CPU whatever jax's default backend (for
+    tests of the CPU route: on a GPU machine they would otherwise test the GPU's route)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield

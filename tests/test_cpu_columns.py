@@ -17,6 +17,8 @@ from deft_jax import _ffi, tiling
 from helpers import Case, make_inputs, rel_err
 
 PROBE = Path(__file__).with_name("cpu_columns_probe.py")
+# The CPU route, also on a GPU machine (conftest.on_cpu).
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
 def _grads(case, x, off, kernel, mask, dy, impl=None):

@@ -1,14 +1,18 @@
-"""jit, vmap, grad, checkpoint, and that the default CPU op lowers to the custom call."""
+"""jit, vmap, grad, checkpoint, and that the CPU op lowers to its custom calls (on the CPU, also on
+a GPU machine)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import deft_jax
 from deft_jax import _ffi
 from helpers import Case, make_inputs, rel_err
 
 CASE = Case(n=2, h=6, w=5, c_in=4, c_out=3, offset_groups=2)
+# The CPU route, also on a GPU machine (conftest.on_cpu).
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
 def f(x, off, kernel, mask, impl=None):

@@ -85,6 +85,7 @@ def test_good_input_passes_validation():
         deft_jax.deform_conv2d(a["x"], a["offset"], a["kernel"], a["mask"], **kw)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_native_rejects_inconsistent_attributes():
     """The C++ handlers re-check and return an error instead of reading out of bounds."""
     import jax

@@ -139,15 +139,20 @@ ffi::Error Col2ImImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offs
 }
 
 }  // namespace
+
+// XLA's stream and the operands every CUDA target starts with: x, offset, mask ((0,) without mask).
+inline auto CudaBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>();
+}
+
 }  // namespace deft_ffi
 
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // offset
-                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                              deft_ffi::CudaBinding()
                                   .Arg<ffi::AnyBuffer>()  // kernel
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
@@ -155,11 +160,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dFwdCuda, deft_ffi::ForwardImpl,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // offset
-                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                              deft_ffi::CudaBinding()
                                   .Arg<ffi::AnyBuffer>()  // kernel
                                   .Arg<ffi::AnyBuffer>()  // dy
                                   .Ret<ffi::AnyBuffer>()  // dx
@@ -171,22 +172,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCuda, deft_ffi::SampleColumnsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // offset
-                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                              deft_ffi::CudaBinding()
                                   .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device
                                   .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
                                   .Attrs<deft_ffi::ColumnAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCuda, deft_ffi::Col2ImImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // offset
-                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                              deft_ffi::CudaBinding()
                                   .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device
                                   .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
                                   .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]

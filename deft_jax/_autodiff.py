@@ -1,4 +1,4 @@
-"""custom_vjp around the native forward and backward targets."""
+"""custom_vjp around the native forward and backward calls."""
 
 from __future__ import annotations
 
@@ -30,24 +30,37 @@ class NativeCall:
         return {k: np.int64(v) for k, v in self.attrs}
 
 
+@dataclasses.dataclass(frozen=True)
+class NativeOp:
+    """The native call of each direction on one platform: the forward's and the backward's (their
+    routes may differ, tiling.choose_route)."""
+
+    forward: NativeCall
+    backward: NativeCall
+
+    @property
+    def platform(self) -> str:
+        return self.forward.platform
+
+
 def _mask_or_placeholder(mask, dtype):
     return _ffi.mask_placeholder(dtype) if mask is None else mask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def deform_conv2d(x, offset, mask, kernel, call: NativeCall):
+def deform_conv2d(x, offset, mask, kernel, op: NativeOp):
     """The native op; differentiable in x, offset, mask (when given) and kernel."""
-    return _partition.forward(x, offset, _mask_or_placeholder(mask, x.dtype), kernel, call)
+    return _partition.forward(x, offset, _mask_or_placeholder(mask, x.dtype), kernel, op.forward)
 
 
-def _fwd(x, offset, mask, kernel, call):
-    return deform_conv2d(x, offset, mask, kernel, call), (x, offset, mask, kernel)
+def _fwd(x, offset, mask, kernel, op):
+    return deform_conv2d(x, offset, mask, kernel, op), (x, offset, mask, kernel)
 
 
-def _bwd(call, residuals, dy):
+def _bwd(op, residuals, dy):
     x, offset, mask, kernel = residuals
     dx, doffset, dmask, dkernel = _partition.backward(
-        x, offset, _mask_or_placeholder(mask, x.dtype), kernel, dy, call)
+        x, offset, _mask_or_placeholder(mask, x.dtype), kernel, dy, op.backward)
     return dx, doffset, (None if mask is None else dmask), dkernel
 
 

@@ -175,12 +175,21 @@ def _gpu_model() -> tuple[int, int]:
     return int(getattr(dev, "core_count", 0) or 0), major
 
 
+def native_op(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
+              platform: str = "cpu", route: str | None = None) -> _autodiff.NativeOp:
+    """The forward's and the backward's native calls on `platform` (see native_call)."""
+    return _autodiff.NativeOp(*(native_call(x, kernel, geo, with_mask, precision, deterministic,
+                                            platform, route, d) for d in tiling.DIRECTIONS))
+
+
 def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
-                platform: str = "cpu", route: str | None = None) -> _autodiff.NativeCall:
-    """FFI attributes (geometry + tiling or chunk) and output shape of the native call on
-    `platform`, on the route tiling.choose_route picks ("columns": sampler + XLA's dot + col2im,
-    CPU and CUDA; "fused": the fused CUDA kernels, which also take ``deterministic``). ``route``:
-    the one the caller asked for (implementation="fused" / "columns"), or None."""
+                platform: str = "cpu", route: str | None = None,
+                direction: str = "fwd") -> _autodiff.NativeCall:
+    """FFI attributes (geometry + tiling or chunk) and output shape of the native call of one
+    direction ("fwd" or "bwd") on `platform`, on the route tiling.choose_route picks ("columns":
+    sampler + XLA's dot + col2im, CPU and CUDA; "fused": the fused CUDA kernels, which also take
+    ``deterministic``). ``route``: the one the caller asked for (implementation="fused" /
+    "columns"), or None."""
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
                               c_out=kernel.shape[3], taps=geo.kernel_size[0] * geo.kernel_size[1],
@@ -193,7 +202,7 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, determinis
                  dil_w=geo.kernel_dilation[1], offset_groups=geo.offset_groups,
                  with_mask=int(with_mask))
     out_shape = (n, *geo.out_hw, kernel.shape[3])
-    if tiling.choose_route(platform, shape, bool(deterministic), route) == "columns":
+    if tiling.choose_route(platform, shape, bool(deterministic), route, direction) == "columns":
         # The sampler's geometry; feature groups and precision are the dots'.
         attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1])
         chunk = (tiling.cpu_chunk_images if platform == "cpu" else tiling.cuda_chunk_images)(shape)
@@ -216,12 +225,12 @@ def _hashable_precision(precision):
     return tuple(precision) if isinstance(precision, list) else precision
 
 
-def _native(x, offset, mask, kernel, calls: tuple[_autodiff.NativeCall, ...]):
+def _native(x, offset, mask, kernel, ops: tuple[_autodiff.NativeOp, ...]):
     """The native op with one call per platform: lowering picks the platform's own branch."""
-    if len(calls) == 1:
-        return _autodiff.deform_conv2d(x, offset, mask, kernel, calls[0])
-    branches = {c.platform: (lambda x, o, m, k, c=c: _autodiff.deform_conv2d(x, o, m, k, c))
-                for c in calls}
+    if len(ops) == 1:
+        return _autodiff.deform_conv2d(x, offset, mask, kernel, ops[0])
+    branches = {op.platform: (lambda x, o, m, k, op=op: _autodiff.deform_conv2d(x, o, m, k, op))
+                for op in ops}
     return lax.platform_dependent(x, offset, mask, kernel, **branches)
 
 
@@ -331,7 +340,7 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             x, offset, kernel, mask, strides=geo.strides, padding=geo.padding,
             kernel_dilation=geo.kernel_dilation, feature_group_count=geo.feature_group_count,
             precision=precision)
-    calls = tuple(native_call(x, kernel, geo, mask is not None, precision, bool(deterministic), p,
-                              implementation)
-                  for p in _native_platforms())
-    return _native_jit(x, offset, mask, kernel, calls)
+    ops = tuple(native_op(x, kernel, geo, mask is not None, precision, bool(deterministic), p,
+                          implementation)
+                for p in _native_platforms())
+    return _native_jit(x, offset, mask, kernel, ops)

@@ -356,9 +356,12 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
 # --------------------------------------------------------------------------- the route per shape
 
 ROUTES = ("fused", "columns")
-# The measured table: which route ran the forward + backward faster, per layer shape and dtype,
-# on one GPU model (deft_jax/routes.json, written by benchmarks/make_routes.py from a
-# bench_layers.py run that timed both routes side by side).
+DIRECTIONS = ("fwd", "bwd")
+# The measured table: which route ran the forward and which the backward faster, per layer shape
+# and dtype, on one GPU model (deft_jax/routes.json, written by benchmarks/make_routes.py from a
+# bench_layers.py run that timed both routes side by side). The two directions are separate
+# custom calls on the same inputs, so a layer may run the forward on one route and the backward
+# on the other.
 _ROUTE_TABLE = pathlib.Path(__file__).with_name("routes.json")
 
 
@@ -368,13 +371,14 @@ def _route_key(h_out, w_out, c_in, c_out, taps, offset_groups, feature_groups, d
 
 
 @functools.lru_cache(maxsize=1)
-def route_table() -> dict[tuple, str]:
-    """{shape key: route} of deft_jax/routes.json (empty when the file is absent)."""
+def route_table() -> dict[tuple, dict[str, str]]:
+    """{shape key: {"fwd": route, "bwd": route}} of deft_jax/routes.json (empty when the file is
+    absent)."""
     if not _ROUTE_TABLE.is_file():
         return {}
     rows = json.loads(_ROUTE_TABLE.read_text())["routes"]
     return {_route_key(*(r[k] for k in ("h_out", "w_out", "c_in", "c_out", "taps", "offset_groups",
-                                       "feature_groups", "dtype"))): r["route"] for r in rows}
+                                       "feature_groups", "dtype"))): dict(r["route"]) for r in rows}
 
 
 def route_heuristic(s: LayerShape) -> str:
@@ -399,11 +403,14 @@ ROUTE_COLUMNS_MAX_PIXELS = 64
 
 @functools.lru_cache(maxsize=4096)
 def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
-                 requested: str | None = None) -> str:
-    """"columns" or "fused" for ``shape`` on ``platform``. CPU: always the column route (no fused
-    CPU kernels). GPU: the fused kernels when ``deterministic`` (the column route's col2im adds dx
-    with float atomics), else ``requested`` when given (implementation="fused" / "columns"), else
-    the measured table, else route_heuristic."""
+                 requested: str | None = None, direction: str = "fwd") -> str:
+    """"columns" or "fused" for the ``direction`` ("fwd" or "bwd") of ``shape`` on ``platform``.
+    CPU: always the column route (no fused CPU kernels). GPU: the fused kernels when
+    ``deterministic`` (the column route's col2im adds dx with float atomics), else ``requested``
+    when given (implementation="fused" / "columns", both directions), else the measured table,
+    else route_heuristic."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     if platform == "cpu":
         return "columns"
     if deterministic:
@@ -412,7 +419,8 @@ def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
         return requested
     key = _route_key(shape.h_out, shape.w_out, shape.c_in, shape.c_out, shape.taps,
                      shape.offset_groups, shape.feature_groups, shape.dtype)
-    return route_table().get(key) or route_heuristic(shape)
+    row = route_table().get(key)
+    return row[direction] if row else route_heuristic(shape)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -97,3 +97,29 @@ def test_cuda_column_route_lowers_to_a_chain_of_chunks(rng, monkeypatch):
     assert text.count('@deft_sample_columns_cuda_v1(') == 2 * chunks  # forward + backward
     assert text.count('@deft_col2im_cuda_v1(') == chunks
     assert "stablehlo.while" not in text
+
+
+@pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built with nvcc)")
+def test_cuda_routes_per_direction(rng, monkeypatch):
+    """A table row may give the forward and the backward different routes: lowered for CUDA, the
+    forward calls the fused forward, the backward the column route (sampler + col2im) and no
+    fused backward."""
+    from deft_jax import tiling
+    args = _inputs(rng)
+    s = tiling.LayerShape(n=2, h_out=7, w_out=6, c_in=4, c_out=5, taps=9, offset_groups=1,
+                          feature_groups=1, dtype="float32")
+    key = (s.h_out, s.w_out, s.c_in, s.c_out, s.taps, s.offset_groups, s.feature_groups, s.dtype)
+    monkeypatch.setattr(tiling, "route_table", lambda: {key: {"fwd": "fused", "bwd": "columns"}})
+    tiling.choose_route.cache_clear()
+    try:
+        def loss(*a):
+            return jnp.sum(deft_jax.deform_conv2d(*a, padding=1) ** 2)
+        exp = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=("cuda",),
+                                disabled_checks=deft_jax.export.disabled_safety_checks())(*args)
+        text = exp.mlir_module()
+    finally:
+        tiling.choose_route.cache_clear()
+    fused_fwd, fused_bwd = _ffi.target_names("cuda", "fused")
+    sample, col2im = _ffi.target_names("cuda", "columns")
+    assert f"@{fused_fwd}(" in text and f"@{fused_bwd}(" not in text
+    assert f"@{sample}(" in text and f"@{col2im}(" in text

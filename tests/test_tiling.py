@@ -192,21 +192,29 @@ def test_route_choice():
     assert tiling.choose_route("cuda", s3, requested="columns") == "columns"
     assert tiling.choose_route("cuda", s5, requested="fused") == "fused"
     table = tiling.route_table()
-    for s in (s5, s3, _shape("S5", "float32"), _shape("S1", "bfloat16")):
+    for s in (s5, s3, _shape("S5", "float32"), _shape("S1", "bfloat16"), _shape("S2", "float16")):
         key = (s.h_out, s.w_out, s.c_in, s.c_out, s.taps, s.offset_groups, s.feature_groups, s.dtype)
-        assert tiling.choose_route("cuda", s) == table.get(key, tiling.route_heuristic(s))
+        for d in ("fwd", "bwd"):
+            want = table[key][d] if key in table else tiling.route_heuristic(s)
+            assert tiling.choose_route("cuda", s, direction=d) == want
     # The batch is not part of the key: the route is a property of the layer.
     assert tiling.choose_route("cuda", _shape("S5", "bfloat16", n=3)) == tiling.choose_route("cuda", s5)
+    with pytest.raises(ValueError, match="direction"):
+        tiling.choose_route("cuda", s5, direction="both")
 
 
 def test_route_table_is_consistent():
-    """Every row of routes.json names the faster route of its own measurements."""
+    """Every row of routes.json names, per direction, the faster route of its own measurements
+    (the backward: forward+backward minus forward; the forward's route where that was not
+    measured for both routes)."""
     import json
     rows = json.loads(tiling._ROUTE_TABLE.read_text())["routes"]
     assert rows
     for r in rows:
-        t = r[f"{r['basis']}_us"]
-        assert r["route"] == min(t, key=t.get), r
+        assert r["route"]["fwd"] == min(r["fwd_us"], key=r["fwd_us"].get), r
+        b = r["bwd_us"]
+        assert r["route"]["bwd"] == (min(b, key=b.get) if b else r["route"]["fwd"]), r
+        assert set(r["route"].values()) <= set(tiling.ROUTES), r
 
 
 def test_route_heuristic():

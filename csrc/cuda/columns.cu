@@ -23,6 +23,7 @@ struct ColGeo {
   int64_t n_out;  // images per problem in the chunk
   int64_t taps;   // batch * n_out * pixels_out * G * K
   int lanes, vectors;
+  bool narrow;    // taps < 2^31: decode with 32-bit divisions (a 64-bit one is a ~70-instruction call)
 };
 
 // The chunk's first image, clamped as XLA's dynamic_slice clamps its start.
@@ -37,22 +38,37 @@ struct ColTap {
   int64_t o;    // output image (all problems)
   int64_t img;  // its input image
   int64_t row;  // img * pixels_out + pixel: the row of offset / mask
-  int64_t pix;
-  int g, k;
+  int64_t ho, wo;
+  int g, k, i, j;  // offset group, tap, and the tap's kernel row and column
 };
 
-__device__ __forceinline__ ColTap decode(const ColGeo& cg, int64_t t, int64_t start) {
+// The divisions of decode in the index type I (uint32_t where every index fits, else int64_t).
+template <typename I>
+__device__ __forceinline__ void decode_in(const ColGeo& cg, I t, ColTap* c, I* in_problem) {
   const ConvParams& p = cg.p;
-  const int64_t K = p.taps(), G = p.offset_groups, P = p.pixels_out();
+  const I K = static_cast<I>(p.taps()), G = static_cast<I>(p.offset_groups);
+  const I P = static_cast<I>(p.pixels_out()), wout = static_cast<I>(p.w_out), kw = static_cast<I>(p.kw);
+  const I n_out = static_cast<I>(cg.n_out);
+  const I k = t % K, r = t / K, q = r / G, pix = q % P, o = q / P, ho = pix / wout, i = k / kw;
+  c->k = static_cast<int>(k), c->g = static_cast<int>(r % G);
+  c->q = q, c->o = o, c->ho = ho, c->wo = pix - ho * wout;
+  c->i = static_cast<int>(i), c->j = static_cast<int>(k - i * kw);
+  c->img = static_cast<int64_t>(o / n_out) * cg.p.n;  // the problem's first input image
+  *in_problem = o % n_out;
+}
+
+__device__ __forceinline__ ColTap decode(const ColGeo& cg, int64_t t, int64_t start) {
   ColTap c;
-  c.k = static_cast<int>(t % K);
-  const int64_t r = t / K;
-  c.g = static_cast<int>(r % G);
-  c.q = r / G;
-  c.pix = c.q % P;
-  c.o = c.q / P;
-  c.img = (c.o / cg.n_out) * p.n + start + c.o % cg.n_out;
-  c.row = c.img * P + c.pix;
+  if (cg.narrow) {
+    uint32_t in_problem;
+    decode_in<uint32_t>(cg, static_cast<uint32_t>(t), &c, &in_problem);
+    c.img += start + in_problem;
+  } else {
+    int64_t in_problem;
+    decode_in<int64_t>(cg, t, &c, &in_problem);
+    c.img += start + in_problem;
+  }
+  c.row = c.img * cg.p.pixels_out() + c.ho * cg.p.w_out + c.wo;
   return c;
 }
 
@@ -63,10 +79,8 @@ __device__ __forceinline__ Bilinear<A> point(const ConvParams& p, const ColTap& 
   const int64_t gk = c.g * p.taps() + c.k;
   const T* off = offset + c.row * p.offset_channels() + gk * 2;
   *m = p.with_mask ? to_acc<A>(mask[c.row * p.mask_channels() + gk]) : A(1);
-  const int64_t ho = c.pix / p.w_out, wo = c.pix - ho * p.w_out;
-  const int64_t i = c.k / p.kw, j = c.k - i * p.kw;
-  return make_bilinear<A>(A(p.base_y(ho, i)) + to_acc<A>(off[0]), A(p.base_x(wo, j)) + to_acc<A>(off[1]), p.h,
-                          p.w);
+  return make_bilinear<A>(A(p.base_y(c.ho, c.i)) + to_acc<A>(off[0]), A(p.base_x(c.wo, c.j)) + to_acc<A>(off[1]),
+                          p.h, p.w);
 }
 
 // V elements at src / dst, aligned to V * sizeof(E) (up to 16 bytes a transaction).
@@ -212,6 +226,7 @@ ColGeo make_col_geo(const ConvParams& p, int64_t n_out, int* vec) {
   cg.p = p;
   cg.n_out = n_out;
   cg.taps = p.batch * n_out * p.pixels_out() * p.offset_groups * p.taps();
+  cg.narrow = cg.taps < (int64_t(1) << 31);
   const int64_t cpog = p.c_per_offset_group();
   int v = kVec<T>;
   while (v > 1 && cpog % v != 0) v /= 2;

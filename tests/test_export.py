@@ -123,3 +123,22 @@ def test_cuda_routes_per_direction(rng, monkeypatch):
     sample, col2im = _ffi.target_names("cuda", "columns")
     assert f"@{fused_fwd}(" in text and f"@{fused_bwd}(" not in text
     assert f"@{sample}(" in text and f"@{col2im}(" in text
+
+
+@pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built with nvcc)")
+@pytest.mark.parametrize("hw, c, route", [(7, 512, "columns"), (28, 128, "fused")],
+                         ids=["S5-columns", "S3-fused"])
+def test_cuda_route_follows_the_table(hw, c, route):
+    """Lowered for CUDA (no GPU needed), a suite layer calls the route deft_jax/routes.json gives
+    it (bfloat16, batch 1: the batch is not part of the table's key)."""
+    from deft_jax import tiling
+    s = tiling.LayerShape(n=1, h_out=hw, w_out=hw, c_in=c, c_out=c, taps=9, offset_groups=1,
+                          feature_groups=1, dtype="bfloat16")
+    assert tiling.choose_route("cuda", s) == route  # the table's row (see test_tiling)
+    x = jax.ShapeDtypeStruct((1, hw, hw, c), jnp.bfloat16)
+    off = jax.ShapeDtypeStruct((1, hw, hw, 18), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((3, 3, c, c), jnp.bfloat16)
+    f = lambda x, o, k: deft_jax.deform_conv2d(x, o, k, padding=1)  # noqa: E731
+    text = jax.export.export(jax.jit(f), platforms=("cuda",),
+                             disabled_checks=deft_jax.export.disabled_safety_checks())(x, off, k).mlir_module()
+    assert f"@{_ffi.target_names('cuda', route)[0]}(" in text

@@ -177,32 +177,40 @@ def _gpu_model() -> tuple[int, int]:
 
 def native_op(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
               platform: str = "cpu", route: str | None = None) -> _autodiff.NativeOp:
-    """The forward's and the backward's native calls on `platform` (see native_call)."""
-    return _autodiff.NativeOp(*(native_call(x, kernel, geo, with_mask, precision, deterministic,
-                                            platform, route, d) for d in tiling.DIRECTIONS))
-
-
-def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
-                platform: str = "cpu", route: str | None = None,
-                direction: str = "fwd") -> _autodiff.NativeCall:
-    """FFI attributes (geometry + tiling or chunk) and output shape of the native call of one
-    direction ("fwd" or "bwd") on `platform`, on the route tiling.choose_route picks ("columns":
-    sampler + XLA's dot + col2im, CPU and CUDA; "fused": the fused CUDA kernels, which also take
-    ``deterministic``). ``route``: the one the caller asked for (implementation="fused" /
-    "columns"), or None."""
+    """The native calls of the forward and of the backward on `platform`, each on the route
+    tiling.choose_route picks for its direction ("columns": sampler + XLA's dot + col2im, CPU and
+    CUDA; "fused": the fused CUDA kernels, which also take ``deterministic``); one call serves
+    both directions when they share a route. ``route``: the one the caller asked for
+    (implementation="fused" / "columns"), or None."""
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
                               c_out=kernel.shape[3], taps=geo.kernel_size[0] * geo.kernel_size[1],
                               offset_groups=geo.offset_groups,
                               feature_groups=geo.feature_group_count,
                               dtype=jnp.dtype(x.dtype).name)
+    routes = [tiling.choose_route(platform, shape, bool(deterministic), route, d)
+              for d in tiling.DIRECTIONS]
+    calls = {r: _route_call(r, platform, shape, geo, with_mask, precision, deterministic)
+             for r in set(routes)}
+    return _autodiff.NativeOp(*(calls[r] for r in routes))
+
+
+def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, deterministic: bool = False,
+                platform: str = "cpu", route: str | None = None) -> _autodiff.NativeCall:
+    """The forward's native call (see native_op): FFI attributes and output shape."""
+    return native_op(x, kernel, geo, with_mask, precision, deterministic, platform, route).forward
+
+
+def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geometry,
+                with_mask: bool, precision, deterministic: bool) -> _autodiff.NativeCall:
+    """FFI attributes (geometry + the route's tiling or chunk) and output shape of one call."""
     (pt, pb), (pl, pr) = geo.padding
     attrs = dict(stride_h=geo.strides[0], stride_w=geo.strides[1], pad_top=pt, pad_bottom=pb,
                  pad_left=pl, pad_right=pr, dil_h=geo.kernel_dilation[0],
                  dil_w=geo.kernel_dilation[1], offset_groups=geo.offset_groups,
                  with_mask=int(with_mask))
-    out_shape = (n, *geo.out_hw, kernel.shape[3])
-    if tiling.choose_route(platform, shape, bool(deterministic), route, direction) == "columns":
+    out_shape = (shape.n, *geo.out_hw, shape.c_out)
+    if route == "columns":
         # The sampler's geometry; feature groups and precision are the dots'.
         attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1])
         chunk = (tiling.cpu_chunk_images if platform == "cpu" else tiling.cuda_chunk_images)(shape)

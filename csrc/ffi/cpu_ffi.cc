@@ -173,25 +173,27 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
 }
 
 }  // namespace
+
+// XLA's intra-op pool and the operands both CPU targets start with: x, offset, mask ((0,) without
+// mask) and start (int32 scalar, the chunk's first image).
+inline auto ColumnBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>();
+}
+
 }  // namespace deft_ffi
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCpu, deft_ffi::SampleColumnsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // offset
-                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
-                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar, the chunk's first image
+                              deft_ffi::ColumnBinding()
                                   .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
                                   .Attrs<deft_ffi::ColumnAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // offset
-                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
-                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar, the chunk's first image
+                              deft_ffi::ColumnBinding()
                                   .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
                                   .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
                                   .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]

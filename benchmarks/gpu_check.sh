@@ -10,7 +10,8 @@
 # train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
 # it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
 # sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
-  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>&1
+# benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py, one tool after another.
+# fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} ${FUZZ_ARGS}.
 # Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
 # ncu = Nsight Compute on benchmarks/profile_bwd.py (ncu.log): NCU_SPECS="S2 float32;S5 bfloat16 fwd"
@@ -49,8 +50,8 @@ if has test; then
   # of device memory each, which four workers' allocators would hold at once).
   [[ " ${PYTEST_ARGS:-} " == *" -n "* ]] && kargs+=(--dist loadgroup)
   # No up-front 75% reservation: lets PYTEST_ARGS="-n 4" run four workers on one GPU.
-  XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false} \
   # TEST_TIMEOUT: stop pytest with SIGINT, so it still prints the failures so far (-rf).
+  XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false} \
   timeout -s INT ${TEST_TIMEOUT:-3000} \
   "$PY" -m pytest -q -rf --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 60
@@ -78,6 +79,12 @@ if has sanitize; then
     # NaN / inf / 1e30 offsets and masks through each family. XLA's GEMM autotuning is off: under
     # a sanitizer it compiled and ran candidate kernels for minutes (the column route's dots).
     rc=0
+    if [[ $tool == memcheck ]]; then  # without the sanitizer first: a crash there is the workload's own
+      echo "-- without a sanitizer" >> "$OUT/sanitize_$tool.log"
+      for script in benchmarks/memcheck_small.py benchmarks/nonfinite_sanitize.py; do
+        timeout 300 "$PY" $script 2>&1 | tail -n 3 >> "$OUT/sanitize_$tool.log" || rc=$?
+      done
+    fi
     for script in benchmarks/memcheck_small.py benchmarks/nonfinite_sanitize.py; do
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
       XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \

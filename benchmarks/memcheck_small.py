@@ -17,6 +17,9 @@ jax.config.update("jax_enable_x64", True)
 
 
 def run(n, h, w, c, co, g, fg, with_mask, dtype, scale, strides=1, padding=1, det=False, impl=None):
+    # Named before it runs: a crash under a sanitizer prints no Python traceback.
+    print(f"run n={n} h={h} w={w} c={c} co={co} g={g} fg={fg} mask={with_mask} "
+          f"{jnp.dtype(dtype).name} det={det} impl={impl}", flush=True)
     rng = np.random.default_rng(0)
     ho = (h + 2 * padding - 3) // strides + 1
     wo = (w + 2 * padding - 3) // strides + 1

@@ -5,12 +5,14 @@
 # family, the GPU fuzzer, and the layer benchmark. Logs and results go to $OUT: build.log,
 # pytest.log, train_<dtype>.log (+ train/*.json, *.png), sanitize_<tool>.log, fuzz.json/fuzz.log,
 # bench.log, bench/results.json, bench/results.md, bench/bench_layers.png.
-# Phases: PHASES="build test train sanitize fuzz bench sweep ncu sass ktime" (default: build test
-# train sanitize fuzz bench). Any failing phase makes the script exit 1 (it goes on with the rest).
+# Phases: PHASES="build test train repeat sanitize fuzz bench sweep ncu sass ktime" (default: build
+# test train repeat sanitize fuzz bench). Any failing phase makes the script exit 1 (it goes on with the rest).
 # train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
 # it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
 # sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
 # benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py, one tool after another.
+# repeat = benchmarks/repeat_check.py (every layer of the bf16 bug's ResNet-18 and the suite, fwd+bwd
+# launched REPEAT_REPS times per route, each launch against the reference: races; repeat.json).
 # fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} ${FUZZ_ARGS}.
 # Nsight Compute always runs with --clock-control none (GPU clocks untouched).
 # sweep = benchmarks/gpu_tile_sweep.py (the tiling measurements, sweep.json/sweep.log);
@@ -29,7 +31,7 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-PHASES=${PHASES:-"build test train sanitize fuzz bench"}
+PHASES=${PHASES:-"build test train repeat sanitize fuzz bench"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=0
@@ -70,6 +72,13 @@ if has train; then
     grep -v "it/s]" "$OUT/train_$dt.log" | tail -n 12
     [[ $rc -eq 0 ]] || { status=1; echo "train $dt: FAILED (rc=$rc)"; }
   done
+fi
+if has repeat; then
+  echo "== repeat ($(date -u +%T))"
+  "$PY" benchmarks/repeat_check.py --reps ${REPEAT_REPS:-50} --out "$OUT/repeat.json" ${REPEAT_ARGS:-} > "$OUT/repeat.log" 2>&1
+  rc=$?
+  grep -E "FAIL|failed" "$OUT/repeat.log" | tail -n 20
+  [[ $rc -eq 0 ]] || { status=1; echo "repeat: FAILED (rc=$rc)"; }
 fi
 if has sanitize; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do

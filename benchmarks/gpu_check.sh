@@ -72,6 +72,14 @@ if has train; then
     grep -v "it/s]" "$OUT/train_$dt.log" | tail -n 12
     [[ $rc -eq 0 ]] || { status=1; echo "train $dt: FAILED (rc=$rc)"; }
   done
+  # The bf16 training bug's own reproducer (its issue's command; width 64, 64 px, 8 steps).
+  echo "== train: the bf16 issue's reproducer ($(date -u +%T))"
+  "$PY" "$train_py" --arch resnet18 --width 64 --batch 64 --image-size 64 --channels 3 --dtype bfloat16 \
+      --steps 8 --eval-every 1000 --num-train 512 --num-test 64 --models deform,deform_xla \
+      --out "$OUT/train_repro" > "$OUT/train_repro.log" 2>&1
+  rc=$?
+  grep -v "it/s]" "$OUT/train_repro.log" | tail -n 6
+  [[ $rc -eq 0 ]] || { status=1; echo "train reproducer: FAILED (rc=$rc)"; }
 fi
 if has repeat; then
   echo "== repeat ($(date -u +%T))"

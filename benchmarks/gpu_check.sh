@@ -36,6 +36,16 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=0
 has() { [[ " $PHASES " == *" $1 "* ]]; }
+# logged <name> <log> <lines> <command...>: run into <log>, show its last lines without progress
+# bars, mark the run failed on a non-zero exit.
+logged() {
+  local name=$1 log=$2 lines=$3
+  shift 3
+  "$@" > "$log" 2>&1
+  local rc=$?
+  grep -v "it/s]" "$log" | tail -n "$lines"
+  [[ $rc -eq 0 ]] || { status=1; echo "$name: FAILED (rc=$rc)"; }
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 if has build; then
@@ -65,28 +75,21 @@ if has train; then
   train_py=examples/train.py
   for dt in bfloat16 float32; do
     echo "== train $dt ($(date -u +%T))"
-    "$PY" "$train_py" --arch resnet18 --width 32 --batch 64 --image-size 32 --channels 3 --dtype $dt \
+    logged "train $dt" "$OUT/train_$dt.log" 12 \
+      "$PY" "$train_py" --arch resnet18 --width 32 --batch 64 --image-size 32 --channels 3 --dtype $dt \
         --steps 30 --eval-every 1000 --num-train 2048 --num-test 128 --models plain,deform,deform_xla \
-        --timing-windows 3 --timing-steps 5 --out "$OUT/train" ${TRAIN_ARGS:-} > "$OUT/train_$dt.log" 2>&1
-    rc=$?
-    grep -v "it/s]" "$OUT/train_$dt.log" | tail -n 12
-    [[ $rc -eq 0 ]] || { status=1; echo "train $dt: FAILED (rc=$rc)"; }
+        --timing-windows 3 --timing-steps 5 --out "$OUT/train" ${TRAIN_ARGS:-}
   done
   # The bf16 training bug's own reproducer (its issue's command; width 64, 64 px, 8 steps).
   echo "== train: the bf16 issue's reproducer ($(date -u +%T))"
-  "$PY" "$train_py" --arch resnet18 --width 64 --batch 64 --image-size 64 --channels 3 --dtype bfloat16 \
-      --steps 8 --eval-every 1000 --num-train 512 --num-test 64 --models deform,deform_xla \
-      --out "$OUT/train_repro" > "$OUT/train_repro.log" 2>&1
-  rc=$?
-  grep -v "it/s]" "$OUT/train_repro.log" | tail -n 6
-  [[ $rc -eq 0 ]] || { status=1; echo "train reproducer: FAILED (rc=$rc)"; }
+  logged "train reproducer" "$OUT/train_repro.log" 6 \
+    "$PY" "$train_py" --arch resnet18 --width 64 --batch 64 --image-size 64 --channels 3 --dtype bfloat16 \
+      --steps 8 --eval-every 1000 --num-train 512 --num-test 64 --models deform,deform_xla --out "$OUT/train_repro"
 fi
 if has repeat; then
   echo "== repeat ($(date -u +%T))"
-  "$PY" benchmarks/repeat_check.py --reps ${REPEAT_REPS:-50} --out "$OUT/repeat.json" ${REPEAT_ARGS:-} > "$OUT/repeat.log" 2>&1
-  rc=$?
-  grep -E "FAIL|failed" "$OUT/repeat.log" | tail -n 20
-  [[ $rc -eq 0 ]] || { status=1; echo "repeat: FAILED (rc=$rc)"; }
+  logged repeat "$OUT/repeat.log" 8 \
+    "$PY" benchmarks/repeat_check.py --reps ${REPEAT_REPS:-50} --out "$OUT/repeat.json" ${REPEAT_ARGS:-}
 fi
 if has sanitize; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
@@ -115,10 +118,8 @@ if has sanitize; then
 fi
 if has fuzz; then
   echo "== fuzz ($(date -u +%T))"
-  "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-} > "$OUT/fuzz.log" 2>&1
-  rc=$?
-  grep -v "it/s]" "$OUT/fuzz.log" | tail -n 15
-  [[ $rc -eq 0 ]] || { status=1; echo "fuzz: FAILED (rc=$rc)"; }
+  logged fuzz "$OUT/fuzz.log" 15 \
+    "$PY" benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} --out "$OUT/fuzz.json" ${FUZZ_ARGS:-}
 fi
 if has sweep; then
   echo "== tile sweep ($(date -u +%T))"

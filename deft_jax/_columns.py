@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -56,22 +57,29 @@ def _for_chunks(n: int, b: int, step, carry, ins, unroll: bool):
     the whole result (temporary memory then grew with the batch).
 
     The full chunks are a fori_loop, or with ``unroll`` (the GPU) one step each in sequence, each
-    chained to the next through an optimization barrier on (ins, carry), so XLA cannot start a
-    chunk's sampler before the previous chunk is done (its columns stay the only ones alive). XLA
-    GPU (jax 0.11.2) fails to compile the backward's loop ("IndexError: absl::container_internal::
+    chunk's start computed from the previous chunk's results (``_after``), so XLA cannot start a
+    chunk's sampler before the previous chunk is done and its columns stay the only ones alive.
+    (Optimization barriers between the steps did not do it: XLA removes them before it schedules,
+    and XLA:CPU then ran every sampler first, temporary memory growing with the batch.) XLA GPU
+    (jax 0.11.2) fails to compile the backward's loop ("IndexError: absl::container_internal::
     raw_hash_map<>::at" at compile time, with or without command buffers; the forward's loop
     compiles): unrolled, it compiles and gives the same results (H200, 5 images in chunks of 2)."""
     full, rem = divmod(n, b)
     starts = ([(full * b, rem)] if rem else []) + [(i * b, b) for i in range(full)]
     if unroll or full <= 1:
         for i, (start, size) in enumerate(starts):
-            carry = step(start, size, carry, ins)
-            if unroll and i + 1 < len(starts):
-                ins, carry = lax.optimization_barrier((ins, carry))
+            carry = step(start if i == 0 or not unroll else start + _after(carry), size, carry, ins)
         return carry
     if rem:
         carry = step(full * b, rem, carry, ins)
     return lax.fori_loop(0, full, lambda i, c: step(i * b, b, c, ins), carry)
+
+
+def _after(tree):
+    """An int32 zero that XLA can only compute once every array of ``tree`` exists: it reads each
+    array's first element: max(-isnan, 0) is always 0, but XLA does not fold it."""
+    flags = [jnp.isnan(a.reshape(-1)[0]).astype(jnp.int32) for a in jax.tree.leaves(tree) if a.size]
+    return jnp.maximum(-sum(flags), 0) if flags else 0
 
 
 def _images(a, start, size):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import deft_jax
-from deft_jax import _ffi, tiling
+from deft_jax import _columns, _ffi, tiling
 from helpers import Case, make_inputs, rel_err
 
 PROBE = Path(__file__).with_name("cpu_columns_probe.py")
@@ -38,13 +38,27 @@ def chunk(monkeypatch):
     return set_chunk
 
 
+@pytest.fixture
+def unroll(monkeypatch):
+    """Run the CPU route's chunks as the GPU does: a chain of steps instead of a loop."""
+    def set_unrolled():
+        loop = _columns._for_chunks
+        monkeypatch.setattr(_columns, "_for_chunks", lambda n, b, step, carry, ins, unroll:
+                            loop(n, b, step, carry, ins, True))
+        jax.clear_caches()  # traces of the op made before the patch would be reused
+    yield set_unrolled
+    jax.clear_caches()
+
 @pytest.mark.parametrize("case", [
     Case(n=5),  # two full chunks of 2 and a remainder of 1
     Case(n=5, with_mask=False, offset_groups=2, c_in=6, c_out=4),
     Case(n=4, feature_groups=2, c_in=4, c_out=6, strides=(2, 1), padding=((1, 0), (2, 1))),
 ])
-def test_chunked_equals_reference(case, chunk, rng):
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_chunked_equals_reference(case, unrolled, chunk, unroll, rng):
     chunk(2)
+    if unrolled:
+        unroll()
     x, off, kernel, mask = make_inputs(case, rng)
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
     got = _grads(case, x, off, kernel, mask, dy)
@@ -52,10 +66,27 @@ def test_chunked_equals_reference(case, chunk, rng):
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b) < 1e-10
-    # The chunks are a loop in the program, each sampling 2 images.
+    # The chunks are a loop in the program (or a chain of steps), each sampling 2 images.
     f = lambda *a: deft_jax.deform_conv2d(*a, **case.kwargs())  # noqa: E731
     hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
-    assert "while" in hlo and f"tensor<1x2x{case.out_hw()[0]}x" in hlo
+    assert ("while" in hlo) != unrolled and f"tensor<1x2x{case.out_hw()[0]}x" in hlo
+
+
+def test_unrolled_chain_with_nan_first_elements(chunk, unroll, rng):
+    """The chain reads each chunk's first result element to order the chunks: a NaN there (x[0]
+    NaN makes y[0] and dkernel NaN) changes no other result."""
+    chunk(2)
+    unroll()
+    case = Case(n=5)
+    x, off, kernel, mask = make_inputs(case, rng)
+    x = x.at[0, 0, 0, 0].set(jnp.nan)
+    dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
+    got = _grads(case, x, off, kernel, mask, dy)
+    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
+    for a, b in zip(got, want):
+        assert bool(jnp.all(jnp.isnan(a) == jnp.isnan(b)))
+        fin = ~jnp.isnan(b)
+        assert rel_err(jnp.where(fin, a, 0), jnp.where(fin, b, 0)) < 1e-10
 
 
 def test_vmap_over_layers_with_chunks(chunk, rng):
@@ -77,11 +108,15 @@ def _temp_bytes(f, *args) -> int:
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.parametrize("unrolled", [False, True])
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_extra_memory_does_not_grow_with_batch(with_mask, chunk, rng):
+def test_extra_memory_does_not_grow_with_batch(with_mask, unrolled, chunk, unroll, rng):
     """XLA's temporary memory for the op and its gradient is the same for 4, 8 and 32 chunks'
-    worth of images (at most twice that with a remainder chunk), while the reference's grows."""
+    worth of images (at most twice that with a remainder chunk), while the reference's grows.
+    ``unrolled``: the chunks as the GPU runs them (a chain of steps, not a loop), here on CPU."""
     chunk(2)
+    if unrolled:
+        unroll()
     case = Case(h=12, w=10, c_in=8, c_out=8, with_mask=with_mask)
     temps = {}
     for n in (8, 16, 64, 63):
@@ -95,11 +130,21 @@ def test_extra_memory_does_not_grow_with_batch(with_mask, chunk, rng):
         bwd = lambda *a, impl=None: jax.vjp(lambda *b: fwd(*b, impl=impl), *a[:-1])[1](a[-1])  # noqa: E731
         temps[n] = (_temp_bytes(fwd, *args), _temp_bytes(bwd, *args, dy),
                     _temp_bytes(lambda *a: bwd(*a, impl="xla"), *args, dy))
-    for n in (16, 64):
-        assert temps[n][0] == temps[8][0], temps  # forward
-        assert temps[n][1] == temps[8][1], temps  # forward + backward
-    # With a remainder the program holds a chunk of another size too: at most twice as much.
-    assert temps[63][0] <= 2 * temps[8][0] and temps[63][1] <= 2 * temps[8][1], temps
+    if unrolled:
+        # The chain keeps one chunk's columns alive, not one per chunk: what grows with the batch
+        # (a copy of the op's results, y or dx/doffset/dmask, that XLA:CPU makes at the chain's
+        # end) stays under half an image's columns per image.
+        ho, wo = case.out_hw()
+        half_columns = ho * wo * 9 * case.c_in * 4 // 2
+        for n in (16, 64, 63):
+            for d in (0, 1):
+                assert temps[n][d] - temps[8][d] < (n - 8) * half_columns, (d, temps)
+    else:
+        for n in (16, 64):
+            assert temps[n][0] == temps[8][0], temps  # forward
+            assert temps[n][1] == temps[8][1], temps  # forward + backward
+        # With a remainder the program holds a chunk of another size too: at most twice as much.
+        assert temps[63][0] <= 2 * temps[8][0] and temps[63][1] <= 2 * temps[8][1], temps
     assert temps[64][2] > 4 * temps[8][2]  # the reference's columns scale with the batch
 
 

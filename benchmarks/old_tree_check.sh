@@ -6,7 +6,8 @@
 # the issue's reproducer (the old tree's benchmarks/train.py, ResNet-18 width 64, 64 px, batch 64,
 # bf16, 8 steps). The editable install of this tree is removed first (its import hook would win
 # over PYTHONPATH); run gpu_check.sh's build phase again afterwards. Logs: $OUT/old_tree.log.
-# Found on an H200 (2026-12-06): the old tree passed both (the divergence was reported on an H100).
+# Found (2026-12-06): the old tree passed the test and followed the reference in the reproducer on
+# an H200 and on an H100 (the divergence was reported on an H100): benchmarks/RESULTS.md.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}

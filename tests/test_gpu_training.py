@@ -1,10 +1,12 @@
 """What a training step adds to a layer test, on GPU: many steps of one compiled program (which XLA
 runs as a CUDA graph that it replays), arrays created between the steps, donated state.
 
-Regression for bf16 training that collapsed while every layer test passed: the backward's fp32
-accumulators came from XLA's scratch allocator, which takes the memory back when the handler
-returns. Inside a CUDA graph the kernels keep the address of the first capture, so every replay
-wrote into memory that XLA had since handed to other arrays (the next batch, the parameters).
+Written for the bf16 training divergence reported while every layer test passed, against the
+suspected mechanism: a workspace from XLA's scratch allocator, whose address a replayed CUDA
+graph would keep after XLA handed the memory to other arrays (sentinels must survive, the losses
+must follow the reference). It does not reproduce that divergence: on an H100 and on an H200 the
+code from before the workspace change (eb2e2d0) passed it, and trained the issue's reproducer
+normally too (benchmarks/RESULTS.md). It guards the mechanism; the divergence's cause is unknown.
 Skipped without a GPU or the CUDA module.
 """
 

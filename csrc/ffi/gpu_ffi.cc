@@ -5,8 +5,9 @@
 // are command-buffer (CUDA graph) compatible. The workspace is the last output buffer, sized by
 // Python through workspace_bytes(): an output lives in XLA's buffer assignment, so its address stays
 // valid whenever a captured graph replays the kernels. (Memory from ffi::ScratchAllocator is handed
-// back when the handler returns; a replayed graph then wrote into buffers XLA had since given to
-// other ops, which corrupted bf16 training.)
+// back when the handler returns, so a graph that captured its address could replay into buffers
+// XLA had since given to other ops. This was suspected of a bf16 training divergence, but the
+// code from before this change trained normally on an H100 and an H200 (benchmarks/RESULTS.md).)
 #include <cuda_runtime.h>
 
 #include <string>

@@ -38,7 +38,7 @@ def read_table(path):
 
 def compare(before_path, after_path):
     before, after = read_table(before_path), read_table(after_path)
-    print(f"| run | " + " | ".join(f"{k} us" for k in COLUMNS) + " |")
+    print("| run | " + " | ".join(f"{k} us" for k in COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))
     for run, a in after.items():
         if run not in before:

@@ -7,8 +7,6 @@ import pytest
 
 nnx = pytest.importorskip("flax.nnx")
 
-from flax import linen as nn  # noqa: E402
-
 from deft_jax import deform_conv2d, linen as deft_linen  # noqa: E402
 from deft_jax.nnx import DeformConv, DeformConvPack  # noqa: E402
 

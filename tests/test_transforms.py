@@ -3,7 +3,6 @@ a GPU machine)."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import deft_jax

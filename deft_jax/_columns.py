@@ -68,7 +68,9 @@ def _for_chunks(n: int, b: int, step, carry, ins, unroll: bool):
     starts = ([(full * b, rem)] if rem else []) + [(i * b, b) for i in range(full)]
     if unroll or full <= 1:
         for i, (start, size) in enumerate(starts):
-            carry = step(start if i == 0 or not unroll else start + _after(carry), size, carry, ins)
+            if unroll and i > 0:
+                start = start + _after(carry)
+            carry = step(start, size, carry, ins)
         return carry
     if rem:
         carry = step(full * b, rem, carry, ins)

@@ -365,9 +365,14 @@ DIRECTIONS = ("fwd", "bwd")
 _ROUTE_TABLE = pathlib.Path(__file__).with_name("routes.json")
 
 
-def _route_key(h_out, w_out, c_in, c_out, taps, offset_groups, feature_groups, dtype) -> tuple:
-    return (int(h_out), int(w_out), int(c_in), int(c_out), int(taps), int(offset_groups),
-            int(feature_groups), str(dtype))
+# The fields of LayerShape (and of a routes.json row) that name a table row: all but the batch.
+_ROUTE_KEY_FIELDS = ("h_out", "w_out", "c_in", "c_out", "taps", "offset_groups", "feature_groups",
+                     "dtype")
+
+
+def _route_key(fields) -> tuple:
+    """The table key of a LayerShape or a routes.json row (``fields(name)`` reads one field)."""
+    return tuple(str(fields(k)) if k == "dtype" else int(fields(k)) for k in _ROUTE_KEY_FIELDS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -377,8 +382,7 @@ def route_table() -> dict[tuple, dict[str, str]]:
     if not _ROUTE_TABLE.is_file():
         return {}
     rows = json.loads(_ROUTE_TABLE.read_text())["routes"]
-    return {_route_key(*(r[k] for k in ("h_out", "w_out", "c_in", "c_out", "taps", "offset_groups",
-                                       "feature_groups", "dtype"))): dict(r["route"]) for r in rows}
+    return {_route_key(r.__getitem__): dict(r["route"]) for r in rows}
 
 
 def route_heuristic(s: LayerShape) -> str:
@@ -417,9 +421,7 @@ def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
         return "fused"
     if requested is not None:
         return requested
-    key = _route_key(shape.h_out, shape.w_out, shape.c_in, shape.c_out, shape.taps,
-                     shape.offset_groups, shape.feature_groups, shape.dtype)
-    row = route_table().get(key)
+    row = route_table().get(_route_key(lambda k: getattr(shape, k)))
     return row[direction] if row else route_heuristic(shape)
 
 

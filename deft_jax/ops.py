@@ -130,10 +130,16 @@ def validate(x, offset, kernel, mask, *, strides, padding, kernel_dilation,
     return Geometry((kh, kw), strides, pads, dilation, fg, groups, out_hw)
 
 
+# jax_default_matmul_precision values that let float32 dots use TF32 (or less), as XLA reads them.
+_TF32_CONFIG = {"default", "fastest", "bfloat16", "tensorfloat32"}
+
+
 def _allow_tf32(precision) -> bool:
-    """TF32 only at DEFAULT precision (as lax.Precision means for float32 dots)."""
+    """TF32 only at DEFAULT precision (as lax.Precision means for float32 dots); precision=None
+    follows jax.default_matmul_precision as lax.conv and jnp.dot do (e.g. "highest": exact float32)."""
     if precision is None:
-        return True
+        config = jax.config.jax_default_matmul_precision
+        return config is None or str(config).lower() in _TF32_CONFIG
     ps = precision if isinstance(precision, (tuple, list)) else (precision,)
     return all(lax.Precision(p) == lax.Precision.DEFAULT for p in ps)
 

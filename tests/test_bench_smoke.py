@@ -43,8 +43,10 @@ def test_results_json(bench, results):
     assert data["machine"]["dispatch_us"]["trivial_jit_call"] > 0
     cases = {(r["impl"], r["mode"]) for r in data["results"]}
     core = {(i, m) for i in bench.IMPLS for m in bench.MODES}
-    # torchvision's CPU deform_conv2d runs too where it imports (CPU runs only).
-    assert core <= cases <= core | {("torch", m) for m in bench.MODES}
+    # torchvision's CPU deform_conv2d runs too where it imports (CPU runs only); on a GPU, each
+    # route of the native op and the deterministic mode too.
+    extra = {(i, m) for i in ("torch", bench.DET_IMPL, *bench.ROUTE_IMPLS) for m in bench.MODES}
+    assert core <= cases <= core | extra
     for r in data["results"]:
         if r["impl"] in ("deft", "torch") and r["status"] == "unavailable":
             assert r["error"] and "time_us" not in r

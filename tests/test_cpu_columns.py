@@ -110,7 +110,7 @@ def _temp_bytes(f, *args) -> int:
 
 @pytest.mark.parametrize("unrolled", [False, True])
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_extra_memory_does_not_grow_with_batch(with_mask, unrolled, chunk, unroll, rng):
+def test_extra_memory_does_not_grow_with_batch(with_mask, unrolled, chunk, unroll, rng, on_cpu):
     """XLA's temporary memory for the op and its gradient is the same for 4, 8 and 32 chunks'
     worth of images (at most twice that with a remainder chunk), while the reference's grows.
     ``unrolled``: the chunks as the GPU runs them (a chain of steps, not a loop), here on CPU."""

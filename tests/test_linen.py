@@ -22,6 +22,14 @@ GEOMETRIES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 as exact float32 on both sides (GPUs run float32 convs, dots and the native kernels
+    on TF32 at the default precision; these tests compare with nn.Conv to 1e-5)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _random_variables(module, rng, *args):
     """Variables of `module` drawn from N(0, 0.3^2), so that no bias is trivially zero. Shapes
     come from an abstract init (an eager init compiles every initializer op by op: seconds)."""

@@ -26,6 +26,14 @@ GEOMETRIES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 as exact float32 on both sides (GPUs run float32 convs, dots and the native kernels
+    on TF32 at the default precision; these tests compare with nn.Conv to 1e-5)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _normal(rng, shape, dtype=jnp.float32, scale=1.0):
     return jnp.asarray(rng.normal(size=shape) * scale, dtype)
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.test_util import check_grads
 
 import deft_jax
@@ -148,3 +149,16 @@ def test_infinite_input_reads_no_outside_corner(rng):
     for name, g_want, g_got in zip(("dx", "doffset", "dkernel", "dmask"), grads("xla"), grads(None)):
         np.testing.assert_array_equal(np.isfinite(g_got), np.isfinite(g_want), err_msg=name)
     assert not np.isfinite(grads("xla")[1]).all() and np.isfinite(grads("xla")[1]).any()
+
+
+@pytest.mark.parametrize("config,precision,tf32", [
+    (None, None, True), ("highest", None, False), ("float32", None, False),
+    ("tensorfloat32", None, True), ("default", None, True),
+    (None, lax.Precision.HIGHEST, False), ("highest", lax.Precision.DEFAULT, True),
+])
+def test_tf32_follows_precision_and_the_jax_default(config, precision, tf32):
+    """The fused kernels take TF32 for float32 where lax would: precision=None follows
+    jax.default_matmul_precision, an explicit precision wins over it."""
+    from deft_jax import ops
+    with jax.default_matmul_precision(config):
+        assert ops._allow_tf32(precision) is tf32

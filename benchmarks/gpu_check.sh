@@ -80,11 +80,16 @@ if has train; then
         --steps 30 --eval-every 1000 --num-train 2048 --num-test 128 --models plain,deform,deform_xla \
         --timing-windows 3 --timing-steps 5 --out "$OUT/train" ${TRAIN_ARGS:-}
   done
-  # The bf16 training bug's own reproducer (its issue's command; width 64, 64 px, 8 steps).
-  echo "== train: the bf16 issue's reproducer ($(date -u +%T))"
-  logged "train reproducer" "$OUT/train_repro.log" 6 \
-    "$PY" "$train_py" --arch resnet18 --width 64 --batch 64 --image-size 64 --channels 3 --dtype bfloat16 \
-      --steps 8 --eval-every 1000 --num-train 512 --num-test 64 --models deform,deform_xla --out "$OUT/train_repro"
+  # The bf16 training bug's own reproducer: its issue's command, plain first as there (plain's freed
+  # buffers are what an uninitialised read would see), at batch 64 and at 32 (where the issue saw
+  # losses of exactly 0.0).
+  for b in 64 32; do
+    echo "== train: the bf16 issue's reproducer, batch $b ($(date -u +%T))"
+    logged "train reproducer b$b" "$OUT/train_repro_b$b.log" 6 \
+      "$PY" "$train_py" --arch resnet18 --width 64 --batch $b --image-size 64 --channels 3 --dtype bfloat16 \
+        --steps 8 --eval-every 1000 --num-train 512 --num-test 64 --models plain,deform,deform_xla \
+        --out "$OUT/train_repro_b$b"
+  done
 fi
 if has repeat; then
   echo "== repeat ($(date -u +%T))"

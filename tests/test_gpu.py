@@ -17,6 +17,7 @@ import pytest
 from jax import lax
 
 import deft_jax
+from deft_jax import tiling
 from helpers import GPU, Case, make_inputs, needs_gpu, rel_err
 
 
@@ -229,7 +230,6 @@ def test_large_index_over_2_31(c, h, monkeypatch):
     w = h
     assert (h * w * c > 2**31) == (h != 23170)
     if c == 4:  # the pipelined configuration, whatever the tiling rules pick for this shape
-        from deft_jax import tiling
         tc = tiling.TileConfig(8, 8, 64, 32, 4, 2)
         monkeypatch.setattr(tiling, "choose_tiling", lambda *a, **k: tc)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, h, w, c), jnp.float32)
@@ -621,3 +621,30 @@ def test_columns_in_chunks(case, rng, monkeypatch):
     hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
     # Unrolled on the GPU (deft_jax/_columns.py): one sampler call per chunk.
     assert hlo.count("deft_sample_columns_cuda_v1") == -(-case.n // 2)
+
+
+def test_column_route_memory_flat_in_batch(monkeypatch):
+    """The GPU column route's chunk chain keeps one chunk's columns alive: XLA's temporary memory
+    for the forward and for forward+backward grows by less than half an image's columns per image
+    from 8 to 16, 64 and 63 images (a remainder chunk), chunks of 2 images."""
+    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape: 2)
+    case = Case(h=12, w=10, c_in=8, c_out=8)
+    ho, wo = case.out_hw()
+    half_columns = ho * wo * 9 * case.c_in * 4 // 2
+    rng = np.random.default_rng(0)
+
+    def fwd(*a):
+        return deft_jax.deform_conv2d(*a, implementation="columns", **case.kwargs())
+
+    def bwd(*a):
+        return jax.vjp(fwd, *a[:-1])[1](a[-1])
+
+    temps = {}
+    for n in (8, 16, 64, 63):
+        args = jax.device_put(make_inputs(Case(**{**vars(case), "n": n}), rng, np.float32), GPU)
+        dy = jax.device_put(jnp.ones((n, ho, wo, case.c_out), jnp.float32), GPU)
+        temps[n] = [jax.jit(f).lower(*a).compile().memory_analysis().temp_size_in_bytes
+                    for f, a in ((fwd, args), (bwd, (*args, dy)))]
+    for n in (16, 64, 63):
+        for d in (0, 1):
+            assert temps[n][d] - temps[8][d] < (n - 8) * half_columns, (d, temps)

@@ -270,7 +270,8 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
       kernel_dilation: int or (dh, dw).
       feature_group_count: grouped convolution, as in lax.conv_general_dilated.
-      precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT (or None).
+      precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT, or at None
+        where jax.default_matmul_precision allows them (as for lax.conv).
       implementation: None for the native op of the platform, its route chosen per shape (CPU:
         the column route, a C++ sampler and col2im around XLA's dot; GPU: that route with CUDA
         kernels and cuBLAS, or the fused CUDA kernels, per tiling.choose_route); "columns" or

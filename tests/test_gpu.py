@@ -82,12 +82,16 @@ def _vjp_on(device, f, args, dy):
 ROUTES = pytest.mark.parametrize("route", ["fused", "columns"])
 
 
-def _compare(case, rng, dtype, precision=None, tol_key=None, route=None):
+def _compare(case, rng, dtype, precision=None, tol_key=None, route=None, integer_offsets=False):
     # Below float64, coordinates >= 0.1 px off the integer grid: a bilinear sample's gradient jumps
     # there, and float32 rounding of (base + offset) may put a coordinate within an ulp of an
-    # integer on the other side than the float64 oracle does (one such doffset element is off by
-    # ~max|doffset|; benchmarks/kink_probe.py shows them).
-    x, off, kernel, mask = make_inputs(case, rng, np.float64, off_grid=jnp.dtype(dtype) != jnp.float64)
+    # integer on the other side than the float64 oracle does (benchmarks/kink_probe.py looks for
+    # such doffset outliers). integer_offsets: every coordinate exactly on the grid instead, exact
+    # in every dtype, so both sides must take the same side of each kink (torchvision's: floor).
+    off_grid = jnp.dtype(dtype) != jnp.float64 and not integer_offsets
+    x, off, kernel, mask = make_inputs(case, rng, np.float64, off_grid=off_grid)
+    if integer_offsets:
+        off = jnp.round(off)
     args = [a for a in (x, off, kernel, mask) if a is not None]
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
     low = [a.astype(dtype) for a in args]
@@ -130,6 +134,23 @@ def test_float32_tf32(case, route, rng):
 @pytest.mark.parametrize("case", GRID[::3] + GRID[14:], ids=_ids)
 def test_half(case, dtype, route, rng):
     _compare(case, rng, dtype, route=route)
+
+
+# Coordinates exactly on the integer grid, at the image borders too (offsets up to ~+-6 px).
+INTEGER_CASES = [Case(n=2, h=9, w=11, c_in=8, c_out=8, offset_scale=3.0),
+                 Case(n=3, h=64, w=64, c_in=64, c_out=64, padding=1),
+                 Case(n=2, h=10, w=12, c_in=48, c_out=32, offset_groups=3, strides=(2, 2),
+                      padding=((2, 1), (1, 2)))]
+
+
+@ROUTES
+@pytest.mark.parametrize("dtype,precision,tol_key", [
+    (jnp.float64, None, None), (jnp.float32, lax.Precision.HIGHEST, "float32-highest"),
+    (jnp.float32, None, "float32-tf32"), (jnp.bfloat16, None, None), (jnp.float16, None, None)],
+    ids=["f64", "f32-highest", "f32-tf32", "bf16", "f16"])
+@pytest.mark.parametrize("case", INTEGER_CASES, ids=_ids)
+def test_integer_coordinates(case, dtype, precision, tol_key, route, rng):
+    _compare(case, rng, dtype, precision=precision, tol_key=tol_key, route=route, integer_offsets=True)
 
 
 def test_jit_grad_vmap(rng):

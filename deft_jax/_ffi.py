@@ -66,6 +66,14 @@ def cuda_available() -> bool:
     return _deft_cuda is not None
 
 
+def compiled_tile_error(tile_attrs: dict[str, int], dtype: str) -> str | None:
+    """The CUDA module's answer to whether it instantiates a tile for ``dtype`` (the check its
+    handlers run): "" if so, else why not; None when the module is not built."""
+    if _deft_cuda is None:
+        return None
+    return _deft_cuda.tile_error(dtype, **{k: int(tile_attrs[k]) for k in _TILE_KEYS})
+
+
 def mask_placeholder(dtype):
     """DCNv1: the handlers take a (0,)-shaped mask and the with_mask=0 attribute."""
     return jnp.zeros((0,), dtype)

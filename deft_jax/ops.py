@@ -226,7 +226,8 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
                                     precision=_hashable_precision(precision))
     sm_count, cc = _gpu_model()
     tile = tiling.choose_tiling(platform, shape, sm_count, cc, deterministic=deterministic)
-    tiling.check_gpu_tile(tile, shape.dtype, cc)  # a ValueError at trace time, not a kernel error
+    # A ValueError at trace time (the CUDA module's own check where it is built), not a kernel error.
+    tiling.check_gpu_tile(tile, shape.dtype, cc, compiled=_ffi.compiled_tile_error)
     attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)),
                  deterministic=int(deterministic))
     attrs.update(dataclasses.asdict(tile))

@@ -321,36 +321,49 @@ def _vector_channels(s: LayerShape) -> bool:
     return all(c % v == 0 for c in (s.c_in, cg, cpog, s.c_out, cog))
 
 
-def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0) -> None:
-    """ValueError unless the CUDA kernels instantiate ``tile`` for ``dtype`` (mirrors the C++
-    CheckGpuTileConfig, so a bad configuration is caught at trace time, before any kernel), and,
-    given the device's compute capability (``cc_major`` > 0), unless the device can run it."""
+def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0, compiled=None) -> None:
+    """ValueError unless the CUDA kernels instantiate ``tile`` for ``dtype`` (caught at trace time,
+    before any kernel), and, given the device's compute capability (``cc_major`` > 0), unless the
+    device can run it. ``compiled``: the CUDA module's own check (``_ffi.compiled_tile_error``:
+    the message of the handlers' check, "" when instantiated, None without the module), which is
+    then the answer; ``gpu_tile_error`` mirrors it for traces without the module (an export for
+    CUDA from a CPU-only install), and tests/test_tiling.py holds the two equal on every candidate
+    tile wherever the module is built."""
+    why = compiled(dataclasses.asdict(tile), dtype) if compiled is not None else None
+    if why is None:
+        why = gpu_tile_error(tile, dtype)
+    if why:
+        raise ValueError(why)
+    if tile.k_splits > 1 and 0 < cc_major < 9:
+        raise ValueError(f"GPU tile configuration {tile}: k_splits={tile.k_splits} needs "
+                         f"thread-block clusters (compute capability 9.0+); this device has "
+                         f"{cc_major}.x: use k_splits=1")
+
+
+def gpu_tile_error(tile: TileConfig, dtype: str) -> str:
+    """"" if the CUDA kernels instantiate ``tile`` for ``dtype`` (the rule of the C++
+    CheckGpuTileConfig), else why not."""
     allowed = _GPU_TILES[:1] if dtype == "float64" else _GPU_TILES
     bwd_allowed = (64,) if dtype == "float64" else _GPU_BWD_TILE_N
     if tile.bwd_tile_n not in bwd_allowed:
-        raise ValueError(f"GPU tile configuration {tile}: bwd_tile_n must be one of {bwd_allowed} "
-                         f"for {dtype}")
+        return f"GPU tile configuration {tile}: bwd_tile_n must be one of {bwd_allowed} for {dtype}"
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps)
     if key in allowed and tile.tile_k == 32 and tile.stages in (1, 2) and tile.k_splits == 1:
-        return
+        return ""
     if (dtype != "float64" and key == _GPU_TILES[0] and tile.tile_k in _SPLIT_TILE_K
             and tile.stages == 2 and tile.k_splits == 1):
-        return
+        return ""
     if (dtype != "float64" and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32
             and tile.k_splits in _GPU_WS_K_SPLITS):
-        if tile.k_splits > 1 and 0 < cc_major < 9:
-            raise ValueError(f"GPU tile configuration {tile}: k_splits={tile.k_splits} needs "
-                             f"thread-block clusters (compute capability 9.0+); this device has "
-                             f"{cc_major}.x: use k_splits=1")
-        return
-    raise ValueError(f"GPU tile configuration {tile} is not instantiated for {dtype}; "
-                     f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
-                     "stages 1 or 2" + ("" if dtype == "float64" else
-                                        f"; or the split forward: (64, 64, 4), tile_k in "
-                                        f"{_SPLIT_TILE_K}, stages 2; or the warp-specialized "
-                                        f"forward: (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
-                                        f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
-                     + "; k_splits=1 everywhere else")
+        return ""
+    return (f"GPU tile configuration {tile} is not instantiated for {dtype}; "
+            f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
+            "stages 1 or 2" + ("" if dtype == "float64" else
+                               f"; or the split forward: (64, 64, 4), tile_k in "
+                               f"{_SPLIT_TILE_K}, stages 2; or the warp-specialized "
+                               f"forward: (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
+                               f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
+            + "; k_splits=1 everywhere else")
 
 
 # --------------------------------------------------------------------------- the route per shape

@@ -3,10 +3,11 @@ configuration the CUDA kernels instantiate (so check_gpu_tile, the trace-time gu
 
 import dataclasses
 import itertools
+import re
 
 import pytest
 
-from deft_jax import tiling
+from deft_jax import _ffi, tiling
 
 SUITE = {  # n, h_out, w_out, c_in, c_out (benchmarks/bench_layers.py)
     "S1": (8, 64, 64, 64, 64), "S2": (32, 64, 64, 64, 64), "S3": (32, 28, 28, 128, 128),
@@ -224,3 +225,25 @@ def test_route_heuristic():
     assert tiling.route_heuristic(_shape("S3", "bfloat16", c_in=96)) == "fused"
     grouped = _shape("S5", "float32", c_out=512, feature_groups=4)  # 128 per group
     assert tiling.route_heuristic(grouped) == "fused"
+
+
+@pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built where nvcc is found)")
+def test_python_rule_equals_the_compiled_check():
+    """tiling.gpu_tile_error (the rule used where the CUDA module is not built) accepts exactly
+    the tiles the module's own check accepts, over every candidate of a wide grid and every dtype;
+    with the module, check_gpu_tile raises the module's message."""
+    grid = itertools.product([(8, 8), (1, 64), (1, 128), (8, 16), (16, 8), (2, 32), (16, 16), (4, 8)],
+                             [32, 64, 128, 256], [16, 32, 64, 128, 256, 512], [2, 4, 8, 16],
+                             [1, 2, 3, 4], [32, 64, 128], [1, 2, 3, 4])
+    accepted = 0
+    for (th, tw), n, k, warps, stages, bwd_n, ks in grid:
+        t = tiling.TileConfig(th, tw, n, k, warps, stages, bwd_n, ks)
+        for dt in ("float32", "float64", "bfloat16", "float16"):
+            compiled = _ffi.compiled_tile_error(dataclasses.asdict(t), dt)
+            assert (tiling.gpu_tile_error(t, dt) == "") == (compiled == ""), (t, dt, compiled)
+            accepted += compiled == ""
+    assert accepted > 50  # the grid reaches the instantiated tiles
+    bad = tiling.TileConfig(8, 8, 64, 64, 4, 2)
+    message = _ffi.compiled_tile_error(dataclasses.asdict(bad), "float32")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiling.check_gpu_tile(bad, "float32", compiled=_ffi.compiled_tile_error)

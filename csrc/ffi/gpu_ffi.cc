@@ -219,6 +219,16 @@ NB_MODULE(_deft_cuda, m) {
       nb::arg("tile_n"), nb::arg("tile_k"), nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"),
       nb::arg("k_splits"), "Bytes of the forward's workspace output for y_elements outputs.");
   m.def(
+      "tile_error",
+      [](const std::string& dtype, int64_t tile_h, int64_t tile_w, int64_t tile_n, int64_t tile_k, int64_t warps,
+         int64_t stages, int64_t bwd_tile_n, int64_t k_splits) {
+        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits};
+        return deft::CheckGpuTileConfig(tile, dtype_or_throw(dtype));
+      },
+      nb::arg("dtype"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"), nb::arg("tile_n"), nb::arg("tile_k"),
+      nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"), nb::arg("k_splits"),
+      "Why the kernels do not instantiate this tile for dtype (the handlers' own check), or \"\".");
+  m.def(
       "backward_workspace_bytes",
       [](const std::string& dtype, int64_t x_elements, int64_t offset_elements, int64_t mask_elements,
          int64_t kernel_elements, bool deterministic) {

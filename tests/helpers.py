@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import accuracy
 from deft_jax import _ffi
 
 
@@ -58,6 +59,21 @@ def make_inputs(case: Case, rng, dtype=np.float64, off_grid=False):
     mask = rng.uniform(size=(case.n, ho, wo, case.offset_groups * taps)) if case.with_mask else None
     cast = lambda a: None if a is None else jnp.asarray(a, dtype)
     return cast(x), cast(off), cast(kernel), cast(mask)
+
+
+def oracle_offset(case: Case, off, dtype) -> jnp.ndarray:
+    """float64 offsets for a float64 oracle of an op run in ``dtype``: the sample point the dtype's
+    implementations form, fl32(base + offset) below float64, minus base (exact). A float32
+    sample point within an ulp of an integer can round across it, where the bilinear gradient
+    jumps: with this the oracle takes the same side (tests/accuracy.py, module docstring)."""
+    pads = case.padding
+    if isinstance(pads, int):
+        pads = ((pads, pads), (pads, pads))
+    cfg = accuracy.Config(n=case.n, h=case.h, w=case.w, c_in=case.c_in, c_out=case.c_out,
+                          kernel_size=case.kernel_size, strides=case.strides, padding=pads,
+                          dilation=case.dilation, offset_groups=case.offset_groups,
+                          feature_groups=case.feature_groups, with_mask=case.with_mask)
+    return jnp.asarray(accuracy.oracle_offsets(cfg, np.asarray(off, np.float64), dtype)[0])
 
 
 def rel_err(a, b):

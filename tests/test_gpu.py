@@ -18,7 +18,7 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, rel_err
+from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err
 
 
 CPU = jax.devices("cpu")[0]
@@ -83,22 +83,20 @@ ROUTES = pytest.mark.parametrize("route", ["fused", "columns"])
 
 
 def _compare(case, rng, dtype, precision=None, tol_key=None, route=None, integer_offsets=False):
-    # Below float64, coordinates >= 0.1 px off the integer grid: a bilinear sample's gradient jumps
-    # there, and float32 rounding of (base + offset) may put a coordinate within an ulp of an
-    # integer on the other side than the float64 oracle does (benchmarks/kink_probe.py looks for
-    # such doffset outliers). integer_offsets: every coordinate exactly on the grid instead, exact
-    # in every dtype, so both sides must take the same side of each kink (torchvision's: floor).
-    off_grid = jnp.dtype(dtype) != jnp.float64 and not integer_offsets
-    x, off, kernel, mask = make_inputs(case, rng, np.float64, off_grid=off_grid)
+    """The GPU op in ``dtype`` against the float64 reference of the same rounded inputs on the
+    CPU, whose offsets put each sample point where the dtype's arithmetic does (oracle_offset).
+    integer_offsets: every sample point exactly on the integer grid (where bilinear gradients
+    jump; exact in every dtype), so both sides must take the same side of each kink."""
+    x, off, kernel, mask = make_inputs(case, rng, np.float64)
     if integer_offsets:
         off = jnp.round(off)
     args = [a for a in (x, off, kernel, mask) if a is not None]
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
     low = [a.astype(dtype) for a in args]
-    # Oracle: float64 reference on the CPU of the same rounded inputs.
     with jax.default_device(CPU):
-        want = _vjp_on(CPU, _op(case, "xla"), [a.astype(jnp.float64) for a in low],
-                       dy.astype(dtype).astype(jnp.float64))
+        up = [jax.device_put(a.astype(jnp.float64), CPU) for a in low]
+        up[1] = jax.device_put(oracle_offset(case, up[1], dtype), CPU)
+        want = _vjp_on(CPU, _op(case, "xla"), up, dy.astype(dtype).astype(jnp.float64))
     got = _vjp_on(GPU, _op(case, route, precision), low, dy.astype(dtype))
     names = ["y", "dx", "doffset", "dkernel", "dmask"][: len(got)]
     tol = TOL[tol_key or jnp.dtype(dtype).name]

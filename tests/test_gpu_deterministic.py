@@ -15,7 +15,7 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, rel_err
+from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err
 from test_gpu import TOL
 
 
@@ -71,8 +71,7 @@ def _op(case, impl=None, **kw):
 
 
 def _inputs(case, rng, dtype):
-    # Off the integer grid below float64, as test_gpu._compare (gradient kinks).
-    x, off, kernel, mask = make_inputs(case, rng, np.float64, off_grid=jnp.dtype(dtype) != jnp.float64)
+    x, off, kernel, mask = make_inputs(case, rng, np.float64)
     args = [a.astype(dtype) for a in (x, off, kernel, mask) if a is not None]
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out))).astype(dtype)
     return args, dy
@@ -126,6 +125,7 @@ def test_reproducible_and_accurate(name, dtype, rng):
     _assert_identical(outs)
     with jax.default_device(CPU):
         up = [jax.device_put(a.astype(jnp.float64), CPU) for a in args]
+        up[1] = jax.device_put(oracle_offset(case, up[1], dtype), CPU)  # the dtype's sample points
         f = _op(case, "xla")
         y, vjp = jax.vjp(f, *up)
         want = [np.asarray(o, np.float64) for o in (y, *vjp(jax.device_put(dy.astype(jnp.float64), CPU)))]
@@ -153,6 +153,7 @@ def test_fixed_point_adds_no_visible_error(dtype, precision, rng):
     default = _runs(case, args, dy, runs=1, precision=precision)[0]
     with jax.default_device(CPU):
         up = [jax.device_put(a.astype(jnp.float64), CPU) for a in args]
+        up[1] = jax.device_put(oracle_offset(case, up[1], dtype), CPU)  # the dtype's sample points
         y, vjp = jax.vjp(_op(case, "xla"), *up)
         want = [np.asarray(o, np.float64) for o in (y, *vjp(jax.device_put(dy.astype(jnp.float64), CPU)))]
     eps = float(jnp.finfo(dtype).eps)

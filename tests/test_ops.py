@@ -8,7 +8,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import deft_jax
-from helpers import Case, make_inputs, rel_err
+from helpers import Case, make_inputs, oracle_offset, rel_err
 
 GRID = [
     Case(),
@@ -173,3 +173,27 @@ def test_tf32_follows_precision_and_the_jax_default(config, precision, tf32):
     from deft_jax import ops
     with jax.default_matmul_precision(config):
         assert ops._allow_tf32(precision) is tf32
+
+
+def test_float32_sample_point_rounds_across_a_kink(rng):
+    """base 39 + offset (1 - 2^-24) is 39.99999994 in float64 but 40.0 in float32 (spacing 2^-18
+    there): the float32 op samples from row 40, where the bilinear gradient has jumped. Its doffset
+    there is far from the naive float64 oracle's and equal to the oracle of oracle_offset (which
+    moves the float64 sample point to float32's), which the GPU accuracy tests use."""
+    case = Case(n=1, h=48, w=12, c_in=4, c_out=3, padding=1)
+    x, _, kernel, mask = make_inputs(case, rng, np.float32)
+    off = np.zeros((1, 48, 12, 18), np.float32)
+    off[0, 40, 5, 0] = np.float32(1 - 2.0**-24)  # tap (0, 0): base row 40 - 1 + 0 = 39
+    off = jnp.asarray(off)
+    dy = jnp.asarray(rng.normal(size=(1, 48, 12, 3)), jnp.float32)
+
+    def doffset(args, impl):
+        f = lambda *a: deft_jax.deform_conv2d(*a, implementation=impl, **case.kwargs())  # noqa: E731
+        return float(jax.vjp(f, *args)[1](dy.astype(args[0].dtype))[1][0, 40, 5, 0])
+
+    got = doffset((x, off, kernel, mask), None)
+    up = [a.astype(jnp.float64) for a in (x, off, kernel, mask)]
+    naive = doffset(up, "xla")
+    moved = doffset([up[0], oracle_offset(case, up[1], jnp.float32), *up[2:]], "xla")
+    assert abs(got - moved) < 1e-5 * max(abs(moved), 1)
+    assert abs(got - naive) > 1e-2 * max(abs(naive), 1e-3), (got, naive, moved)

@@ -65,7 +65,7 @@ if has test; then
   # TEST_TIMEOUT: stop pytest with SIGINT, so it still prints the failures so far (-rf).
   XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false} \
   timeout -s INT ${TEST_TIMEOUT:-3000} \
-  "$PY" -m pytest -q -rf --maxfail=30 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \
+  "$PY" -m pytest -q -rf --maxfail=30 --durations=25 -p no:cacheprovider ${TESTS:-tests/} "${kargs[@]}" ${PYTEST_ARGS:-} 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 60
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi

@@ -1,12 +1,14 @@
 """Forward or backward runs of suite layers, for Nsight Compute (per-kernel durations, stalls).
-Each argument is SHAPE,DTYPE[,fwd|bwd[,TILE]] (default bwd); the old form `S2 bfloat16 [fwd]` also
-works. TILE overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
+Each argument is SHAPE,DTYPE[,MODE[,TILE]], MODE one of fwd, bwd (default), fwd-det, bwd-det (the
+deterministic mode, deterministic=True: its kernels beside the default's, for its cost per kernel);
+the old form `S2 bfloat16 [fwd]` also works. TILE overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
 (e.g. S6,bfloat16,fwd,1:128:128:32:8:2; an 8th field is k_splits: 1:128:128:32:8:3:128:4), for a
 per-kernel A/B of two tiles in one process.
 Runs execute in argument order, one jit call each (compiled and warmed up first, so the profiled
 launches are exactly one per run, in order).
   ncu --kernel-name regex:deform --section SpeedOfLight python benchmarks/profile_bwd.py S2,bfloat16
   ncu --metrics gpu__time_duration.sum python benchmarks/profile_bwd.py S2,float32 S5,bfloat16,fwd
+  ncu --metrics gpu__time_duration.sum python benchmarks/profile_bwd.py S2,float32 S2,float32,bwd-det
 """
 import sys
 
@@ -31,7 +33,11 @@ def make_run(name, dtype, mode, tile=None):
     m = jax.random.uniform(k[2], (n, ho, wo, 9)).astype(dt)
     kern = (jax.random.normal(k[3], (3, 3, c, co)) / np.sqrt(9 * c)).astype(dt)
     dy = jax.random.normal(k[4], (n, ho, wo, co), dt)
-    conv = lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1)
+    det = mode.endswith("-det")
+    mode = mode.removesuffix("-det")
+    if mode not in ("fwd", "bwd"):
+        raise SystemExit(f"mode: expected fwd, bwd, fwd-det or bwd-det, got {mode!r}")
+    conv = lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1, deterministic=det)  # noqa: E731
     if mode == "fwd":
         f = jax.jit(conv)
     else:

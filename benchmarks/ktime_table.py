@@ -1,6 +1,6 @@
 """Per-kernel durations from `ncu --csv --metrics gpu__time_duration.sum` of profile_bwd.py runs,
 grouped per run (a run starts at its forward kernel, streaming, warp-specialized or split, or its backward
-data-pass kernel), as a markdown table:
+data-pass kernel, or the deterministic backward's scale kernel before it), as a markdown table:
   python benchmarks/ktime_table.py ncu.log SPEC [SPEC ...]
 Two such tables side by side (runs present in both; after / before per kernel):
   python benchmarks/ktime_table.py --compare BEFORE.md AFTER.md"""
@@ -15,7 +15,7 @@ def kernels(path):
     for r in csv.DictReader(lines):
         if r.get("Metric Name") == "gpu__time_duration.sum":
             name = r["Kernel Name"].split("<")[0].replace("void ", "").split("::")[-1]
-            if not name.startswith(("deform_", "convert_kernel")):
+            if not name.startswith(("deform_", "convert_kernel", "det_")):
                 continue  # XLA's own kernels that the name filter let through
             rows.append((name, float(r["Metric Value"].replace(",", "")) / 1e3))  # ns -> us
     return rows
@@ -49,11 +49,16 @@ def compare(before_path, after_path):
 
 
 def main(path, specs):
-    runs, cur = [], None
+    runs, cur, scales_only = [], None, False
     for name, us in kernels(path):
-        if name in ("deform_fwd_kernel", "deform_fwd_ws_kernel", "deform_fwd_split_kernel", "deform_bwd_data_kernel"):
+        # The deterministic backward computes its scales (det_max_kernel) before its data pass: that
+        # opens the run, and the data pass that follows stays in it.
+        opens = name in ("deform_fwd_kernel", "deform_fwd_ws_kernel", "deform_fwd_split_kernel",
+                         "deform_bwd_data_kernel", "det_max_kernel")
+        if opens and not (scales_only and name == "deform_bwd_data_kernel"):
             cur = {}
             runs.append(cur)
+        scales_only = name.startswith("det_") and (scales_only or name == "det_max_kernel")
         if cur is not None:
             key = {"deform_fwd_kernel": "fwd", "deform_fwd_ws_kernel": "fwd", "deform_fwd_split_kernel": "fwd", "deform_bwd_data_kernel": "data",
                    "deform_bwd_weight_kernel": "weight"}.get(name, "other")

@@ -14,7 +14,9 @@ tests/accuracy.py (its docstring has the derivation):
 
 GPU-sized shapes (channels up to 256, images up to 32x32, batch up to 4) are drawn for a fraction
 (--big-fraction) of the geometries. Configs share geometries (--configs / --geometries data draws
-per geometry) so that the XLA compilations stay a small part of the run.
+per geometry) so that the XLA compilations stay a small part of the run, and --batch configs of a
+geometry run in one call of the op and one of the oracle (per dtype and route), so that per-call
+dispatch and transfers do too.
 
 Never stops on one bad config: an exception is recorded as a crash and the run goes on. Writes a
 JSON summary {configs, runs, mismatches: [...], crashes: [...], seconds, worst, ...} to --out and
@@ -78,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=540.0,
                    help="stop drawing new configs after this long (0: no limit)")
     p.add_argument("--max-records", type=int, default=200, help="mismatches/crashes kept in the JSON")
+    p.add_argument("--batch", type=int, default=8,
+                   help="configs of one geometry evaluated per call (stacked on a leading axis, as "
+                        "vmap gives the op); a batch that raises is re-run config by config, so a "
+                        "crash names its config (1: one call per config)")
     p.add_argument("--replay", default=None,
                    help="a summary JSON of an earlier run: re-run only its failing configs")
     return p.parse_args(argv)
@@ -180,7 +186,7 @@ def main(argv=None) -> int:
             runs_passed=counts["passed"], geometries=n_geo, runs_per_config=runs,
             mismatches=mismatches, crashes=crashes, seconds=round(time.time() - t0, 1),
             partial=not final, stopped_early=state["stopped_early"], aborted=state["aborted"],
-            seed=args.seed, platform=args.platform, device=str(device),
+            seed=args.seed, batch=args.batch, platform=args.platform, device=str(device),
             oracle_device=str(oracle_device), model=model, check_reference=args.check_reference,
             worst_err_over_tol=worst, max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             jax=jax.__version__, argv=sys.argv[1:],
@@ -194,64 +200,100 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(plan), unit="cfg", smoothing=0.05,
                mininterval=0.1 if sys.stderr.isatty() else 15.0) if tqdm else None
     last_write, prev_geo, consecutive_crashes = time.time(), None, 0
-    for i, cfg in enumerate(plan):
+    def record_verdicts(cfg, run, impl, verdicts):
+        """Fold one config's verdicts into worst / mismatches; whether all passed."""
+        key = run + "-" + (impl or "native")
+        all_ok = True
+        for v in verdicts:
+            w = worst.setdefault(key, {})
+            w[v.name] = max(w.get(v.name, 0.0), v.max_ratio if np.isfinite(v.max_ratio) else float("inf"))
+            if not v.ok:
+                all_ok = False
+                if len(mismatches) < args.max_records:
+                    mismatches.append(dict(config=cfg.to_json(), short=cfg.short(), run=key,
+                                           implementation=impl, **dataclasses.asdict(v)))
+                else:
+                    mismatches.append(dict(run=key, name=v.name, truncated=True))
+        return all_ok
+
+    def evaluate(batch, run):
+        """Every config of ``batch`` (one geometry) in ``run``: oracle and each implementation in
+        one call each; returns per config whether all its checks passed (raises on any error,
+        with the stage it was in as the exception's ``deft_stage``)."""
+        dtype, prec_name, operand = RUNS[run]
+        precision = None if prec_name is None else getattr(lax.Precision, prec_name)
+        stage = "inputs"
+        n = len(batch)
+        if 1 < n < args.batch:  # a geometry's last batch, padded to the others' size: no recompile
+            batch = batch + [batch[-1]] * (args.batch - n)
+        try:
+            inps = [A.draw_inputs(cfg, dtype) for cfg in batch]
+            stage = "oracle"
+            orcs = A.oracle_batch(batch, inps, dtype, device=oracle_device)
+            impls = [(r, model) for r in routes] + ([("xla", "reference")] if args.check_reference else [])
+            ok = [True] * len(batch)
+            for impl, mdl in impls:
+                stage = f"implementation={impl!r}"
+                gots = A.run_op_batch(batch, inps, dtype, implementation=impl, precision=precision,
+                                      device=device)
+                for j, (cfg, got, orc) in enumerate(zip(batch[:n], gots, orcs)):
+                    tol = A.tolerances(cfg, orc, dtype, mdl, operand=operand)
+                    ok[j] = record_verdicts(cfg, run, impl, A.check(got, orc["want"], tol)) and ok[j]
+            return ok[:n]
+        except Exception as e:  # noqa: BLE001 - re-raised with its stage
+            e.deft_stage = stage
+            raise
+
+    def record_crash(cfg, run, e):
+        stage = getattr(e, "deft_stage", "?")
+        if len(crashes) < args.max_records:
+            crashes.append(dict(config=cfg.to_json(), short=cfg.short(), run=run, stage=stage,
+                                error=f"{type(e).__name__}: {e}"[:2000],
+                                traceback=traceback.format_exc()[-3000:]))
+        else:
+            crashes.append(dict(run=run, stage=stage, truncated=True, error=f"{type(e).__name__}: {e}"[:200]))
+
+    # Batches: consecutive configs of one geometry, at most --batch of them.
+    batches = []
+    for cfg in plan:
+        if batches and len(batches[-1]) < max(1, args.batch) and \
+                A.geometry_key(batches[-1][0]) == A.geometry_key(cfg):
+            batches[-1].append(cfg)
+        else:
+            batches.append([cfg])
+    done = 0
+    for batch in batches:
         if args.max_seconds and time.time() - t0 > args.max_seconds:
             state["stopped_early"] = True
             break
-        geo = A.geometry_key(cfg)
+        geo = A.geometry_key(batch[0])
         if geo != prev_geo:  # the previous geometry's compiled functions are not needed again
             A.clear_caches()
             prev_geo = geo
-        counts["configs"] += 1
-        oracles = {}  # per dtype: float32's two precisions share the inputs and the oracle
-        crashed_runs = 0
+        counts["configs"] += len(batch)
+        crashed = [0] * len(batch)
         for run in runs:
-            dtype, prec_name, operand = RUNS[run]
-            precision = None if prec_name is None else getattr(lax.Precision, prec_name)
-            counts["runs"] += 1
-            stage = "inputs"
+            counts["runs"] += len(batch)
             try:
-                inp = A.draw_inputs(cfg, dtype)
-                stage = "oracle"
-                if dtype not in oracles:
-                    oracles[dtype] = A.oracle(cfg, inp, dtype, device=oracle_device)
-                orc = oracles[dtype]
-                impls = [(r, model) for r in routes] + ([("xla", "reference")] if args.check_reference else [])
-                all_ok = True
-                for impl, mdl in impls:
-                    stage = f"implementation={impl!r}"
-                    got = A.run_op(cfg, inp, dtype, implementation=impl, precision=precision,
-                                   device=device)
-                    tol = A.tolerances(cfg, orc, dtype, mdl, operand=operand)
-                    key = run + "-" + (impl or "native")
-                    for v in A.check(got, orc["want"], tol):
-                        w = worst.setdefault(key, {})
-                        w[v.name] = max(w.get(v.name, 0.0), v.max_ratio if np.isfinite(v.max_ratio)
-                                        else float("inf"))
-                        if not v.ok:
-                            all_ok = False
-                            if len(mismatches) < args.max_records:
-                                mismatches.append(dict(config=cfg.to_json(), short=cfg.short(),
-                                                       run=key, implementation=impl,
-                                                       **dataclasses.asdict(v)))
-                            else:
-                                mismatches.append(dict(run=key, name=v.name, truncated=True))
-                counts["passed"] += all_ok
-            except Exception as e:  # noqa: BLE001 - one bad config must not end the run
-                crashed_runs += 1
-                if len(crashes) < args.max_records:
-                    crashes.append(dict(config=cfg.to_json(), short=cfg.short(), run=run,
-                                        stage=stage, error=f"{type(e).__name__}: {e}"[:2000],
-                                        traceback=traceback.format_exc()[-3000:]))
-                else:
-                    crashes.append(dict(run=run, stage=stage, truncated=True,
-                                        error=f"{type(e).__name__}: {e}"[:200]))
-        consecutive_crashes = consecutive_crashes + 1 if crashed_runs == len(runs) else 0
+                ok = evaluate(batch, run)
+            except Exception:  # noqa: BLE001 - one bad config must not end the run: find it
+                ok = []
+                for j, cfg in enumerate(batch):
+                    try:
+                        ok += evaluate([cfg], run)
+                    except Exception as e:  # noqa: BLE001
+                        crashed[j] += 1
+                        ok.append(False)
+                        record_crash(cfg, run, e)
+            counts["passed"] += sum(ok)
+        for c in crashed:
+            consecutive_crashes = consecutive_crashes + 1 if c == len(runs) else 0
+        done += len(batch)
         if bar is not None:
             bar.set_postfix_str(f"mism={len(mismatches)} crash={len(crashes)}", refresh=False)
-            bar.update(1)
-        elif (i + 1) % 20 == 0 or i + 1 == len(plan):
-            print(f"{i + 1}/{len(plan)} configs, {len(mismatches)} mismatches, "
+            bar.update(len(batch))
+        elif done % 40 < len(batch) or done == len(plan):
+            print(f"{done}/{len(plan)} configs, {len(mismatches)} mismatches, "
                   f"{len(crashes)} crashes, {time.time() - t0:.0f}s", flush=True)
         if consecutive_crashes >= 25:  # e.g. a sticky CUDA error: every later call fails too
             state["aborted"] = f"{consecutive_crashes} consecutive configs crashed in every run"

@@ -352,30 +352,42 @@ def oracle(cfg: Config, inp: dict, dtype, device=None) -> dict[str, dict[str, np
     """float64 oracle and the bounds B (abs problem at the sample points) and C (corner bound).
 
     Returns dict(want={name: array}, B={...}, C={...}); doffset's B is |m| * C_dm (docstring)."""
-    off_o, floor_o = oracle_offsets(cfg, inp["offset"], dtype)
-    mask = inp["mask"] if inp["mask"] is not None else np.ones(
-        (cfg.n, *cfg.out_hw(), cfg.offset_groups * cfg.taps()))
-    ax, ak, am, ady = (np.abs(inp["x"]), np.abs(inp["kernel"]), np.abs(mask), np.abs(inp["dy"]))
-    corners = []
-    for cy in (0.0, 1.0):
-        for cx in (0.0, 1.0):
-            c = floor_o.reshape(*floor_o.shape[:-1], -1, 2) + np.array([cy, cx])
-            corners.append(c.reshape(floor_o.shape))
-    copies = [(inp["x"], off_o, inp["kernel"], mask, inp["dy"]), (ax, off_o, ak, am, ady)]
-    copies += [(ax, c, ak, am, ady) for c in corners]
+    return oracle_batch([cfg], [inp], dtype, device)[0]
+
+
+def oracle_batch(cfgs: list[Config], inps: list[dict], dtype, device=None) -> list[dict]:
+    """oracle() of configs of one geometry (geometry_key), in one call: 6 problems per config."""
+    copies, masks = [], []
+    for cfg, inp in zip(cfgs, inps):
+        off_o, floor_o = oracle_offsets(cfg, inp["offset"], dtype)
+        mask = inp["mask"] if inp["mask"] is not None else np.ones(
+            (cfg.n, *cfg.out_hw(), cfg.offset_groups * cfg.taps()))
+        ax, ak, am, ady = (np.abs(inp["x"]), np.abs(inp["kernel"]), np.abs(mask), np.abs(inp["dy"]))
+        corners = []
+        for cy in (0.0, 1.0):
+            for cx in (0.0, 1.0):
+                c = floor_o.reshape(*floor_o.shape[:-1], -1, 2) + np.array([cy, cx])
+                corners.append(c.reshape(floor_o.shape))
+        copies += [(inp["x"], off_o, inp["kernel"], mask, inp["dy"]), (ax, off_o, ak, am, ady)]
+        copies += [(ax, c, ak, am, ady) for c in corners]
+        masks.append(am)
     stacked = [np.stack(parts) for parts in zip(*copies)]
-    fn = _oracle_fn(_geometry(cfg))
+    fn = _oracle_fn(_geometry(cfgs[0]))
     if device is not None:
         stacked = jax.device_put(stacked, device)
     out = [np.asarray(a, np.float64) for a in fn(*stacked)]
-    want = {name: a[0] for name, a in zip(NAMES, out)}
-    B = {name: a[1] for name, a in zip(NAMES, out)}
-    C = {name: a[2:].sum(0) for name, a in zip(NAMES, out)}
-    B["doffset"] = C["doffset"] = np.repeat(am * C["dmask"], 2, axis=-1)
-    if inp["mask"] is None:
-        for d in (want, B, C):
-            d.pop("dmask")
-    return dict(want=want, B=B, C=C)
+    results = []
+    for j, (inp, am) in enumerate(zip(inps, masks)):
+        part = [a[6 * j:6 * j + 6] for a in out]
+        want = {name: a[0] for name, a in zip(NAMES, part)}
+        B = {name: a[1] for name, a in zip(NAMES, part)}
+        C = {name: a[2:].sum(0) for name, a in zip(NAMES, part)}
+        B["doffset"] = C["doffset"] = np.repeat(am * C["dmask"], 2, axis=-1)
+        if inp["mask"] is None:
+            for d in (want, B, C):
+                d.pop("dmask")
+        results.append(dict(want=want, B=B, C=C))
+    return results
 
 
 def reduction_lengths(cfg: Config) -> dict[str, int]:
@@ -407,7 +419,7 @@ def tolerances(cfg: Config, orc: dict, dtype, model: str, operand: str | None = 
 # ------------------------------------------------------------------------------------ runs
 
 @functools.lru_cache(maxsize=None)
-def _op_fn(kwargs_items, implementation, precision, with_mask):
+def _op_fn(kwargs_items, implementation, precision, with_mask, batched=False):
     kwargs = dict(kwargs_items)
 
     def run(x, off, k, m, dy):
@@ -419,7 +431,9 @@ def _op_fn(kwargs_items, implementation, precision, with_mask):
         g = vjp(dy)
         return (y, g[0], g[1], g[2]) + ((g[3],) if with_mask else ())
 
-    return jax.jit(run)
+    # batched: configs of one geometry stacked on a leading axis (the op maps it to independent
+    # problems in one native call).
+    return jax.jit(jax.vmap(run) if batched else run)
 
 
 def clear_caches():
@@ -438,10 +452,24 @@ def _hashable(v):
 def run_op(cfg: Config, inp: dict, dtype, implementation=None, precision=None,
            device=None) -> dict[str, np.ndarray]:
     """Forward + the four cotangents of one implementation in `dtype`, as float64 numpy."""
+    return _run(cfg, [inp], dtype, implementation, precision, device, batched=False)[0]
+
+
+def run_op_batch(cfgs: list[Config], inps: list[dict], dtype, implementation=None, precision=None,
+                 device=None) -> list[dict[str, np.ndarray]]:
+    """run_op() of configs of one geometry (geometry_key), in one call."""
+    return _run(cfgs[0], inps, dtype, implementation, precision, device, batched=True)
+
+
+def _run(cfg, inps, dtype, implementation, precision, device, batched):
     items = tuple(sorted((k, _hashable(v)) for k, v in cfg.kwargs().items()))
-    fn = _op_fn(items, implementation, precision, cfg.with_mask)
-    cast = lambda a: None if a is None else jnp.asarray(a, dtype)
-    args = [cast(inp[k]) for k in ("x", "offset", "kernel", "mask", "dy")]
+    fn = _op_fn(items, implementation, precision, cfg.with_mask, batched)
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+    keys = ("x", "offset", "kernel", "mask", "dy")
+    if batched:
+        args = [None if inps[0][k] is None else cast(np.stack([i[k] for i in inps])) for k in keys]
+    else:
+        args = [cast(inps[0][k]) for k in keys]
     if device is not None:
         args = jax.device_put(args, device)
     out = fn(*args)
@@ -450,7 +478,9 @@ def run_op(cfg: Config, inp: dict, dtype, implementation=None, precision=None,
     for name, a in zip(names, out):
         assert a.dtype == jnp.dtype(dtype), (name, a.dtype)
         res[name] = np.asarray(a.astype(jnp.float64) if a.dtype != jnp.float64 else a)
-    return res
+    if not batched:
+        return [res]
+    return [{name: a[j] for name, a in res.items()} for j in range(len(inps))]
 
 
 @dataclasses.dataclass

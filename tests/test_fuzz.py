@@ -38,7 +38,11 @@ of each failing output (err / tol, |err|, tol, oracle and native values, index).
 """
 
 import dataclasses
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -168,3 +172,22 @@ def test_bounds_are_not_vacuous():
         scale = np.abs(orc["want"][name]).max()
         # and the bound is tight enough to matter: a few percent of the output's scale
         assert np.max(tol[name]) < 0.05 * c_st * scale, name
+
+
+def test_fuzz_script_batched_equals_one_by_one(tmp_path):
+    """benchmarks/fuzz_gpu.py on the CPU handler: configs of a geometry evaluated in batches of 8
+    (one call each) give the same checks and worst ratios as one call per config."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_gpu.py"
+    out = {}
+    for b in (1, 8):
+        path = tmp_path / f"b{b}.json"
+        r = subprocess.run([sys.executable, str(script), "--platform", "cpu", "--configs", "20",
+                            "--geometries", "2", "--batch", str(b), "--runs", "float64,bfloat16",
+                            "--out", str(path)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        out[b] = json.loads(path.read_text())
+    assert out[1]["configs"] == out[8]["configs"] == 20
+    assert out[1]["runs_passed"] == out[8]["runs_passed"] == 40
+    for run, worst in out[1]["worst_err_over_tol"].items():
+        for name, v in worst.items():
+            assert abs(out[8]["worst_err_over_tol"][run][name] - v) <= 1e-9 * max(v, 1.0), (run, name)

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 # The fused forward and backward (CUDA only).
-_FUSED_TARGETS = ("deft_deform_conv2d_fwd_cuda_v5", "deft_deform_conv2d_bwd_cuda_v5")
+_FUSED_TARGETS = ("deft_deform_conv2d_fwd_cuda_v6", "deft_deform_conv2d_bwd_cuda_v6")
 # The column route's sampler and col2im, per platform (one contract: csrc/ffi/column_attrs.h).
 _COLUMN_TARGETS = {
     "cpu": ("deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1"),
     "cuda": ("deft_sample_columns_cuda_v1", "deft_col2im_cuda_v1"),
 }
 TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair))
-_TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits")
+_TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits", "family")
 
 try:
     from . import _deft_cpu

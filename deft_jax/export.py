@@ -2,7 +2,7 @@
 
 ``jax.export`` refuses custom calls whose targets are not on its list of stable ones, because it
 cannot promise that a serialized call will find a compatible handler later. deft_jax's targets are
-versioned by name (e.g. ``deft_deform_conv2d_fwd_cuda_v5``: any change of operands, results or
+versioned by name (e.g. ``deft_deform_conv2d_fwd_cuda_v6``: any change of operands, results or
 attribute schema gets a new name), so the promise is ours to keep; disabling the check for exactly
 these targets is safe.
 

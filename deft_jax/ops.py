@@ -230,7 +230,7 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
     tiling.check_gpu_tile(tile, shape.dtype, cc, compiled=_ffi.compiled_tile_error)
     attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)),
                  deterministic=int(deterministic))
-    attrs.update(dataclasses.asdict(tile))
+    attrs.update(tile.as_attrs())
     return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                 out_shape=out_shape, route="fused")
 

@@ -15,7 +15,11 @@ import functools
 import json
 import pathlib
 
-import numpy as np
+
+
+# The forward kernel families a tile can name (the `family` FFI attribute is the index; C++
+# deft::TileFamily): the streaming kernel, the split forward, the warp-specialized ring.
+FAMILIES = ("streaming", "split", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,10 @@ class TileConfig:
     tensor-core path). ``k_splits``: the warp-specialized forward's blocks per output tile (1, or
     2 / 4 on devices with thread-block clusters, compute capability 9.0+): a cluster of that many
     blocks splits the tile's reduction over (tap, channel chunk) and sums the partial tiles in
-    distributed shared memory. (The CPU route has no tiles: ``cpu_chunk_images``.)"""
+    distributed shared memory. ``family``: the forward kernel the tile is for (FAMILIES), which
+    the CUDA launchers dispatch on and check the other fields against; the rules below always
+    name it. Left out (a hand-made tile), it is read off the fields: tile_k > 32 the split
+    forward, stages = 3 the ring, else streaming. (The CPU route has no tiles: ``cpu_chunk_images``.)"""
 
     tile_h: int
     tile_w: int
@@ -40,9 +47,19 @@ class TileConfig:
     stages: int
     bwd_tile_n: int = 64
     k_splits: int = 1
+    family: str = ""
 
-    def as_attrs(self) -> dict[str, np.int64]:
-        return {f.name: np.int64(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def __post_init__(self):
+        if not self.family:
+            family = "split" if self.tile_k > 32 else "ring" if self.stages == 3 else "streaming"
+            object.__setattr__(self, "family", family)
+        if self.family not in FAMILIES:
+            raise ValueError(f"TileConfig family: expected one of {FAMILIES}, got {self.family!r}")
+
+    def as_attrs(self) -> dict[str, int]:
+        """The FFI attributes (family as its index in FAMILIES)."""
+        return {f.name: FAMILIES.index(self.family) if f.name == "family" else int(getattr(self, f.name))
+                for f in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +152,7 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int, deterministic: bool = False)
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps, tile.stages)
     ring = ((128, 128, 8, 2), (64, 64, 4, 2)) if s.dtype == "float32" else ((128, 128, 8, 2),)
     if s.dtype != "float64" and tile.tile_k == 32 and key in ring:
-        tile = dataclasses.replace(tile, warps=8, stages=3)
+        tile = dataclasses.replace(tile, warps=8, stages=3, family="ring")
     return tile
 
 
@@ -251,7 +268,7 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False)
     pixels_per_image = s.h_out * s.w_out
     c_out_per_group = s.c_out // s.feature_groups
     if s.dtype == "float64":
-        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
+        return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2, family="streaming")
     if (c_out_per_group >= 256 and pixels_per_image <= _SPLIT_MAX_PIXELS
             and _vector_channels(s) and not deterministic):
         # S5: few pixels per image, many output channels. The streaming
@@ -262,7 +279,7 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False)
         # 159 -> 87, fp32 240 -> 137 (tile_k 256 / 128); S4 bf16 99 -> 88, fp32 161 -> 158 (a
         # tie, so fp32 keeps the deterministic streaming kernel there).
         return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=_SPLIT_K.get(s.dtype, 256), warps=4,
-                          stages=2)
+                          stages=2, family="split")
     if pixels_per_image >= 128 and c_out_per_group > 64:
         # S3/S4/S6: a 128x128 tile halves the re-sampling of x per output channel (every
         # channel block re-samples its pixels). Measured bf16 S3 218 -> 145 us, S4 243 -> 128,
@@ -279,14 +296,16 @@ def _gpu_forward_rect(s: LayerShape, sm_count: int, deterministic: bool = False)
         #   S6 58.8 vs 58.1; the sweep's S6 64 vs 79 did not reproduce). The suite's 28 x 28 and
         #   14 x 14 images take flat 8-warp tiles instead (_gpu_forward_tile).
         if s.dtype == "float32":
-            return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2)
-        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=16, stages=2)
+            return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=8, stages=2,
+                              family="streaming")
+        return TileConfig(tile_h=8, tile_w=16, tile_n=128, tile_k=32, warps=16, stages=2,
+                          family="streaming")
     # Everything else (S1, S2, S5: <= 64 output channels, or 7x7 outputs where a 128-pixel tile
     # would be 62% padding): 8x8 x 64. For 16-bit types this tile runs 4 blocks of 4 warps per SM
     # (128-register cap), which beat the 128-pixel tile at S1/S2 (bf16 S2 184 vs 191 us, S5 175 vs
     # 264; docs/kernels.md); fp32's 128-pixel tile spills (437 -> 525 us at S2).
     # stages=2 vs 1: S5 bf16 420 -> 211 us, S2 bf16 379 -> 250, fp32 S2 547 -> 437.
-    return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2)
+    return TileConfig(tile_h=8, tile_w=8, tile_n=64, tile_k=32, warps=4, stages=2, family="streaming")
 
 
 # (pixels, tile_n, warps) the CUDA forward instantiates (csrc/cuda/dispatch.cuh, with_fwd_cfg);
@@ -329,7 +348,7 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0, compiled=Non
     then the answer; ``gpu_tile_error`` mirrors it for traces without the module (an export for
     CUDA from a CPU-only install), and tests/test_tiling.py holds the two equal on every candidate
     tile wherever the module is built."""
-    why = compiled(dataclasses.asdict(tile), dtype) if compiled is not None else None
+    why = compiled(tile.as_attrs(), dtype) if compiled is not None else None
     if why is None:
         why = gpu_tile_error(tile, dtype)
     if why:
@@ -348,21 +367,22 @@ def gpu_tile_error(tile: TileConfig, dtype: str) -> str:
     if tile.bwd_tile_n not in bwd_allowed:
         return f"GPU tile configuration {tile}: bwd_tile_n must be one of {bwd_allowed} for {dtype}"
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps)
-    if key in allowed and tile.tile_k == 32 and tile.stages in (1, 2) and tile.k_splits == 1:
+    half = dtype != "float64"
+    good = {
+        "streaming": key in allowed and tile.tile_k == 32 and tile.stages in (1, 2) and tile.k_splits == 1,
+        "split": (half and key == _GPU_TILES[0] and tile.tile_k in _SPLIT_TILE_K and tile.stages == 2
+                  and tile.k_splits == 1),
+        "ring": (half and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32
+                 and tile.k_splits in _GPU_WS_K_SPLITS),
+    }[tile.family]
+    if good:
         return ""
-    if (dtype != "float64" and key == _GPU_TILES[0] and tile.tile_k in _SPLIT_TILE_K
-            and tile.stages == 2 and tile.k_splits == 1):
-        return ""
-    if (dtype != "float64" and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32
-            and tile.k_splits in _GPU_WS_K_SPLITS):
-        return ""
-    return (f"GPU tile configuration {tile} is not instantiated for {dtype}; "
-            f"(tile_h*tile_w, tile_n, warps) must be one of {allowed}, tile_k=32, "
-            "stages 1 or 2" + ("" if dtype == "float64" else
-                               f"; or the split forward: (64, 64, 4), tile_k in "
-                               f"{_SPLIT_TILE_K}, stages 2; or the warp-specialized "
-                               f"forward: (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
-                               f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
+    return (f"GPU tile configuration {tile} is not instantiated for {dtype}; family streaming: "
+            f"(tile_h*tile_w, tile_n, warps) in {allowed}, tile_k=32, stages 1 or 2"
+            + ("" if dtype == "float64" else
+               f"; family split: (64, 64, 4), tile_k in {_SPLIT_TILE_K}, stages 2; family ring "
+               f"(the warp-specialized forward): (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
+               f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
             + "; k_splits=1 everywhere else")
 
 

@@ -233,17 +233,17 @@ def test_python_rule_equals_the_compiled_check():
     the tiles the module's own check accepts, over every candidate of a wide grid and every dtype;
     with the module, check_gpu_tile raises the module's message."""
     grid = itertools.product([(8, 8), (1, 64), (1, 128), (8, 16), (16, 8), (2, 32), (16, 16), (4, 8)],
-                             [32, 64, 128, 256], [16, 32, 64, 128, 256, 512], [2, 4, 8, 16],
-                             [1, 2, 3, 4], [32, 64, 128], [1, 2, 3, 4])
+                             [32, 64, 128, 256], [16, 32, 64, 128, 256, 512], [4, 8, 16],
+                             [1, 2, 3, 4], [64, 128], [1, 2, 4], tiling.FAMILIES)
     accepted = 0
-    for (th, tw), n, k, warps, stages, bwd_n, ks in grid:
-        t = tiling.TileConfig(th, tw, n, k, warps, stages, bwd_n, ks)
+    for (th, tw), n, k, warps, stages, bwd_n, ks, family in grid:
+        t = tiling.TileConfig(th, tw, n, k, warps, stages, bwd_n, ks, family)
         for dt in ("float32", "float64", "bfloat16", "float16"):
-            compiled = _ffi.compiled_tile_error(dataclasses.asdict(t), dt)
+            compiled = _ffi.compiled_tile_error(t.as_attrs(), dt)
             assert (tiling.gpu_tile_error(t, dt) == "") == (compiled == ""), (t, dt, compiled)
             accepted += compiled == ""
     assert accepted > 50  # the grid reaches the instantiated tiles
     bad = tiling.TileConfig(8, 8, 64, 64, 4, 2)
-    message = _ffi.compiled_tile_error(dataclasses.asdict(bad), "float32")
+    message = _ffi.compiled_tile_error(bad.as_attrs(), "float32")
     with pytest.raises(ValueError, match=re.escape(message)):
         tiling.check_gpu_tile(bad, "float32", compiled=_ffi.compiled_tile_error)

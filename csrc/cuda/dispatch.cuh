@@ -79,7 +79,8 @@ template <typename T> using Fwd128x128w16 = FwdCfg<128, 128, kFwdBK<T>, 4, 4, 1>
 
 template <typename T, typename F>
 cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
-  if (t.tile_k != kFwdBK<T> || t.stages < 1 || t.stages > 2 || t.k_splits != 1) return cudaErrorInvalidValue;
+  if (t.family != kFamilyStreaming || t.tile_k != kFwdBK<T> || t.stages < 1 || t.stages > 2 || t.k_splits != 1)
+    return cudaErrorInvalidValue;
   const int64_t px = t.pixels();
   if (px == 64 && t.tile_n == 64 && t.warps == 4) return f(Fwd64x64<T>{});
   if constexpr (!std::is_same<T, double>::value) {
@@ -108,7 +109,7 @@ using Ws64x128w8 = WsCfg<64, 128, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
-  return (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
+  return t.family == kFamilyRing && (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
          ((px == 128 && t.tile_n == 128) || (px == 64 && (t.tile_n == 64 || t.tile_n == 128)));
 }
 
@@ -123,6 +124,7 @@ cudaError_t with_ws_cfg(const TileConfig& t, F&& f) {
 // instantiation) the 64 x 64 one.
 inline TileConfig ws_fallback(const TileConfig& t) {
   TileConfig s = t;
+  s.family = kFamilyStreaming;
   s.stages = 2;
   s.k_splits = 1;
   if (t.pixels() == 64) s.warps = 4, s.tile_n = 64;
@@ -132,7 +134,7 @@ inline TileConfig ws_fallback(const TileConfig& t) {
 // Split-forward tiles (forward.cuh, deform_fwd_split_kernel): tile_k input channels resident per
 // block, on the 64-pixel x 64-channel tile with 4 warps and the cp.async weight pipeline.
 inline bool is_split_tile(const TileConfig& t) {
-  return (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.k_splits == 1 && t.pixels() == SplitCfg::BM &&
+  return t.family == kFamilySplit && (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.k_splits == 1 && t.pixels() == SplitCfg::BM &&
          t.tile_n == SplitCfg::BN && t.warps * 32 == SplitCfg::kThreads && t.stages == 2;
 }
 
@@ -188,6 +190,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
         return cudaSuccess;
       }
       TileConfig streaming = t;
+      streaming.family = kFamilyStreaming;
       streaming.tile_k = kFwdBK<T>;
       return run_forward<T>(stream, p, streaming, allow_tf32, deterministic, x, offset, mask, kernel, y, workspace);
     }

@@ -17,7 +17,7 @@ namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
-// The attributes of the deft_deform_conv2d_{fwd,bwd}_cuda_v5 targets; Python passes them by name
+// The attributes of the deft_deform_conv2d_{fwd,bwd}_cuda_v6 targets; Python passes them by name
 // (deft_jax/_ffi.py). Flags are int64 0/1 so the schema needs no bool attribute support.
 // `deterministic`: bitwise reproducible forward and backward (csrc/cuda/det.cuh).
 struct ConvAttrs {
@@ -26,12 +26,13 @@ struct ConvAttrs {
   int64_t dil_h, dil_w;
   int64_t offset_groups, feature_groups;
   int64_t with_mask, allow_tf32;
-  int64_t tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits;
+  int64_t tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits, family;
   int64_t deterministic;
 };
 
 inline deft::TileConfig tile_of(const ConvAttrs& a) {
-  return deft::TileConfig{a.tile_h, a.tile_w, a.tile_n, a.tile_k, a.warps, a.stages, a.bwd_tile_n, a.k_splits};
+  return deft::TileConfig{a.tile_h, a.tile_w, a.tile_n, a.tile_k, a.warps, a.stages, a.bwd_tile_n, a.k_splits,
+                          a.family};
 }
 
 // Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
@@ -127,4 +128,5 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("tile_w"), ::xla::ffi::StructMember<int64_t>("tile_n"),
     ::xla::ffi::StructMember<int64_t>("tile_k"), ::xla::ffi::StructMember<int64_t>("warps"),
     ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
-    ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("deterministic"));
+    ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("family"),
+    ::xla::ffi::StructMember<int64_t>("deterministic"));

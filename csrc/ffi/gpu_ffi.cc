@@ -202,8 +202,8 @@ deft::DType dtype_or_throw(const std::string& name) {
 NB_MODULE(_deft_cuda, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_deform_conv2d_fwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
-    d["deft_deform_conv2d_bwd_cuda_v5"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
+    d["deft_deform_conv2d_fwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
+    d["deft_deform_conv2d_bwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
     d["deft_sample_columns_cuda_v1"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
     d["deft_col2im_cuda_v1"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCuda));
     return d;
@@ -211,22 +211,22 @@ NB_MODULE(_deft_cuda, m) {
   m.def(
       "forward_workspace_bytes",
       [](const std::string& dtype, int64_t y_elements, int64_t tile_h, int64_t tile_w, int64_t tile_n,
-         int64_t tile_k, int64_t warps, int64_t stages, int64_t bwd_tile_n, int64_t k_splits) {
-        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits};
+         int64_t tile_k, int64_t warps, int64_t stages, int64_t bwd_tile_n, int64_t k_splits, int64_t family) {
+        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits, family};
         return deft::DeformConvForwardWorkspaceBytes(y_elements, tile, dtype_or_throw(dtype));
       },
       nb::arg("dtype"), nb::arg("y_elements"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"),
       nb::arg("tile_n"), nb::arg("tile_k"), nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"),
-      nb::arg("k_splits"), "Bytes of the forward's workspace output for y_elements outputs.");
+      nb::arg("k_splits"), nb::arg("family"), "Bytes of the forward's workspace output for y_elements outputs.");
   m.def(
       "tile_error",
       [](const std::string& dtype, int64_t tile_h, int64_t tile_w, int64_t tile_n, int64_t tile_k, int64_t warps,
-         int64_t stages, int64_t bwd_tile_n, int64_t k_splits) {
-        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits};
+         int64_t stages, int64_t bwd_tile_n, int64_t k_splits, int64_t family) {
+        const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits, family};
         return deft::CheckGpuTileConfig(tile, dtype_or_throw(dtype));
       },
       nb::arg("dtype"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"), nb::arg("tile_n"), nb::arg("tile_k"),
-      nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"), nb::arg("k_splits"),
+      nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"), nb::arg("k_splits"), nb::arg("family"),
       "Why the kernels do not instantiate this tile for dtype (the handlers' own check), or \"\".");
   m.def(
       "backward_workspace_bytes",

@@ -91,7 +91,7 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Warp-specialized forward tiles (forward_ws.cuh): stages = 3 names the producer/consumer ring of 3
+// Warp-specialized forward tiles (forward_ws.cuh), family ring: stages = 3 is the producer/consumer ring of 3
 // slots, tile_k = 32; (pixels, tile_n, warps) = (128, 128, 8): 2 x 2 consumer warps (64 x 64
 // each) + 4 producers, or (64, 64, 8) / (64, 128, 8): 2 x 2 consumers (32 x 32 / 32 x 64) + 4
 // producers, 2 blocks per SM.
@@ -109,7 +109,8 @@ using Ws64x128w8 = WsCfg<64, 128, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
-  return t.family == kFamilyRing && (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 && t.tile_k == 32 && t.warps == 8 &&
+  return t.family == kFamilyRing && (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 &&
+         t.tile_k == 32 && t.warps == 8 &&
          ((px == 128 && t.tile_n == 128) || (px == 64 && (t.tile_n == 64 || t.tile_n == 128)));
 }
 
@@ -134,8 +135,8 @@ inline TileConfig ws_fallback(const TileConfig& t) {
 // Split-forward tiles (forward.cuh, deform_fwd_split_kernel): tile_k input channels resident per
 // block, on the 64-pixel x 64-channel tile with 4 warps and the cp.async weight pipeline.
 inline bool is_split_tile(const TileConfig& t) {
-  return t.family == kFamilySplit && (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.k_splits == 1 && t.pixels() == SplitCfg::BM &&
-         t.tile_n == SplitCfg::BN && t.warps * 32 == SplitCfg::kThreads && t.stages == 2;
+  return t.family == kFamilySplit && (t.tile_k == 128 || t.tile_k == 256 || t.tile_k == 512) && t.k_splits == 1 &&
+         t.pixels() == SplitCfg::BM && t.tile_n == SplitCfg::BN && t.warps * 32 == SplitCfg::kThreads && t.stages == 2;
 }
 
 // Forward workspace: the split forward's fp32 accumulator of y (y_elements) for 16-bit types.

@@ -15,8 +15,6 @@ import functools
 import json
 import pathlib
 
-
-
 # The forward kernel families a tile can name (the `family` FFI attribute is the index; C++
 # deft::TileFamily): the streaming kernel, the split forward, the warp-specialized ring.
 FAMILIES = ("streaming", "split", "ring")

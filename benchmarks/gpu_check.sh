@@ -5,12 +5,13 @@
 # family, the GPU fuzzer, and the layer benchmark. Logs and results go to $OUT: build.log,
 # pytest.log, train_<dtype>.log (+ train/*.json, *.png), sanitize_<tool>.log, fuzz.json/fuzz.log,
 # bench.log, bench/results.json, bench/results.md, bench/bench_layers.png.
-# Phases: PHASES="build test train repeat sanitize fuzz bench sweep ncu sass ktime" (default: build
+# Phases: PHASES="build test train kink repeat sanitize fuzz bench sweep ncu sass ktime" (default: build
 # test train repeat sanitize fuzz bench). Any failing phase makes the script exit 1 (it goes on with the rest).
 # train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
 # it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
 # sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
 # benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py, one tool after another.
+# kink = benchmarks/kink_probe.py ${KINK_ARGS:---seeds 6 --dtypes bfloat16} (kink.log).
 # repeat = benchmarks/repeat_check.py (every layer of the bf16 bug's ResNet-18 and the suite, fwd+bwd
 # launched REPEAT_REPS times per route, each launch against the reference: races; repeat.json).
 # fuzz = benchmarks/fuzz_gpu.py --configs ${FUZZ_CONFIGS:-2000} ${FUZZ_ARGS}.
@@ -91,6 +92,12 @@ if has train; then
         --steps 8 --eval-every 1000 --num-train 512 --num-test 64 --models plain,deform,deform_xla \
         --out "$OUT/train_repro_b$b"
   done
+fi
+if has kink; then
+  # doffset against the float64 oracle on and off the integer grid (the unexplained bf16 outliers
+  # of test_gpu_deterministic; RESULTS.md): each outlier with its sample point.
+  echo "== kink probe ($(date -u +%T))"
+  logged "kink probe" "$OUT/kink.log" 30 "$PY" benchmarks/kink_probe.py ${KINK_ARGS:---seeds 6 --dtypes bfloat16}
 fi
 if has repeat; then
   echo "== repeat ($(date -u +%T))"

@@ -82,6 +82,16 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def worst_at(a, b) -> str:
+    """Where rel_err's worst element is, and its values: for failure messages."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.size == 0:
+        return "empty"
+    i = np.unravel_index(np.argmax(np.abs(a - b)), a.shape)
+    return f"at {tuple(int(v) for v in i)}: got {a[i]:.6g}, want {b[i]:.6g}, max|want| {np.max(np.abs(b)):.6g}"
+
+
 def _gpu_device():
     try:
         return jax.devices("gpu")[0]

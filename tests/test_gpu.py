@@ -18,7 +18,7 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err
+from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err, worst_at
 
 
 CPU = jax.devices("cpu")[0]
@@ -100,12 +100,13 @@ def _compare(case, rng, dtype, precision=None, tol_key=None, route=None, integer
     got = _vjp_on(GPU, _op(case, route, precision), low, dy.astype(dtype))
     names = ["y", "dx", "doffset", "dkernel", "dmask"][: len(got)]
     tol = TOL[tol_key or jnp.dtype(dtype).name]
-    errs = {}
+    errs, where = {}, {}
     for name, a, b in zip(names, got, want):
         assert a.shape == b.shape, name
         assert np.all(np.isfinite(a)), f"{name} has non-finite values"
         errs[name] = rel_err(a, b)
-    assert max(errs.values()) < tol, errs
+        where[name] = worst_at(a, b)
+    assert max(errs.values()) < tol, (errs, where)
 
 
 @ROUTES

@@ -15,7 +15,7 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err
+from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err, worst_at
 from test_gpu import TOL
 
 
@@ -135,7 +135,8 @@ def test_reproducible_and_accurate(name, dtype, rng):
     errs_default = {n: rel_err(np.asarray(a, np.float64), b) for n, a, b in zip(NAMES, default, want)}
     for o in outs[0]:
         assert np.all(np.isfinite(np.asarray(o, np.float64)))
-    assert max(errs.values()) < tol, (errs, errs_default)
+    where = {n: worst_at(a, b) for n, a, b in zip(NAMES, outs[0], want)}
+    assert max(errs.values()) < tol, (errs, errs_default, where)
 
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.float32, lax.Precision.HIGHEST), (jnp.float32, None),

@@ -13,11 +13,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import deft_jax  # noqa: E402
 from deft_jax import tiling  # noqa: E402
-from helpers import Case, make_inputs  # noqa: E402
-
-
-def temp_bytes(f, *args):
-    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+from helpers import Case, make_inputs, temp_bytes  # noqa: E402
 
 
 def main():

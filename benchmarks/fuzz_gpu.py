@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         precision = None if prec_name is None else getattr(lax.Precision, prec_name)
         stage = "inputs"
         n = len(batch)
-        if 1 < n < args.batch:  # a geometry's last batch, padded to the others' size: no recompile
+        if n < args.batch:  # padded to the others' size with copies of its last config: no recompile
             batch = batch + [batch[-1]] * (args.batch - n)
         try:
             inps = [A.draw_inputs(cfg, dtype) for cfg in batch]

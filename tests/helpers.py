@@ -82,6 +82,11 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def temp_bytes(f, *args) -> int:
+    """XLA's temporary memory of jit(f) compiled for args on their device."""
+    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
 def worst_at(a, b) -> str:
     """Where rel_err's worst element is, and its values: for failure messages."""
     a = np.asarray(a, np.float64)

@@ -14,7 +14,7 @@ import pytest
 
 import deft_jax
 from deft_jax import _columns, _ffi, tiling
-from helpers import Case, make_inputs, rel_err
+from helpers import Case, make_inputs, rel_err, temp_bytes
 
 PROBE = Path(__file__).with_name("cpu_columns_probe.py")
 # The CPU route, also on a GPU machine (conftest.on_cpu).
@@ -104,10 +104,6 @@ def test_vmap_over_layers_with_chunks(chunk, rng):
             assert rel_err(a[i], c) < 1e-12
 
 
-def _temp_bytes(f, *args) -> int:
-    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 @pytest.mark.parametrize("unrolled", [False, True])
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_extra_memory_does_not_grow_with_batch(with_mask, unrolled, chunk, unroll, rng, on_cpu):
@@ -128,8 +124,8 @@ def test_extra_memory_does_not_grow_with_batch(with_mask, unrolled, chunk, unrol
             return deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if with_mask else None,
                                           implementation=impl, **case.kwargs())
         bwd = lambda *a, impl=None: jax.vjp(lambda *b: fwd(*b, impl=impl), *a[:-1])[1](a[-1])  # noqa: E731
-        temps[n] = (_temp_bytes(fwd, *args), _temp_bytes(bwd, *args, dy),
-                    _temp_bytes(lambda *a: bwd(*a, impl="xla"), *args, dy))
+        temps[n] = (temp_bytes(fwd, *args), temp_bytes(bwd, *args, dy),
+                    temp_bytes(lambda *a: bwd(*a, impl="xla"), *args, dy))
     if unrolled:
         # The chain keeps one chunk's columns alive, not one per chunk: what grows with the batch
         # (a copy of the op's results, y or dx/doffset/dmask, that XLA:CPU makes at the chain's

@@ -18,7 +18,7 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err, worst_at
+from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err, temp_bytes, worst_at
 
 
 CPU = jax.devices("cpu")[0]
@@ -663,8 +663,7 @@ def test_column_route_memory_flat_in_batch(monkeypatch):
     for n in (8, 16, 64, 63):
         args = jax.device_put(make_inputs(Case(**{**vars(case), "n": n}), rng, np.float32), GPU)
         dy = jax.device_put(jnp.ones((n, ho, wo, case.c_out), jnp.float32), GPU)
-        temps[n] = [jax.jit(f).lower(*a).compile().memory_analysis().temp_size_in_bytes
-                    for f, a in ((fwd, args), (bwd, (*args, dy)))]
+        temps[n] = [temp_bytes(fwd, *args), temp_bytes(bwd, *args, dy)]
     for n in (16, 64, 63):
         for d in (0, 1):
             assert temps[n][d] - temps[8][d] < (n - 8) * half_columns, (d, temps)

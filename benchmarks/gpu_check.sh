@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the CUDA module against the preinstalled jax, run every test
 # (GPU + CPU), a short bf16 and fp32 ResNet-18 training of the native model beside the gather
-# reference, compute-sanitizer (memcheck, racecheck, initcheck) on a small fwd+bwd of every kernel
+# reference, compute-sanitizer (memcheck, racecheck, initcheck, synccheck) on a small fwd+bwd of every kernel
 # family, the GPU fuzzer, and the layer benchmark. Logs and results go to $OUT: build.log,
 # pytest.log, train_<dtype>.log (+ train/*.json, *.png), sanitize_<tool>.log, fuzz.json/fuzz.log,
 # bench.log, bench/results.json, bench/results.md, bench/bench_layers.png.
@@ -9,8 +9,10 @@
 # test train repeat sanitize fuzz bench). Any failing phase makes the script exit 1 (it goes on with the rest).
 # train = examples/train.py --models deform,deform_xla in bfloat16 and float32 (TRAIN_ARGS adds to
 # it); it exits non-zero when a loss is non-finite or the native curve leaves the reference's.
-# sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck) on
-# benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py, one tool after another.
+# sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck synccheck)
+# on benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py, one tool after another;
+# before them, racecheck on the ring protocol alone (barrier_racecheck.cu) and initcheck on
+# initcheck_probe.py (sanitize_barriers.log, sanitize_initcheck_probe.log).
 # kink = benchmarks/kink_probe.py ${KINK_ARGS:---seeds 6 --dtypes bfloat16} (kink.log).
 # repeat = benchmarks/repeat_check.py (every layer of the bf16 bug's ResNet-18 and the suite, fwd+bwd
 # launched REPEAT_REPS times per route, each launch against the reference: races; repeat.json).
@@ -85,7 +87,7 @@ if has train; then
   # The bf16 training bug's own reproducer: its issue's command, plain first as there (plain's freed
   # buffers are what an uninitialised read would see), at batch 64 and at 32 (where the issue saw
   # losses of exactly 0.0).
-  for b in 64 32; do
+  for b in ${TRAIN_REPRO_BATCHES-64 32}; do  # TRAIN_REPRO_BATCHES="" skips it
     echo "== train: the bf16 issue's reproducer, batch $b ($(date -u +%T))"
     logged "train reproducer b$b" "$OUT/train_repro_b$b.log" 6 \
       "$PY" "$train_py" --arch resnet18 --width 64 --batch $b --image-size 64 --channels 3 --dtype bfloat16 \
@@ -105,7 +107,24 @@ if has repeat; then
     "$PY" benchmarks/repeat_check.py --reps ${REPEAT_REPS:-50} --out "$OUT/repeat.json" ${REPEAT_ARGS:-}
 fi
 if has sanitize; then
-  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+  # Triage first: does racecheck model the ring's bar.arrive hand-off? The same protocol on a toy
+  # payload, with bar.arrive ("arrive") and with bar.sync on both sides ("sync"); both are correct.
+  echo "== racecheck on the ring protocol alone ($(date -u +%T))"
+  nvcc -O2 -arch=sm_90 -o /tmp/barrier_racecheck benchmarks/barrier_racecheck.cu > "$OUT/sanitize_barriers.log" 2>&1
+  for mode in arrive sync; do
+    compute-sanitizer --tool racecheck --print-limit 4 /tmp/barrier_racecheck $mode >> "$OUT/sanitize_barriers.log" 2>&1
+    echo "racecheck $mode rc=$?" >> "$OUT/sanitize_barriers.log"
+  done
+  grep -E "barrier_racecheck|SUMMARY|rc=" "$OUT/sanitize_barriers.log"
+  # Where an initcheck report falls: each input's address range, then the reports.
+  if [[ " ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck} " == *" initcheck "* ]]; then
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout 300 compute-sanitizer --tool initcheck --print-limit 8 "$PY" benchmarks/initcheck_probe.py \
+      > "$OUT/sanitize_initcheck_probe.log" 2>&1
+    grep -E "^  [a-z]|launching|done|Uninitialized|at 0x|by thread|Address|SUMMARY" "$OUT/sanitize_initcheck_probe.log" | head -n 40
+  fi
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     echo "== compute-sanitizer $tool ($(date -u +%T))"
     # The platform allocator gives every buffer its own allocation, so an overrun is seen.
     # memcheck_small.py: every kernel family, fwd+bwd, default and deterministic; nonfinite_sanitize.py:

@@ -59,7 +59,7 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
     s, p = layer.stride, layer.pad
     attrs = {k: np.int64(v) for k, v in dict(
         kh=layer.kh, kw=layer.kw, stride_h=s, stride_w=s, pad_top=p, pad_bottom=p, pad_left=p,
-        pad_right=p, dil_h=1, dil_w=1, offset_groups=1, with_mask=1).items()}
+        pad_right=p, dil_h=1, dil_w=1, offset_groups=1, with_mask=1, deterministic=0).items()}
     acc = _ffi.accumulation_dtype(dtype)
     k = layer.kh * layer.kw
     wk = kernel.reshape(1, k, layer.cin, 1, layer.cout)

@@ -19,7 +19,7 @@ reference; offset groups are inside the sampler. The dots take ``precision`` and
 float32 (float64 for float64). On CPU every piece is deterministic run to run: the C++ fixes the
 order of every sum (for any thread count), the kernel cotangent sums the chunks in order, and
 XLA's dots are deterministic for a given intra-op thread count. On GPU the col2im scatters dx
-with float atomics (ops.deform_conv2d's ``deterministic=True`` takes the fused route instead).
+with float atomics, or with ``deterministic`` in 64-bit fixed point (csrc/cuda/columns.cu).
 
 Arrays may carry leading dims (from vmap, deft_jax/_partition.py): independent problems, each with
 its own kernel; the sampler treats them as more images, the dots as a batch dimension.

@@ -6,8 +6,8 @@ col2im, around which deft_jax/_columns.py puts XLA's dot. Each platform has its 
 and a name carries a version: any change of operands, results or attribute schema gets a new
 name, so a serialized program either finds the handler it was written for or fails to load (never
 runs a handler with another contract). The fused targets return their workspace as an extra
-output, sized here from the C++ module's own rule, and take one attribute more, ``deterministic``
-(0/1; see ops.deform_conv2d).
+output, sized here from the C++ module's own rule, as does the CUDA col2im; every target takes
+the attribute ``deterministic`` (0/1; see ops.deform_conv2d).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 _FUSED_TARGETS = ("deft_deform_conv2d_fwd_cuda_v6", "deft_deform_conv2d_bwd_cuda_v6")
 # The column route's sampler and col2im, per platform (one contract: csrc/ffi/column_attrs.h).
 _COLUMN_TARGETS = {
-    "cpu": ("deft_sample_columns_cpu_v1", "deft_col2im_cpu_v1"),
-    "cuda": ("deft_sample_columns_cuda_v1", "deft_col2im_cuda_v1"),
+    "cpu": ("deft_sample_columns_cpu_v2", "deft_col2im_cpu_v2"),
+    "cuda": ("deft_sample_columns_cuda_v2", "deft_col2im_cuda_v2"),
 }
 TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair))
 _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits", "family")
@@ -131,5 +131,8 @@ def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64], platform: 
     with_mask = int(attrs["with_mask"]) != 0
     outs = (jax.ShapeDtypeStruct(chunk(x), acc), jax.ShapeDtypeStruct(chunk(offset), x.dtype),
             jax.ShapeDtypeStruct(chunk(mask) if with_mask else mask.shape, x.dtype))
+    if platform == "cuda":  # + the workspace of deterministic mode's fixed-point dx
+        outs += (_workspace(_deft_cuda.col2im_workspace_bytes(
+            int(np.prod(outs[0].shape)), deterministic=bool(attrs["deterministic"]))),)
     call = jax.ffi.ffi_call(_COLUMN_TARGETS[platform][1], outs, vmap_method="broadcast_all")
-    return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc), **attrs))
+    return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc), **attrs)[:3])

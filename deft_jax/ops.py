@@ -218,7 +218,9 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
     out_shape = (shape.n, *geo.out_hw, shape.c_out)
     if route == "columns":
         # The sampler's geometry; feature groups and precision are the dots'.
-        attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1])
+        # The CPU route is deterministic either way: one program for both settings there.
+        attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1],
+                     deterministic=int(bool(deterministic) and platform == "cuda"))
         chunk = (tiling.cpu_chunk_images if platform == "cpu" else tiling.cuda_chunk_images)(shape)
         return _autodiff.NativeCall(platform=platform,
                                     attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
@@ -282,10 +284,9 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
         identical from run to run (same inputs, device model and build). Applies to the native
         implementation only (the reference's XLA scatter is not deterministic on GPU); combined
         with implementation="xla" it raises ValueError. On CPU it changes nothing: the CPU
-        route is always deterministic run to run. On GPU it runs the fused kernels (the GPU
-        column route adds dx with float atomics; implementation="columns" with
-        deterministic=True on a GPU backend raises ValueError). Costs on GPU: see
-        "Determinism" below.
+        route is always deterministic run to run. On GPU either route keeps it (fused kernels:
+        fixed-point backward, no split forward; column route: fixed-point col2im around XLA's
+        dots). Costs on GPU: see "Determinism" below.
 
     Returns:
       y: [N, H_out, W_out, C_out] in x's dtype. Tap (i, j) of output (ho, wo) samples
@@ -322,9 +323,12 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
     forward, and the backward accumulates every contribution in 64-bit fixed point (integer
     atomics, whose sum does not depend on their order) with one power-of-two scale per gradient
     taken from maxima of |x|, |dy|, |kernel| and |mask| (csrc/cuda/det.cuh): the rounding error
-    is far below float32's, and NaN/inf reach exactly the elements they reach by default. It
-    costs extra device memory in the backward (8 bytes per element of x, offset, mask and kernel)
-    and time (the 64-bit atomics, a conversion pass; the slower forward at 7x7 x 512). float64
+    is far below float32's, and NaN/inf reach exactly the elements they reach by default. On the
+    column route only dx needs it (the col2im's scatter; the rest is XLA's dots, which are
+    reproducible for one compiled program on one device model, and fixed-order reductions). It
+    costs extra device memory in the backward (8 bytes per element of x, offset, mask and kernel
+    on the fused route; of the chunk's dx on the column route) and time (the 64-bit atomics, a
+    conversion pass). float64
     gradients are then limited to about 2^-61 of a worst-case bound per term, which is coarser
     than float64's own rounding: ~1e-10 to 1e-12 of the gradient's largest element on the
     benchmark layers (float32 and 16-bit gradients lose nothing visible).
@@ -345,10 +349,6 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             f"implementation: 'fused' is the CUDA kernels, and the default backend is "
             f"{jax.default_backend()!r}; use implementation=None (or 'columns'): the native route "
             "on CPU is the column route")
-    if implementation == "columns" and deterministic and on_gpu:
-        raise ValueError(
-            "deterministic: True runs the fused kernels on GPU (the column route's col2im adds dx "
-            "with float atomics); use implementation=None with deterministic=True")
     geo = validate(x, offset, kernel, mask, strides=strides, padding=padding,
                    kernel_dilation=kernel_dilation, feature_group_count=feature_group_count)
     if implementation == "xla":

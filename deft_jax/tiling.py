@@ -440,16 +440,16 @@ ROUTE_COLUMNS_MAX_PIXELS = 64
 def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
                  requested: str | None = None, direction: str = "fwd") -> str:
     """"columns" or "fused" for the ``direction`` ("fwd" or "bwd") of ``shape`` on ``platform``.
-    CPU: always the column route (no fused CPU kernels). GPU: the fused kernels when
-    ``deterministic`` (the column route's col2im adds dx with float atomics), else ``requested``
-    when given (implementation="fused" / "columns", both directions), else the measured table,
-    else route_heuristic."""
+    CPU: always the column route (no fused CPU kernels). GPU: ``requested`` when given
+    (implementation="fused" / "columns", both directions), else the measured table, else
+    route_heuristic. ``deterministic`` does not change the route: both routes have a
+    deterministic mode (the fused kernels' fixed-point backward, the column route's fixed-point
+    col2im), each costing a similar fraction of its route's time."""
+    del deterministic
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     if platform == "cpu":
         return "columns"
-    if deterministic:
-        return "fused"
     if requested is not None:
         return requested
     row = route_table().get(_route_key(lambda k: getattr(shape, k)))

@@ -41,17 +41,19 @@ def test_cpu_unchanged(case, dtype, rng):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-def test_cpu_attributes_have_no_deterministic_flag():
-    """The CPU targets keep their attribute schema; the CUDA targets take the flag."""
+def test_cpu_calls_do_not_depend_on_the_flag():
+    """The CPU route is deterministic either way, so its calls (and compiled programs) are the
+    same for both settings; the CUDA calls carry the flag."""
     x, kernel = jnp.zeros((1, 6, 6, 4)), jnp.zeros((3, 3, 4, 8))
     geo = ops.validate(x, jnp.zeros((1, 6, 6, 18)), kernel, None, strides=1, padding=1,
                        kernel_dilation=1, feature_group_count=1)
     a = ops.native_call(x, kernel, geo, False, None, False, "cpu")
     b = ops.native_call(x, kernel, geo, False, None, True, "cpu")
-    assert a == b and "deterministic" not in dict(a.attrs)
+    assert a == b and dict(a.attrs)["deterministic"] == 0
     if deft_jax.cuda_available():
-        c = ops.native_call(x, kernel, geo, False, None, True, "cuda")
-        assert dict(c.attrs)["deterministic"] == 1
+        for route in ("fused", "columns"):
+            c = ops.native_call(x, kernel, geo, False, None, True, "cuda", route)
+            assert dict(c.attrs)["deterministic"] == 1 and c.route == route
 
 
 def test_linen_modules_pass_it_on(rng):

@@ -113,15 +113,21 @@ def test_suite_reproducible(name, dtype, rng):
     _assert_identical(_runs(SUITE[name], args, dy, deterministic=True))
 
 
+# Both GPU routes have a deterministic mode (fused: fixed-point backward; columns: fixed-point
+# col2im around XLA's dots): each is checked on every case, whatever the route table picks.
+ROUTES = ["fused", "columns"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(ACCURACY))
-def test_reproducible_and_accurate(name, dtype, rng):
+def test_reproducible_and_accurate(name, dtype, route, rng):
     """RUNS x fwd+bwd bitwise identical, and within test_gpu.py's tolerance of the float64
     reference (on the CPU, same rounded inputs); the default mode is checked alongside, so a
     failure says which of the two is off."""
     case = ACCURACY[name]
     args, dy = _inputs(case, rng, dtype)
-    outs = _runs(case, args, dy, deterministic=True)
+    outs = _runs(case, args, dy, deterministic=True, impl=route)
     _assert_identical(outs)
     with jax.default_device(CPU):
         up = [jax.device_put(a.astype(jnp.float64), CPU) for a in args]
@@ -129,7 +135,7 @@ def test_reproducible_and_accurate(name, dtype, rng):
         f = _op(case, "xla")
         y, vjp = jax.vjp(f, *up)
         want = [np.asarray(o, np.float64) for o in (y, *vjp(jax.device_put(dy.astype(jnp.float64), CPU)))]
-    default = _runs(case, args, dy, runs=1)[0]
+    default = _runs(case, args, dy, runs=1, impl=route)[0]
     tol = _tol(dtype)
     errs = {n: rel_err(np.asarray(a, np.float64), b) for n, a, b in zip(NAMES, outs[0], want)}
     errs_default = {n: rel_err(np.asarray(a, np.float64), b) for n, a, b in zip(NAMES, default, want)}
@@ -170,9 +176,10 @@ POISON_CASES = {
 }
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(POISON_CASES))
-def test_non_finite_pattern_matches_default(name, dtype, rng):
+def test_non_finite_pattern_matches_default(name, dtype, route, rng):
     """NaN / +inf / -inf in x, offset, mask and dy: every output element is NaN, +inf or -inf
     exactly where the default mode's is, finite elsewhere and close to it; still reproducible."""
     case = POISON_CASES[name]
@@ -192,9 +199,9 @@ def test_non_finite_pattern_matches_default(name, dtype, rng):
         m[0, 2, 6, 4] = np.inf
         poisoned.append(jnp.asarray(m))
     dy = jnp.asarray(dy)
-    outs = _runs(case, poisoned, dy, runs=3, deterministic=True)
+    outs = _runs(case, poisoned, dy, runs=3, deterministic=True, impl=route)
     _assert_identical(outs)
-    default = _runs(case, poisoned, dy, runs=1)[0]
+    default = _runs(case, poisoned, dy, runs=1, impl=route)[0]
     some = False
     for n, a, b in zip(NAMES, outs[0], default):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -184,12 +184,17 @@ def test_float32_half_ring_tile_where_measured():
 
 
 def test_route_choice():
-    """choose_route: CPU always the column route; deterministic always fused; an explicit request
-    wins otherwise; then the measured table (deft_jax/routes.json), then the heuristic."""
+    """choose_route: CPU always the column route; an explicit request wins otherwise; then the
+    measured table (deft_jax/routes.json), then the heuristic; deterministic changes nothing
+    (both routes have a deterministic mode)."""
     s5, s3 = _shape("S5", "bfloat16"), _shape("S3", "float32")
     assert tiling.choose_route("cpu", s3) == "columns"
     assert tiling.choose_route("cpu", s5, deterministic=True) == "columns"
-    assert tiling.choose_route("cuda", s5, deterministic=True) == "fused"
+    for d in ("fwd", "bwd"):
+        for s in (s5, s3):
+            assert (tiling.choose_route("cuda", s, deterministic=True, direction=d)
+                    == tiling.choose_route("cuda", s, direction=d))
+    assert tiling.choose_route("cuda", s5, deterministic=True, requested="columns") == "columns"
     assert tiling.choose_route("cuda", s3, requested="columns") == "columns"
     assert tiling.choose_route("cuda", s5, requested="fused") == "fused"
     table = tiling.route_table()

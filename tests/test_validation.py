@@ -62,12 +62,9 @@ BAD = {
                                          "native implementation"),
     "not an array": (dict(x=[[1.0]]), "x", "array"),
 }
-# Backend-dependent: the fused kernels are CUDA only; the GPU column route is not deterministic.
+# Backend-dependent: the fused kernels are CUDA only.
 if jax.default_backend() == "cpu":
     BAD["fused on a CPU backend"] = (dict(implementation="fused"), "implementation", "CUDA kernels")
-else:
-    BAD["deterministic columns on GPU"] = (dict(deterministic=True, implementation="columns"),
-                                           "deterministic", "fused kernels")
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -93,7 +90,7 @@ def test_native_rejects_inconsistent_attributes():
     x = jnp.zeros((1, 4, 4, 2), jnp.float32)
     cols = jax.ShapeDtypeStruct((1, 4, 4, 9, 2), jnp.float32)
     attrs = dict(kh=3, kw=3, stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1,
-                 pad_right=1, dil_h=1, dil_w=1, offset_groups=1, with_mask=0)
+                 pad_right=1, dil_h=1, dil_w=1, offset_groups=1, with_mask=0, deterministic=0)
     attrs = {k: np.int64(v) for k, v in attrs.items()}
     no_mask = jnp.zeros((0,), jnp.float32)
     zero = jnp.int32(0)
@@ -111,6 +108,8 @@ def test_native_rejects_inconsistent_attributes():
         call(x, offset, no_mask, zero, **(attrs | dict(kh=np.int64(5), kw=np.int64(5)))).block_until_ready()
     with pytest.raises(Exception, match="images"):  # the chunk's image 1 of x's 1 images
         call(x, offset, no_mask, jnp.int32(1), **attrs).block_until_ready()
+    with pytest.raises(Exception, match="deterministic must be 0 or 1"):
+        call(x, offset, no_mask, zero, **(attrs | dict(deterministic=np.int64(2)))).block_until_ready()
     with pytest.raises(Exception, match="int32 scalar"):
         call(x, offset, no_mask, jnp.zeros((2,), jnp.int32), **attrs).block_until_ready()
     grads = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(offset.shape, jnp.float32),

@@ -1,14 +1,16 @@
 // The GPU column sampler and col2im (columns.h). One group of `lanes` threads per (output pixel,
 // offset group, tap) walks that tap's channels in vectors of V elements (16 bytes where the
 // channel count allows): the sampler blends the four corners and writes the column row; col2im
-// reads the column cotangent once, scatters it to the four corners of dx (float atomics) and
-// reduces the four corner dot products over the lanes for doffset and dmask. The bilinear math is
+// reads the column cotangent once, scatters it to the four corners of dx (float atomics, or in
+// deterministic mode 64-bit fixed point: det.cuh) and reduces the four corner dot products over
+// the lanes for doffset and dmask. The bilinear math is
 // deft/geometry.h's make_bilinear, the same as the CPU route's and the fused kernels', and so is
 // the non-finite policy (a NaN point samples NaN and scatters nothing).
 #include <limits>
 
 #include "cuda/columns.h"
 #include "cuda/common.cuh"
+#include "cuda/det.cuh"
 
 namespace deft {
 namespace kern {
@@ -148,16 +150,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Deterministic dx: det.cuh's fixed-point accumulators, non-finite flags and scale, for dx alone.
+struct DetDx {
+  unsigned long long* acc;
+  unsigned* flags;
+  const double* scale;  // [1]
+};
+
 // The loop over taps is uniform per warp (every lane runs the same iterations, inactive taps
 // included) so the lanes of a tap can reduce with shuffles.
-template <typename T, int V>
+template <typename T, int V, bool DET>
 __global__ void __launch_bounds__(kThreads)
     col2im_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask, const Acc<T>* __restrict__ dcols,
-                  Acc<T>* __restrict__ dx, T* __restrict__ doffset, T* __restrict__ dmask) {
+                  Acc<T>* __restrict__ dx, T* __restrict__ doffset, T* __restrict__ dmask, DetDx det) {
   using A = Acc<T>;
   const ConvParams& p = cg.p;
   const int64_t start = chunk_start(start_ptr, cg);
+  const double det_scale = DET ? *det.scale : 0.0;
   const int L = cg.lanes, lane = threadIdx.x & (L - 1);
   const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps(), HW = p.h * p.w;
   const int64_t per_warp = 32 / L;
@@ -178,7 +188,7 @@ __global__ void __launch_bounds__(kThreads)
       const bool valid[4] = {b.v00, b.v01, b.v10, b.v11};
       const A wm[4] = {b.w00() * m, b.w01() * m, b.w10() * m, b.w11() * m};
       const T* xb = x + c.img * HW * C + c.g * Cg;
-      A* dxb = dx + c.o * HW * C + c.g * Cg;
+      const int64_t dx0 = c.o * HW * C + c.g * Cg;  // this (image, offset group)'s dx
       const A* gsrc = dcols + (c.q * K + c.k) * C + c.g * Cg;
       for (int v = lane; v < cg.vectors; v += L) {
         A gv[V];
@@ -193,7 +203,16 @@ __global__ void __launch_bounds__(kThreads)
             d[j] += gv[e] * s[e];
             upd[e] = wm[j] * gv[e];
           }
-          atomic_add_n<V>(dxb + at[j] * C + v * V, upd);
+          if constexpr (DET) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+              unsigned bad = 0u;
+              const long long q = det_fixed(upd[e], det_scale, &bad);
+              det_add(det.acc, det.flags, dx0 + at[j] * C + v * V + e, q, bad);
+            }
+          } else {
+            atomic_add_n<V>(dx + dx0 + at[j] * C + v * V, upd);
+          }
         }
       }
     }
@@ -273,22 +292,78 @@ cudaError_t sample_columns(cudaStream_t stream, const ConvParams& p, int64_t n_o
   });
 }
 
+// The deterministic workspace: accumulators, flags (8 elements per word), the maxima of |dcols|
+// and |mask| (as double bits), the scale; 256-byte aligned pieces.
+struct ColDetLayout {
+  size_t flags, maxbits, scale, total;
+  explicit ColDetLayout(int64_t n) {
+    flags = align_up(size_t(n) * 8, 256);
+    maxbits = align_up(flags + size_t((n + 7) / 8) * 4, 256);
+    scale = maxbits + 16;
+    total = align_up(scale + 8, 256);
+  }
+};
+
+// scale = 2^(61 - E), 2^E >= terms x max|dcols| x max|mask|: a bound on every partial sum of a dx
+// element, which takes at most one term (bilinear weight <= 1, times the mask, times dcols) from
+// each (pixel, tap) of its image.
+__global__ void col2im_det_scale_kernel(const unsigned long long* maxbits, double terms, bool with_mask,
+                                        double* scale) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const double g = __longlong_as_double(static_cast<long long>(maxbits[0]));
+  const double m = with_mask ? __longlong_as_double(static_cast<long long>(maxbits[1])) : 1.0;
+  const double f[] = {terms, g, m};
+  scale[0] = det_scale_of(f, 3);
+}
+
+unsigned blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 1024 ? 1024 : b));
+}
+
 template <typename T>
-cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start, const void* x,
-                   const void* offset, const void* mask, const void* dcols, void* dx, void* doffset, void* dmask) {
+cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start, bool det,
+                   const void* x, const void* offset, const void* mask, const void* dcols, void* dx, void* doffset,
+                   void* dmask, void* workspace) {
   using A = Acc<T>;
-  const size_t dx_bytes = size_t(p.batch * n_out * p.h * p.w * p.c_in) * sizeof(A);
-  if (dx_bytes > 0)
-    if (cudaError_t e = cudaMemsetAsync(dx, 0, dx_bytes, stream); e != cudaSuccess) return e;
+  const int64_t n_dx = p.batch * n_out * p.h * p.w * p.c_in;
   int v = 1;
   const ColGeo cg = make_col_geo<T>(p, n_out, &v);
-  if (cg.taps == 0 || p.c_in == 0) return cudaSuccess;
-  return with_vec<T>(v, [&](auto vc) {
-    col2im_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(
+  const bool empty = cg.taps == 0 || p.c_in == 0;
+  if ((empty || !det) && n_dx > 0)
+    if (cudaError_t e = cudaMemsetAsync(dx, 0, size_t(n_dx) * sizeof(A), stream); e != cudaSuccess) return e;
+  if (empty) return cudaSuccess;
+  DetDx dd{};
+  if (det) {
+    const ColDetLayout w(n_dx);
+    auto* base = static_cast<unsigned char*>(workspace);
+    if (cudaError_t e = cudaMemsetAsync(base, 0, w.scale, stream); e != cudaSuccess) return e;
+    auto* maxbits = reinterpret_cast<unsigned long long*>(base + w.maxbits);
+    const int64_t n_dcols = cg.taps / p.offset_groups * p.c_in;  // batch * n_out * pixels * K * C
+    DetMaxIn in{};
+    in.a[0] = dcols, in.n[0] = n_dcols;
+    det_max_kernel<A><<<blocks_for(n_dcols), kThreads, 0, stream>>>(in, maxbits);
+    if (p.with_mask) {
+      const int64_t n_mask = p.batch * p.n * p.pixels_out() * p.mask_channels();
+      in.a[0] = mask, in.n[0] = n_mask;
+      det_max_kernel<T><<<blocks_for(n_mask), kThreads, 0, stream>>>(in, maxbits + 1);
+    }
+    auto* scale = reinterpret_cast<double*>(base + w.scale);
+    col2im_det_scale_kernel<<<1, 32, 0, stream>>>(maxbits, double(p.pixels_out() * p.taps()), p.with_mask, scale);
+    dd = DetDx{reinterpret_cast<unsigned long long*>(base), reinterpret_cast<unsigned*>(base + w.flags), scale};
+  }
+  const cudaError_t launched = with_vec<T>(v, [&](auto vc) {
+    constexpr int VC = decltype(vc)::value;
+    auto kernel = det ? col2im_kernel<T, VC, true> : col2im_kernel<T, VC, false>;
+    kernel<<<grid_of(cg), kThreads, 0, stream>>>(
         cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
-        static_cast<const A*>(dcols), static_cast<A*>(dx), static_cast<T*>(doffset), static_cast<T*>(dmask));
+        static_cast<const A*>(dcols), static_cast<A*>(dx), static_cast<T*>(doffset), static_cast<T*>(dmask), dd);
     return cudaGetLastError();
   });
+  if (launched != cudaSuccess || !det) return launched;
+  det_convert_kernel<A><<<blocks_for(n_dx), kThreads, 0, stream>>>(dd.acc, dd.flags, dd.scale, 0,
+                                                                   static_cast<A*>(dx), n_dx);
+  return cudaGetLastError();
 }
 
 template <typename F>
@@ -313,11 +388,16 @@ cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_
 }
 
 cudaError_t LaunchCol2Im(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
-                         DType dtype, const void* x, const void* offset, const void* mask, const void* dcols,
-                         void* dx, void* doffset, void* dmask) {
+                         DType dtype, bool deterministic, const void* x, const void* offset, const void* mask,
+                         const void* dcols, void* dx, void* doffset, void* dmask, void* workspace) {
   return kern::by_dtype(dtype, [&](auto tag) {
-    return kern::col2im<decltype(tag)>(stream, p, n_out, start, x, offset, mask, dcols, dx, doffset, dmask);
+    return kern::col2im<decltype(tag)>(stream, p, n_out, start, deterministic, x, offset, mask, dcols, dx, doffset,
+                                       dmask, workspace);
   });
+}
+
+size_t Col2ImWorkspaceBytes(int64_t dx_elements, bool deterministic) {
+  return deterministic && dx_elements > 0 ? kern::ColDetLayout(dx_elements).total : 0;
 }
 
 }  // namespace deft

@@ -30,11 +30,15 @@ cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_
                                 const int32_t* start, DType dtype, const void* x, const void* offset,
                                 const void* mask, void* cols);
 
-// dx is zeroed here and then accumulated with float atomics: its bits may differ run to run (the
-// deterministic mode uses the fused kernels, deft_jax/ops.py). doffset and dmask are each written
-// by one thread after a fixed-order reduction.
+// dx: by default zeroed here and accumulated with float atomics, so its bits may differ run to
+// run; with `deterministic`, accumulated in 64-bit fixed point in `workspace`
+// (Col2ImWorkspaceBytes) and converted once, bitwise reproducible (cuda/det.cuh's scheme). doffset
+// and dmask are each written by one thread after a fixed-order reduction (deterministic either way).
 cudaError_t LaunchCol2Im(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
-                         DType dtype, const void* x, const void* offset, const void* mask,
-                         const void* dcols, void* dx, void* doffset, void* dmask);
+                         DType dtype, bool deterministic, const void* x, const void* offset, const void* mask,
+                         const void* dcols, void* dx, void* doffset, void* dmask, void* workspace);
+
+// Bytes of the col2im's workspace for dx_elements elements of dx (0 unless deterministic).
+size_t Col2ImWorkspaceBytes(int64_t dx_elements, bool deterministic);
 
 }  // namespace deft

@@ -1,5 +1,5 @@
-// FFI attribute schema (version 1) of the column targets deft_sample_columns_{cpu,cuda}_v1 and
-// deft_col2im_{cpu,cuda}_v1, and the checks that turn their decoded buffers + attributes into a
+// FFI attribute schema (version 2) of the column targets deft_sample_columns_{cpu,cuda}_v2 and
+// deft_col2im_{cpu,cuda}_v2, and the checks that turn their decoded buffers + attributes into a
 // deft::ConvParams. Checking only: no arithmetic of the op.
 #pragma once
 
@@ -23,6 +23,9 @@ struct ColumnAttrs {
   int64_t dil_h, dil_w;
   int64_t offset_groups;
   int64_t with_mask;
+  // The CUDA col2im's dx in 64-bit fixed point (bitwise reproducible; its workspace holds the
+  // accumulators). Every other column kernel, and the CPU's, is deterministic either way.
+  int64_t deterministic;
 };
 
 // Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
@@ -64,6 +67,7 @@ inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffe
   q.offset_groups = a.offset_groups, q.feature_groups = 1;
   q.with_mask = a.with_mask != 0;
 
+  if (a.deterministic != 0 && a.deterministic != 1) return invalid("deterministic must be 0 or 1");
   if (q.kh < 1 || q.kw < 1) return invalid("kernel size (kh, kw) must be >= 1");
   if (q.stride_h < 1 || q.stride_w < 1 || q.dil_h < 1 || q.dil_w < 1)
     return invalid("strides and dilations must be >= 1");
@@ -130,4 +134,4 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("pad_bottom"), ::xla::ffi::StructMember<int64_t>("pad_left"),
     ::xla::ffi::StructMember<int64_t>("pad_right"), ::xla::ffi::StructMember<int64_t>("dil_h"),
     ::xla::ffi::StructMember<int64_t>("dil_w"), ::xla::ffi::StructMember<int64_t>("offset_groups"),
-    ::xla::ffi::StructMember<int64_t>("with_mask"));
+    ::xla::ffi::StructMember<int64_t>("with_mask"), ::xla::ffi::StructMember<int64_t>("deterministic"));

@@ -203,8 +203,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
 NB_MODULE(_deft_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_sample_columns_cpu_v1"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
-    d["deft_col2im_cpu_v1"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
+    d["deft_sample_columns_cpu_v2"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
+    d["deft_col2im_cpu_v2"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
     return d;
   });
   // The instruction-set build of the CPU kernels this process runs (csrc/cpu/columns_dispatch.cc).

@@ -120,21 +120,28 @@ ffi::Error SampleColumnsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
   return ffi::Error::Success();
 }
 
-// The column route's col2im: dx (accumulation type), doffset and dmask of the chunk.
+// The column route's col2im: dx (accumulation type), doffset and dmask of the chunk; the workspace
+// (uint8) holds deterministic mode's accumulators (Col2ImWorkspaceBytes, (0,) otherwise).
 ffi::Error Col2ImImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
                       ffi::AnyBuffer start, ffi::AnyBuffer dcols, ffi::Result<ffi::AnyBuffer> dx,
-                      ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask, ColumnAttrs attrs) {
+                      ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
+                      ffi::Result<ffi::AnyBuffer> workspace, ColumnAttrs attrs) {
   deft::ConvParams p;
   int64_t n_out = 0;
   if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &n_out); !err.success())
     return err;
   auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
   if (dtype.has_error()) return dtype.error();
+  const bool det = attrs.deterministic != 0;
+  const size_t need = deft::Col2ImWorkspaceBytes(static_cast<int64_t>(dx->element_count()), det);
+  if (workspace->element_type() != ffi::DataType::U8 || workspace->size_bytes() < need)
+    return invalid("col2im workspace must be uint8 of >= " + std::to_string(need) + " bytes, got " +
+                   std::to_string(workspace->size_bytes()));
   if (dx->element_count() + doffset->element_count() == 0) return ffi::Error::Success();
   const cudaError_t e = deft::LaunchCol2Im(stream, p, n_out, static_cast<const int32_t*>(start.untyped_data()),
-                                           *dtype, x.untyped_data(), offset.untyped_data(), mask.untyped_data(),
+                                           *dtype, det, x.untyped_data(), offset.untyped_data(), mask.untyped_data(),
                                            dcols.untyped_data(), dx->untyped_data(), doffset->untyped_data(),
-                                           dmask->untyped_data());
+                                           dmask->untyped_data(), workspace->untyped_data());
   if (e != cudaSuccess) return cuda_error("col2im launch", e, p);
   return ffi::Error::Success();
 }
@@ -186,6 +193,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCuda, deft_ffi::Col2ImImpl,
                                   .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
                                   .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
                                   .Attrs<deft_ffi::ColumnAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
@@ -204,8 +212,8 @@ NB_MODULE(_deft_cuda, m) {
     nb::dict d;
     d["deft_deform_conv2d_fwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
     d["deft_deform_conv2d_bwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
-    d["deft_sample_columns_cuda_v1"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
-    d["deft_col2im_cuda_v1"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCuda));
+    d["deft_sample_columns_cuda_v2"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
+    d["deft_col2im_cuda_v2"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCuda));
     return d;
   });
   m.def(
@@ -228,6 +236,11 @@ NB_MODULE(_deft_cuda, m) {
       nb::arg("dtype"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"), nb::arg("tile_n"), nb::arg("tile_k"),
       nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"), nb::arg("k_splits"), nb::arg("family"),
       "Why the kernels do not instantiate this tile for dtype (the handlers' own check), or \"\".");
+  m.def(
+      "col2im_workspace_bytes",
+      [](int64_t dx_elements, bool deterministic) { return deft::Col2ImWorkspaceBytes(dx_elements, deterministic); },
+      nb::arg("dx_elements"), nb::kw_only(), nb::arg("deterministic"),
+      "Bytes of the CUDA col2im's workspace output for dx_elements elements of dx.");
   m.def(
       "backward_workspace_bytes",
       [](const std::string& dtype, int64_t x_elements, int64_t offset_elements, int64_t mask_elements,

@@ -54,6 +54,8 @@ logged() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 if has build; then
   echo "== build ($(date -u +%T))" | tee "$OUT/build.log"
+  # SASS for this machine's GPU only (the default build adds sm_80 and PTX): half the compile.
+  CUDAARCHS=${CUDAARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d .)-real} \
   DEFT_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps \
       -e . 2>&1 | tail -n 40 >> "$OUT/build.log" || { echo "BUILD FAILED"; tail -n 40 "$OUT/build.log"; exit 1; }
   "$PY" -c "import deft_jax, jax; print(jax.__version__, jax.devices(), 'cuda module:', deft_jax._ffi.cuda_available())" \

@@ -4,7 +4,10 @@
 // producer bar.arrive -> consumer bar.sync, "empty" barriers consumer bar.arrive -> producer
 // bar.sync, a slot is refilled only after its empty barrier. Mode "arrive" is that protocol;
 // mode "sync" replaces each bar.arrive with bar.sync (every side waits: the same accesses under a
-// plain two-sided barrier). Both are correct; the program checks the consumer's sums.
+// plain two-sided barrier). Both are correct; the program checks the consumer's sums. Mode
+// "racy" is "arrive" plus one more store of the same value per lane after the producer's
+// bar.arrive (unordered with the consumer's reads: a real race, harmless to the sums), to show
+// what racecheck reports for one.
 // Build: nvcc -O2 -arch=sm_90 -o barrier_racecheck barrier_racecheck.cu
 // Run:   compute-sanitizer --tool racecheck ./barrier_racecheck arrive   (then: sync)
 #include <cstdio>
@@ -17,7 +20,7 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
-template <bool kArrive>
+template <bool kArrive, bool kRacy = false>
 __global__ void ring(float* out) {
   __shared__ float slot[kSlots][kWidth];
   constexpr int kFull = 1, kEmpty = 1 + kSlots;
@@ -27,6 +30,7 @@ __global__ void ring(float* out) {
       if (i >= kSlots) bar_sync(kEmpty + s, kThreads);  // the consumer is done with this slot
       for (int e = lane; e < kWidth; e += 32) slot[s][e] = float(i * kWidth + e);
       if (kArrive) bar_arrive(kFull + s, kThreads); else bar_sync(kFull + s, kThreads);
+      if (kRacy) slot[s][lane] = float(i * kWidth + lane);
     }
   } else {  // consumer warp
     float acc = 0.f;
@@ -42,10 +46,13 @@ __global__ void ring(float* out) {
 }
 
 int main(int argc, char** argv) {
-  const bool arrive = argc < 2 || std::strcmp(argv[1], "sync") != 0;
+  const char* mode = argc < 2 ? "arrive" : argv[1];
+  const bool sync = std::strcmp(mode, "sync") == 0, racy = std::strcmp(mode, "racy") == 0;
   float* d = nullptr;
   cudaMalloc(&d, 32 * sizeof(float));
-  if (arrive) ring<true><<<1, kThreads>>>(d); else ring<false><<<1, kThreads>>>(d);
+  if (sync) ring<false><<<1, kThreads>>>(d);
+  else if (racy) ring<true, true><<<1, kThreads>>>(d);
+  else ring<true><<<1, kThreads>>>(d);
   float h[32];
   cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost);
   const cudaError_t err = cudaDeviceSynchronize();
@@ -56,8 +63,7 @@ int main(int argc, char** argv) {
       for (int e = lane; e < kWidth; e += 32) want += i * kWidth + (e + 7) % kWidth;
     bad += h[lane] != float(want);
   }
-  std::printf("barrier_racecheck %s: %s (%s)\n", arrive ? "arrive" : "sync", bad ? "WRONG" : "sums ok",
-              cudaGetErrorString(err));
+  std::printf("barrier_racecheck %s: %s (%s)\n", mode, bad ? "WRONG" : "sums ok", cudaGetErrorString(err));
   cudaFree(d);
   return bad ? 1 : 0;
 }

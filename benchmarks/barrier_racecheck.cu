@@ -4,7 +4,8 @@
 // producer bar.arrive -> consumer bar.sync, "empty" barriers consumer bar.arrive -> producer
 // bar.sync, a slot is refilled only after its empty barrier. Mode "arrive" is that protocol;
 // mode "sync" replaces each bar.arrive with bar.sync (every side waits: the same accesses under a
-// plain two-sided barrier). Both are correct; the program checks the consumer's sums. Mode
+// plain two-sided barrier; one slot, since two-sided barriers deadlock a ring of several: the
+// consumer would wait on slot 0's empty barrier while the producer waits on slot 1's full one). Both are correct; the program checks the consumer's sums. Mode
 // "racy" is "arrive" plus one more store of the same value per lane after the producer's
 // bar.arrive (unordered with the consumer's reads: a real race, harmless to the sums), to show
 // what racecheck reports for one.
@@ -23,21 +24,21 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
 template <bool kArrive, bool kRacy = false>
 __global__ void ring(float* out) {
   __shared__ float slot[kSlots][kWidth];
-  constexpr int kFull = 1, kEmpty = 1 + kSlots;
+  constexpr int S = kArrive ? kSlots : 1, kFull = 1, kEmpty = 1 + kSlots;
   const int lane = threadIdx.x % 32;
   if (threadIdx.x >= 32) {  // producer warp
-    for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % kSlots) {
-      if (i >= kSlots) bar_sync(kEmpty + s, kThreads);  // the consumer is done with this slot
+    for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % S) {
+      if (i >= S) bar_sync(kEmpty + s, kThreads);  // the consumer is done with this slot
       for (int e = lane; e < kWidth; e += 32) slot[s][e] = float(i * kWidth + e);
       if (kArrive) bar_arrive(kFull + s, kThreads); else bar_sync(kFull + s, kThreads);
       if (kRacy) slot[s][lane] = float(i * kWidth + lane);
     }
   } else {  // consumer warp
     float acc = 0.f;
-    for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % kSlots) {
+    for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % S) {
       bar_sync(kFull + s, kThreads);
       for (int e = lane; e < kWidth; e += 32) acc += slot[s][(e + 7) % kWidth];  // another lane's element
-      if (i + kSlots < kChunks) {
+      if (i + S < kChunks) {
         if (kArrive) bar_arrive(kEmpty + s, kThreads); else bar_sync(kEmpty + s, kThreads);
       }
     }

@@ -114,7 +114,7 @@ if has sanitize; then
   echo "== racecheck on the ring protocol alone ($(date -u +%T))"
   nvcc -O2 -arch=sm_90 -o /tmp/barrier_racecheck benchmarks/barrier_racecheck.cu > "$OUT/sanitize_barriers.log" 2>&1
   for mode in arrive sync racy; do  # racy: a real race, for comparison
-    compute-sanitizer --tool racecheck --print-limit 4 /tmp/barrier_racecheck $mode >> "$OUT/sanitize_barriers.log" 2>&1
+    timeout 120 compute-sanitizer --tool racecheck --print-limit 4 /tmp/barrier_racecheck $mode >> "$OUT/sanitize_barriers.log" 2>&1
     echo "racecheck $mode rc=$?" >> "$OUT/sanitize_barriers.log"
   done
   grep -E "barrier_racecheck|SUMMARY|rc=" "$OUT/sanitize_barriers.log"

@@ -359,7 +359,7 @@ def check_gpu_tile(tile: TileConfig, dtype: str, cc_major: int = 0, compiled=Non
 
 def gpu_tile_error(tile: TileConfig, dtype: str) -> str:
     """"" if the CUDA kernels instantiate ``tile`` for ``dtype`` (the rule of the C++
-    CheckGpuTileConfig), else why not."""
+    GpuTileError), else why not."""
     allowed = _GPU_TILES[:1] if dtype == "float64" else _GPU_TILES
     bwd_allowed = (64,) if dtype == "float64" else _GPU_BWD_TILE_N
     if tile.bwd_tile_n not in bwd_allowed:

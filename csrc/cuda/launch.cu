@@ -1,6 +1,4 @@
 // Public launchers (launch.h): dtype dispatch onto the per-dtype drivers of ops_<dtype>.cu.
-#include <sstream>
-
 #include "cuda/dispatch.cuh"
 
 namespace deft {
@@ -11,11 +9,13 @@ DEFT_DECLARE_DRIVERS(__nv_bfloat16)
 DEFT_DECLARE_DRIVERS(__half)
 }  // namespace kern
 
-std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
+TileCheck CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
   auto ok = [&](auto tag) {
     return kern::with_fwd_cfg<decltype(tag)>(tile, [](auto) { return cudaSuccess; }) == cudaSuccess;
   };
   const bool f64 = dtype == DType::kF64;
+  if (tile.bwd_tile_n != kern::WeightCfg::BN && (f64 || tile.bwd_tile_n != kern::WeightCfgWide::BN))
+    return kTileBackward;
   bool good = false;
   switch (tile.family) {
     case kFamilyStreaming: good = f64 ? ok(double{}) : dtype == DType::kF32 ? ok(float{}) : ok(__half{}); break;
@@ -23,28 +23,7 @@ std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
     case kFamilyRing: good = !f64 && kern::is_ws_tile(tile); break;
     default: break;
   }
-  const bool bwd_good = tile.bwd_tile_n == kern::WeightCfg::BN || (!f64 && tile.bwd_tile_n == kern::WeightCfgWide::BN);
-  std::ostringstream s;
-  if (!bwd_good) {
-    s << "GPU tile configuration: bwd_tile_n=" << tile.bwd_tile_n << " is not instantiated for "
-      << dtype_name(dtype) << "; instantiated: 64" << (f64 ? "" : " or 128");
-    return s.str();
-  }
-  if (good) return "";
-  static const char* const kFamilies[] = {"streaming", "split", "ring"};
-  const bool named = tile.family >= 0 && tile.family <= 2;
-  s << "GPU tile configuration (family=" << (named ? kFamilies[tile.family] : "?") << " (" << tile.family
-    << "), tile_h=" << tile.tile_h << ", tile_w=" << tile.tile_w << ", tile_n=" << tile.tile_n
-    << ", tile_k=" << tile.tile_k << ", warps=" << tile.warps << ", stages=" << tile.stages
-    << ", k_splits=" << tile.k_splits << ") is not instantiated for " << dtype_name(dtype)
-    << "; instantiated: family streaming (0): tile_h*tile_w=64, tile_n=64, warps=4"
-    << (f64 ? "" : "; tile_h*tile_w=128, tile_n=64, warps=4; tile_h*tile_w=128, tile_n=128, warps=8 or 16")
-    << ", all with tile_k=32, stages 1 or 2, k_splits=1"
-    << (f64 ? "" : "; family split (1): tile_h*tile_w=64, tile_n=64, warps=4, stages=2, "
-                   "tile_k in {128, 256, 512}, k_splits=1; family ring (2, the warp-specialized forward): tile_k=32, "
-                   "warps=8, stages=3, (tile_h*tile_w, tile_n) = (128, 128), (64, 64) or (64, 128) and k_splits in "
-                   "{1, 2, 4} (2 and 4: thread-block clusters, compute capability 9.0+)");
-  return s.str();
+  return good ? kTileOk : kTileForward;
 }
 
 size_t DeformConvForwardWorkspaceBytes(int64_t y_elements, const TileConfig& tile, DType dtype) {

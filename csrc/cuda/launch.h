@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
-#include <string>
 
 #include "deft/dtype.h"
 #include "deft/geometry.h"
@@ -13,8 +12,12 @@
 
 namespace deft {
 
-// Empty string if `tile` is a configuration the kernels instantiate for `dtype`, else the reason.
-std::string CheckGpuTileConfig(const TileConfig& tile, DType dtype);
+// Which part of `tile` the kernels do not instantiate for `dtype` (kTileOk: all of it). A code, not
+// a message: csrc/ffi/tile_check.h words it on the host compiler's side, so no std::string crosses
+// from the nvcc-compiled objects to the host-compiled ones (a non-empty one returned from here
+// crashed the process with SIGSEGV on the GPU machine's build, H100, 2026-12-07).
+enum TileCheck : int { kTileOk = 0, kTileForward = 1, kTileBackward = 2 };
+TileCheck CheckGpuTileConfig(const TileConfig& tile, DType dtype);
 
 // Workspace bytes LaunchDeformConvForward needs for y_elements outputs, all leading dims included
 // (the split forward's fp32 accumulator of y for 16-bit types; 0 otherwise). The caller owns the

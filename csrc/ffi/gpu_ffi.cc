@@ -16,6 +16,7 @@
 #include "cuda/launch.h"
 #include "ffi/column_attrs.h"
 #include "ffi/conv_attrs.h"
+#include "ffi/tile_check.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"
@@ -39,7 +40,7 @@ ffi::Error cuda_error(const char* what, cudaError_t e, const deft::ConvParams& p
 ffi::Error CheckTile(const ConvAttrs& attrs, deft::DType dtype) {
   if (attrs.deterministic != 0 && attrs.deterministic != 1)
     return invalid("deterministic must be 0 or 1, got " + std::to_string(attrs.deterministic));
-  const std::string why = deft::CheckGpuTileConfig(tile_of(attrs), dtype);
+  const std::string why = GpuTileError(tile_of(attrs), dtype);
   return why.empty() ? ffi::Error::Success() : invalid(why);
 }
 
@@ -231,7 +232,7 @@ NB_MODULE(_deft_cuda, m) {
       [](const std::string& dtype, int64_t tile_h, int64_t tile_w, int64_t tile_n, int64_t tile_k, int64_t warps,
          int64_t stages, int64_t bwd_tile_n, int64_t k_splits, int64_t family) {
         const deft::TileConfig tile{tile_h, tile_w, tile_n, tile_k, warps, stages, bwd_tile_n, k_splits, family};
-        return deft::CheckGpuTileConfig(tile, dtype_or_throw(dtype));
+        return deft_ffi::GpuTileError(tile, dtype_or_throw(dtype));
       },
       nb::arg("dtype"), nb::kw_only(), nb::arg("tile_h"), nb::arg("tile_w"), nb::arg("tile_n"), nb::arg("tile_k"),
       nb::arg("warps"), nb::arg("stages"), nb::arg("bwd_tile_n"), nb::arg("k_splits"), nb::arg("family"),

@@ -8,10 +8,13 @@
 // consumer would wait on slot 0's empty barrier while the producer waits on slot 1's full one). Both are correct; the program checks the consumer's sums. Mode
 // "racy" is "arrive" plus one more store of the same value per lane after the producer's
 // bar.arrive (unordered with the consumer's reads: a real race, harmless to the sums), to show
-// what racecheck reports for one.
+// what racecheck reports for one. Mode "mbarrier" is the same ring on mbarrier objects
+// (mbarrier.arrive / mbarrier.try_wait.parity, as CUTLASS's Hopper pipelines): whether racecheck
+// models those decides whether the forward's ring should move to them.
 // Build: nvcc -O2 -arch=sm_90 -o barrier_racecheck barrier_racecheck.cu
 // Run:   compute-sanitizer --tool racecheck ./barrier_racecheck arrive   (then: sync)
 #include <cstdio>
+#include <cstdint>
 #include <cstring>
 
 constexpr int kSlots = 3, kWidth = 32 * 4, kChunks = 16, kThreads = 64;
@@ -21,25 +24,63 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
-template <bool kArrive, bool kRacy = false>
+// mbarrier (sm_90): arrive has release and try_wait acquire semantics (PTX defaults, CTA scope).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mb_init(uint64_t* b, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(b)) : "memory");
+}
+__device__ __forceinline__ void mb_wait(uint64_t* b, int parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n"
+      "}\n" ::"r"(smem_addr(b)),
+      "r"(parity)
+      : "memory");
+}
+
+enum Mode { kArriveMode, kSyncMode, kRacyMode, kMbarrierMode };
+
+template <Mode M>
 __global__ void ring(float* out) {
   __shared__ float slot[kSlots][kWidth];
+  __shared__ uint64_t full_mb[kSlots], empty_mb[kSlots];
+  constexpr bool kMb = M == kMbarrierMode, kArrive = M != kSyncMode;
   constexpr int S = kArrive ? kSlots : 1, kFull = 1, kEmpty = 1 + kSlots;
   const int lane = threadIdx.x % 32;
+  if (kMb) {
+    if (threadIdx.x == 0)
+      for (int s = 0; s < kSlots; ++s) mb_init(&full_mb[s], 32), mb_init(&empty_mb[s], 32);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+  }
   if (threadIdx.x >= 32) {  // producer warp
     for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % S) {
-      if (i >= S) bar_sync(kEmpty + s, kThreads);  // the consumer is done with this slot
+      if (i >= S) {  // the consumer is done with this slot
+        if (kMb) mb_wait(&empty_mb[s], (i / S - 1) & 1); else bar_sync(kEmpty + s, kThreads);
+      }
       for (int e = lane; e < kWidth; e += 32) slot[s][e] = float(i * kWidth + e);
-      if (kArrive) bar_arrive(kFull + s, kThreads); else bar_sync(kFull + s, kThreads);
-      if (kRacy) slot[s][lane] = float(i * kWidth + lane);
+      if (kMb) mb_arrive(&full_mb[s]);
+      else if (kArrive) bar_arrive(kFull + s, kThreads);
+      else bar_sync(kFull + s, kThreads);
+      if (M == kRacyMode) slot[s][lane] = float(i * kWidth + lane);
     }
   } else {  // consumer warp
     float acc = 0.f;
     for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % S) {
-      bar_sync(kFull + s, kThreads);
+      if (kMb) mb_wait(&full_mb[s], (i / S) & 1); else bar_sync(kFull + s, kThreads);
       for (int e = lane; e < kWidth; e += 32) acc += slot[s][(e + 7) % kWidth];  // another lane's element
       if (i + S < kChunks) {
-        if (kArrive) bar_arrive(kEmpty + s, kThreads); else bar_sync(kEmpty + s, kThreads);
+        if (kMb) mb_arrive(&empty_mb[s]);
+        else if (kArrive) bar_arrive(kEmpty + s, kThreads);
+        else bar_sync(kEmpty + s, kThreads);
       }
     }
     out[lane] = acc;
@@ -48,12 +89,12 @@ __global__ void ring(float* out) {
 
 int main(int argc, char** argv) {
   const char* mode = argc < 2 ? "arrive" : argv[1];
-  const bool sync = std::strcmp(mode, "sync") == 0, racy = std::strcmp(mode, "racy") == 0;
   float* d = nullptr;
   cudaMalloc(&d, 32 * sizeof(float));
-  if (sync) ring<false><<<1, kThreads>>>(d);
-  else if (racy) ring<true, true><<<1, kThreads>>>(d);
-  else ring<true><<<1, kThreads>>>(d);
+  if (std::strcmp(mode, "sync") == 0) ring<kSyncMode><<<1, kThreads>>>(d);
+  else if (std::strcmp(mode, "racy") == 0) ring<kRacyMode><<<1, kThreads>>>(d);
+  else if (std::strcmp(mode, "mbarrier") == 0) ring<kMbarrierMode><<<1, kThreads>>>(d);
+  else ring<kArriveMode><<<1, kThreads>>>(d);
   float h[32];
   cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost);
   const cudaError_t err = cudaDeviceSynchronize();

@@ -113,7 +113,7 @@ if has sanitize; then
   # payload, with bar.arrive ("arrive") and with bar.sync on both sides ("sync"); both are correct.
   echo "== racecheck on the ring protocol alone ($(date -u +%T))"
   nvcc -O2 -arch=sm_90 -o /tmp/barrier_racecheck benchmarks/barrier_racecheck.cu > "$OUT/sanitize_barriers.log" 2>&1
-  for mode in arrive sync racy; do  # racy: a real race, for comparison
+  for mode in arrive sync racy mbarrier; do  # racy: a real race, for comparison
     timeout 120 compute-sanitizer --tool racecheck --print-limit 4 /tmp/barrier_racecheck $mode >> "$OUT/sanitize_barriers.log" 2>&1
     echo "racecheck $mode rc=$?" >> "$OUT/sanitize_barriers.log"
   done

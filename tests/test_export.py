@@ -145,3 +145,27 @@ def test_cuda_route_follows_the_table(hw, c, route):
     text = jax.export.export(jax.jit(f), platforms=("cuda",),
                              disabled_checks=deft_jax.export.disabled_safety_checks())(x, off, k).mlir_module()
     assert f"@{_ffi.target_names('cuda', route)[0]}(" in text
+
+
+@pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built with nvcc)")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_column_route_deterministic_col2im(rng, deterministic):
+    """Lowered for CUDA, deterministic=True keeps the column route and hands its col2im the flag
+    and a workspace for the fixed-point dx (the CUDA module's own size); without it the workspace
+    is empty."""
+    import re
+    x, off, kernel, mask = _inputs(rng)
+
+    def loss(*a):
+        return jnp.sum(deft_jax.deform_conv2d(*a, padding=1, implementation="columns",
+                                              deterministic=deterministic) ** 2)
+    exp = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=("cuda",),
+                            disabled_checks=deft_jax.export.disabled_safety_checks())(x, off, kernel, mask)
+    calls = [ln for ln in exp.mlir_module().splitlines() if "@deft_col2im_cuda_v2(" in ln]
+    assert calls
+    want = _ffi._deft_cuda.col2im_workspace_bytes(x.size, deterministic=deterministic)
+    assert (want > 8 * x.size) == deterministic
+    for ln in calls:
+        assert re.search(rf"deterministic = {int(deterministic)} : i64", ln), ln
+        assert f"tensor<{want}xui8>) loc(" in ln or ln.rstrip().endswith(f"tensor<{want}xui8>)"), ln
+    assert "deform_conv2d_bwd_cuda" not in exp.mlir_module()

@@ -134,15 +134,14 @@ ffi::Error Col2ImImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offs
   auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
   if (dtype.has_error()) return dtype.error();
   const bool det = attrs.deterministic != 0;
-  const size_t need = deft::Col2ImWorkspaceBytes(static_cast<int64_t>(dx->element_count()), det);
-  if (workspace->element_type() != ffi::DataType::U8 || workspace->size_bytes() < need)
-    return invalid("col2im workspace must be uint8 of >= " + std::to_string(need) + " bytes, got " +
-                   std::to_string(workspace->size_bytes()));
+  auto ws = Workspace(workspace, deft::Col2ImWorkspaceBytes(static_cast<int64_t>(dx->element_count()), det),
+                      "the col2im workspace");
+  if (ws.has_error()) return ws.error();
   if (dx->element_count() + doffset->element_count() == 0) return ffi::Error::Success();
   const cudaError_t e = deft::LaunchCol2Im(stream, p, n_out, static_cast<const int32_t*>(start.untyped_data()),
                                            *dtype, det, x.untyped_data(), offset.untyped_data(), mask.untyped_data(),
                                            dcols.untyped_data(), dx->untyped_data(), doffset->untyped_data(),
-                                           dmask->untyped_data(), workspace->untyped_data());
+                                           dmask->untyped_data(), *ws);
   if (e != cudaSuccess) return cuda_error("col2im launch", e, p);
   return ffi::Error::Success();
 }

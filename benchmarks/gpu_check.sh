@@ -109,8 +109,8 @@ if has repeat; then
     "$PY" benchmarks/repeat_check.py --reps ${REPEAT_REPS:-50} --out "$OUT/repeat.json" ${REPEAT_ARGS:-}
 fi
 if has sanitize; then
-  # Triage first: does racecheck model the ring's bar.arrive hand-off? The same protocol on a toy
-  # payload, with bar.arrive ("arrive") and with bar.sync on both sides ("sync"); both are correct.
+  # Triage first: does racecheck model the ring's hand-off? The protocol alone on a toy payload
+  # (benchmarks/barrier_racecheck.cu: modes arrive, sync, racy, mbarrier; only racy has a race).
   echo "== racecheck on the ring protocol alone ($(date -u +%T))"
   nvcc -O2 -arch=sm_90 -o /tmp/barrier_racecheck benchmarks/barrier_racecheck.cu > "$OUT/sanitize_barriers.log" 2>&1
   for mode in arrive sync racy mbarrier; do  # racy: a real race, for comparison

@@ -27,7 +27,8 @@
 # ktime = one Nsight Compute pass with only kernel durations for KTIME_SPECS (profile_bwd.py
 # arguments, default every suite shape x fp32/bf16, backward and forward; "S2,float32,bwd-det": the
 # deterministic mode's kernels, det_* in "other") in one process (ktime.log);
-# KTIME_BASE=<a checked-in ktime.md> adds a before -> after table (ktime_compare.md).
+# KTIME_KERNELS: ncu's --kernel-name (default regex:deform|convert|det_; "regex:." for every kernel,
+# e.g. the column route's cuBLAS GEMMs with "S4,float32,bwd,columns"); KTIME_BASE=<a checked-in ktime.md> adds a before -> after table (ktime_compare.md).
 # The machine's copy of the tree carries a stale .git: pass DEFT_GIT_COMMIT=<hash of the local HEAD>
 # so results.json and the plot name the commit that was measured.
 # TESTS (paths), PYTEST_K (a -k expression), PYTEST_ARGS, BENCH_ARGS, SWEEP_ARGS refine them.
@@ -197,7 +198,7 @@ if has ktime; then
     for m in "" ",fwd"; do for d in float32 bfloat16; do for s in S1 S2 S3 S4 S5 S6; do specs+="$s,$d$m "; done; done; done
   fi
   # Warm-up launches happen at compile time only; the profiled launches follow the runs in order.
-  timeout 300 ncu --clock-control none --kernel-name regex:deform\|convert\|det_ --metrics gpu__time_duration.sum --csv --print-units base \
+  timeout 300 ncu --clock-control none --kernel-name "${KTIME_KERNELS:-regex:deform|convert|det_}" --metrics gpu__time_duration.sum --csv --print-units base \
     "$PY" benchmarks/profile_bwd.py $specs > "$OUT/ktime.log" 2>&1
   [[ $? -eq 0 ]] || { status=1; echo "ktime: ncu failed or timed out; the log's tail:"; tail -n 20 "$OUT/ktime.log"; }
   "$PY" benchmarks/ktime_table.py "$OUT/ktime.log" $specs | tee "$OUT/ktime.md"

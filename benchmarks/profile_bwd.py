@@ -1,7 +1,9 @@
 """Forward or backward runs of suite layers, for Nsight Compute (per-kernel durations, stalls).
 Each argument is SHAPE,DTYPE[,MODE[,TILE]], MODE one of fwd, bwd (default), fwd-det, bwd-det (the
 deterministic mode, deterministic=True: its kernels beside the default's, for its cost per kernel);
-the old form `S2 bfloat16 [fwd]` also works. TILE overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
+the old form `S2 bfloat16 [fwd]` also works. TILE "fused" or "columns" forces that GPU route
+(implementation=...; e.g. S4,float32,bwd,columns: the column route's sampler, dots and col2im);
+otherwise it overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
 (e.g. S6,bfloat16,fwd,1:128:128:32:8:2; an 8th field is k_splits: 1:128:128:32:8:3:128:4), for a
 per-kernel A/B of two tiles in one process.
 Runs execute in argument order, one jit call each (compiled and warmed up first, so the profiled
@@ -24,6 +26,8 @@ SUITE = {"S1": (8, 64, 64, 64, 64, 1), "S2": (32, 64, 64, 64, 64, 1), "S3": (32,
 
 
 def make_run(name, dtype, mode, tile=None):
+    impl = tile if tile in ("fused", "columns") else None
+    tile = None if impl else tile
     n, h, w, c, co, s = SUITE[name]
     dt = jnp.dtype(dtype)
     ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
@@ -37,7 +41,8 @@ def make_run(name, dtype, mode, tile=None):
     mode = mode.removesuffix("-det")
     if mode not in ("fwd", "bwd"):
         raise SystemExit(f"mode: expected fwd, bwd, fwd-det or bwd-det, got {mode!r}")
-    conv = lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1, deterministic=det)  # noqa: E731
+    conv = lambda *q: deft_jax.deform_conv2d(*q, strides=s, padding=1, deterministic=det,  # noqa: E731
+                                      implementation=impl)
     if mode == "fwd":
         f = jax.jit(conv)
     else:

@@ -157,13 +157,9 @@ struct DetDx {
   const double* scale;  // [1]
 };
 
-// How the col2im kernel treats dx: float atomics (default), 64-bit fixed point in the workspace
-// (deterministic), or not at all (deterministic, dx by col2im_dx_tile_kernel).
-enum DxMode : int { kDxAtomic = 0, kDxFixed = 1, kDxNone = 2 };
-
 // The loop over taps is uniform per warp (every lane runs the same iterations, inactive taps
 // included) so the lanes of a tap can reduce with shuffles.
-template <typename T, int V, int DXM>
+template <typename T, int V, bool DET>
 __global__ void __launch_bounds__(kThreads)
     col2im_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
                   const T* __restrict__ offset, const T* __restrict__ mask, const Acc<T>* __restrict__ dcols,
@@ -171,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
   using A = Acc<T>;
   const ConvParams& p = cg.p;
   const int64_t start = chunk_start(start_ptr, cg);
-  const double det_scale = DXM == kDxFixed ? *det.scale : 0.0;
+  const double det_scale = DET ? *det.scale : 0.0;
   const int L = cg.lanes, lane = threadIdx.x & (L - 1);
   const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps(), HW = p.h * p.w;
   const int64_t per_warp = 32 / L;
@@ -207,14 +203,14 @@ __global__ void __launch_bounds__(kThreads)
             d[j] += gv[e] * s[e];
             upd[e] = wm[j] * gv[e];
           }
-          if constexpr (DXM == kDxFixed) {
+          if constexpr (DET) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
               unsigned bad = 0u;
               const long long q = det_fixed(upd[e], det_scale, &bad);
               det_add(det.acc, det.flags, dx0 + at[j] * C + v * V + e, q, bad);
             }
-          } else if constexpr (DXM == kDxAtomic) {
+          } else {
             atomic_add_n<V>(dx + dx0 + at[j] * C + v * V, upd);
           }
         }
@@ -240,79 +236,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-}
-
-// Deterministic dx where one image's dx for `cw` channels (inside one offset group) fits in shared
-// memory: block (o, chunk) owns image o's elements of channels [chunk * cw, + cw), sums their
-// fixed-point terms (det.cuh, the scale of col2im_det_scale_kernel) with shared-memory integer
-// atomics, whose order does not matter, and writes each element once: no global atomics, no
-// accumulators in the workspace. doffset and dmask come from col2im_kernel<kDxNone>.
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
-    col2im_dx_tile_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ offset,
-                          const T* __restrict__ mask, const Acc<T>* __restrict__ dcols, Acc<T>* __restrict__ dx,
-                          const double* __restrict__ scale_ptr, int cw) {
-  using A = Acc<T>;
-  extern __shared__ __align__(16) unsigned char col_smem[];
-  const ConvParams& p = cg.p;
-  const int64_t start = chunk_start(start_ptr, cg);
-  const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps(), P = p.pixels_out();
-  const int64_t o = blockIdx.x, c0 = int64_t(blockIdx.y) * cw, g = c0 / Cg;
-  const int hw = static_cast<int>(p.h * p.w), n_el = hw * cw, vecs = cw / V;
-  auto* acc = reinterpret_cast<unsigned long long*>(col_smem);
-  auto* flags = reinterpret_cast<unsigned*>(acc + n_el);
-  for (int i = threadIdx.x; i < n_el; i += kThreads) acc[i] = 0ull;
-  for (int i = threadIdx.x; i < (n_el + 7) / 8; i += kThreads) flags[i] = 0u;
-  __syncthreads();
-  const double scale = *scale_ptr;
-  int L = 1;
-  while (L < 32 && L < vecs) L *= 2;
-  const int lane = threadIdx.x & (L - 1);
-  for (int64_t r = threadIdx.x / L; r < P * K; r += kThreads / L) {  // (pixel, tap) of image o
-    const ColTap c = decode(cg, ((o * P + r / K) * p.offset_groups + g) * K + r % K, start);
-    A m;
-    const Bilinear<A> b = point<T, A>(p, c, offset, mask, &m);
-    const int at[4] = {static_cast<int>(b.y0 * p.w + b.x0), static_cast<int>(b.y0 * p.w + b.x0 + 1),
-                       static_cast<int>((b.y0 + 1) * p.w + b.x0), static_cast<int>((b.y0 + 1) * p.w + b.x0 + 1)};
-    const bool valid[4] = {b.v00, b.v01, b.v10, b.v11};
-    const A wm[4] = {b.w00() * m, b.w01() * m, b.w10() * m, b.w11() * m};
-    const A* gsrc = dcols + (c.q * K + c.k) * C + c0;
-    for (int v = lane; v < vecs; v += L) {
-      A gv[V];
-      load_n<A, V>(gsrc + v * V, gv);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (!valid[j]) continue;
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          unsigned bad = 0u;
-          const long long q = det_fixed(wm[j] * gv[e], scale, &bad);
-          const int i = at[j] * cw + v * V + e;
-          if (q != 0) atomicAdd(acc + i, static_cast<unsigned long long>(q));
-          if (bad != 0u) atomicOr(flags + (i >> 3), bad << (4 * (i & 7)));
-        }
-      }
-    }
-  }
-  __syncthreads();
-  const double inv = 1.0 / scale;  // a power of two: exact
-  A* dst = dx + o * p.h * p.w * C + c0;
-  for (int i = threadIdx.x; i < n_el; i += kThreads)
-    dst[static_cast<int64_t>(i / cw) * C + i % cw] =
-        det_from_double<A>(det_value(acc[i], (flags[i >> 3] >> (4 * (i & 7))) & 7u, inv));
-}
-
-// Shared memory the tiled deterministic dx may use per block (two blocks per SM on sm_90).
-constexpr size_t kDxTileSmem = 96 * 1024;
-
-// Channels per block of col2im_dx_tile_kernel: the widest that divides the offset group's
-// channels, is a multiple of the vector width and fits kDxTileSmem; 0 when none does.
-inline int dx_tile_channels(const ConvParams& p, int vec) {
-  const int64_t hw = p.h * p.w, cg = p.c_per_offset_group();
-  int best = 0;
-  for (int64_t cw = vec; cw <= cg; cw += vec)
-    if (cg % cw == 0 && size_t(hw * cw) * 8 + size_t((hw * cw + 7) / 8) * 4 <= kDxTileSmem) best = static_cast<int>(cw);
-  return best;
 }
 
 // Threads per tap and vector width from the channels of one offset group; grid from the taps.
@@ -410,16 +333,11 @@ cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, cons
   if ((empty || !det) && n_dx > 0)
     if (cudaError_t e = cudaMemsetAsync(dx, 0, size_t(n_dx) * sizeof(A), stream); e != cudaSuccess) return e;
   if (empty) return cudaSuccess;
-  // Deterministic: dx tiled on chip where an image's channel chunk fits (cw > 0), else fixed-point
-  // atomics into the workspace's accumulators (zeroed here only then).
-  const int cw = det ? dx_tile_channels(p, v) : 0;
   DetDx dd{};
   if (det) {
     const ColDetLayout w(n_dx);
     auto* base = static_cast<unsigned char*>(workspace);
-    const size_t zero_from = cw > 0 ? w.maxbits : 0;
-    if (cudaError_t e = cudaMemsetAsync(base + zero_from, 0, w.scale - zero_from, stream); e != cudaSuccess)
-      return e;
+    if (cudaError_t e = cudaMemsetAsync(base, 0, w.scale, stream); e != cudaSuccess) return e;
     auto* maxbits = reinterpret_cast<unsigned long long*>(base + w.maxbits);
     const int64_t n_dcols = cg.taps / p.offset_groups * p.c_in;  // batch * n_out * pixels * K * C
     DetMaxIn in{};
@@ -436,21 +354,13 @@ cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, cons
   }
   const cudaError_t launched = with_vec<T>(v, [&](auto vc) {
     constexpr int VC = decltype(vc)::value;
-    auto kernel = !det ? col2im_kernel<T, VC, kDxAtomic>
-                       : (cw > 0 ? col2im_kernel<T, VC, kDxNone> : col2im_kernel<T, VC, kDxFixed>);
+    auto kernel = det ? col2im_kernel<T, VC, true> : col2im_kernel<T, VC, false>;
     kernel<<<grid_of(cg), kThreads, 0, stream>>>(
         cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
         static_cast<const A*>(dcols), static_cast<A*>(dx), static_cast<T*>(doffset), static_cast<T*>(dmask), dd);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess || cw == 0) return e;
-    const size_t smem = size_t(p.h * p.w * cw) * 8 + size_t((p.h * p.w * cw + 7) / 8) * 4;
-    auto tile = col2im_dx_tile_kernel<T, VC>;
-    if (cudaError_t e = allow_smem(tile, smem); e != cudaSuccess) return e;
-    tile<<<dim3(static_cast<unsigned>(p.batch * n_out), static_cast<unsigned>(p.c_in / cw)), kThreads, smem, stream>>>(
-        cg, start, static_cast<const T*>(offset), static_cast<const T*>(mask), static_cast<const A*>(dcols),
-        static_cast<A*>(dx), dd.scale, cw);
     return cudaGetLastError();
   });
-  if (launched != cudaSuccess || !det || cw > 0) return launched;
+  if (launched != cudaSuccess || !det) return launched;
   det_convert_kernel<A><<<blocks_for(n_dx), kThreads, 0, stream>>>(dd.acc, dd.flags, dd.scale, 0,
                                                                    static_cast<A*>(dx), n_dx);
   return cudaGetLastError();

@@ -180,22 +180,22 @@ template <> __device__ __forceinline__ __nv_bfloat16 det_from_double<__nv_bfloat
   return __double2bfloat16(v);
 }
 
-// One element's value from its accumulator, its flag nibble f and 1 / scale.
-__device__ __forceinline__ double det_value(unsigned long long q, unsigned f, double inv) {
-  if (f == 0u) return static_cast<double>(static_cast<long long>(q)) * inv;
-  if ((f & kDetNan) != 0u || (f & (kDetPosInf | kDetNegInf)) == (kDetPosInf | kDetNegInf))
-    return __longlong_as_double(0x7ff8000000000000LL);  // quiet NaN
-  return (f & kDetPosInf) != 0u ? __longlong_as_double(0x7ff0000000000000LL)
-                                : __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
-}
-
 template <typename T>
 __global__ void det_convert_kernel(const unsigned long long* __restrict__ acc, const unsigned* __restrict__ flags,
                                    const double* __restrict__ scale, int which, T* __restrict__ dst, int64_t n) {
   const double inv = 1.0 / scale[which];  // a power of two: exact
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const unsigned f = (flags[i >> 3] >> (4 * static_cast<unsigned>(i & 7))) & 7u;
-    dst[i] = det_from_double<T>(det_value(acc[i], f, inv));
+    double v;
+    if (f == 0u) {
+      v = static_cast<double>(static_cast<long long>(acc[i])) * inv;
+    } else if ((f & kDetNan) != 0u || (f & (kDetPosInf | kDetNegInf)) == (kDetPosInf | kDetNegInf)) {
+      v = __longlong_as_double(0x7ff8000000000000LL);  // quiet NaN
+    } else {
+      v = (f & kDetPosInf) != 0u ? __longlong_as_double(0x7ff0000000000000LL)
+                                 : __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
+    }
+    dst[i] = det_from_double<T>(v);
   }
 }
 

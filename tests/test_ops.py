@@ -10,6 +10,10 @@ from jax.test_util import check_grads
 import deft_jax
 from helpers import Case, make_inputs, oracle_offset, rel_err
 
+# The CPU handler's tests: on a GPU machine too (where the default device would test the GPU route,
+# at TF32 and without determinism by default: tests/test_gpu*.py cover that route).
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 GRID = [
     Case(),
     Case(with_mask=False),

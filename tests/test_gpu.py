@@ -588,7 +588,8 @@ def test_unsupported_tile_is_an_error():
             assert "not instantiated" in str(e), e
             print("RAISED")
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(__file__))  # not the root: its deft_jax/ would shadow the install
     assert r.returncode == 0 and "RAISED" in r.stdout, (r.returncode, r.stderr[-3000:])
 
 
@@ -620,7 +621,7 @@ def test_command_buffers_subprocess(tmp_path):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"
                         " --xla_gpu_graph_min_graph_size=1").strip()
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, cwd=tmp_path)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
 
 

@@ -141,12 +141,14 @@ _NATIVE_CHECKS = textwrap.dedent("""
 """)
 
 
-def test_native_rejects_inconsistent_attributes():
+def test_native_rejects_inconsistent_attributes(tmp_path):
     """The C++ handlers re-check and return an error instead of reading out of bounds. In a child
     process with the GPU visible (as a user's): there, on jax 0.11.2, the first such call once
     ended the process with SIGSEGV (test session of 2026-12-07), which must fail this test, not
     take the session down; the child's last "step" line names the call."""
     env = dict(os.environ, JAX_ENABLE_X64="1", PYTHONFAULTHANDLER="1")
+    # cwd away from the source tree: `python -c` puts the cwd first on sys.path, and the tree's
+    # deft_jax/ has no compiled module where the package was installed without -e.
     r = subprocess.run([sys.executable, "-c", _NATIVE_CHECKS], env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and "ALL CHECKED" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])

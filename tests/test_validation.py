@@ -89,7 +89,6 @@ def test_good_input_passes_validation():
 # The CPU handlers' own checks, each call made with inconsistent buffers or attributes on purpose
 # (bypassing the Python validation); run in a child process (below), one line per step.
 _NATIVE_CHECKS = textwrap.dedent("""
-    import sys
     import jax, jax.numpy as jnp, numpy as np
     from deft_jax import _ffi
     with jax.default_device(jax.devices("cpu")[0]):

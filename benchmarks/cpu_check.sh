@@ -7,6 +7,7 @@
 #              process may run on; torch gets the same number of threads.
 #   PHASES     any of "build parts bench" (default: all three)
 #   PARTS_ARGS, BENCH_ARGS   extra arguments (e.g. PARTS_ARGS="--shapes S1,S3 --chunks 0,1,2")
+# On the GPU machine pass DEFT_GIT_COMMIT=<local HEAD> (its copy's .git is stale), as for gpu_check.sh.
 # Output in $OUT (at most 8 files for the device tool): cpu_build.log, parts_<n>cpu.log,
 # bench_<n>cpu.log and bench_<n>cpu.json (results.json; --markdown turns it into the table).
 set -o pipefail

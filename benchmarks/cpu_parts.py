@@ -81,6 +81,12 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
     out = {
         "sampler": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs, "cpu"), (x, off, mask), reps),
         "fwd dot": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols, wk), reps),
+        # One image's share (the route's chunk where an image's columns exceed the budget): n x
+        # these against the whole-batch rows above show what chunking costs the sampler and the dot.
+        "sampler, 1 image": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, 1, attrs, "cpu"),
+                                  (x, off, mask), reps),
+        "fwd dot, 1 image": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols[:, :1], wk),
+                                  reps),
         "dk dot (route)": timed(lambda c, d: _columns._dkernel_dot(c, d[None], 1, _Call, acc),
                                 (cols, dy), reps),
         "dk dot 2D TN": timed(lambda c, d: lax.dot_general(c, d, (((0,), (0,)), ((), ())),

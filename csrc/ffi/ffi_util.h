@@ -1,7 +1,6 @@
 // Helpers shared by the CPU and CUDA FFI layers: error messages and the element type decoding.
 #pragma once
 
-#include <sstream>
 #include <string>
 
 #include "deft/dtype.h"
@@ -11,12 +10,18 @@ namespace deft_ffi {
 
 namespace ffi = xla::ffi;
 
+// Plain std::string building, no std::ostringstream: on the GPU machine (H100, jax 0.11.2) the
+// process died with SIGSEGV on both error paths that formatted with an ostringstream (this helper
+// for a CPU handler's error, and the tile check's message) and not where the message was built
+// this way. The cause is not understood (not reproduced with CPU-only jax 0.11.2).
 inline std::string dims_str(ffi::Span<const int64_t> d) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
-  s << (d.size() == 1 ? ",)" : ")");
-  return s.str();
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(d[i]);
+  }
+  s += d.size() == 1 ? ",)" : ")";
+  return s;
 }
 
 inline ffi::Error invalid(const std::string& msg) {

@@ -13,7 +13,7 @@ target_include_directories(_deft_cuda PRIVATE ${DEFT_INCLUDE} ${CMAKE_CURRENT_SO
 # XLA's FFI headers as system headers: their own -Wextra warnings are not ours to fix.
 target_include_directories(_deft_cuda SYSTEM PRIVATE ${XLA_FFI_INCLUDE})
 target_link_libraries(_deft_cuda PRIVATE CUDA::cudart_static)
-set_target_properties(_deft_cuda PROPERTIES CUDA_SEPARABLE_COMPILATION OFF)
+set_target_properties(_deft_cuda PROPERTIES CUDA_SEPARABLE_COMPILATION OFF CUDA_VISIBILITY_PRESET hidden)
 target_compile_options(_deft_cuda PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -O3 -Xcompiler=-Wall -Werror=all-warnings>
   $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -O3>)

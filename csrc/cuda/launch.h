@@ -13,9 +13,9 @@
 namespace deft {
 
 // Which part of `tile` the kernels do not instantiate for `dtype` (kTileOk: all of it). A code, not
-// a message: csrc/ffi/tile_check.h words it on the host compiler's side, so no std::string crosses
-// from the nvcc-compiled objects to the host-compiled ones (a non-empty one returned from here
-// crashed the process with SIGSEGV on the GPU machine's build, H100, 2026-12-07).
+// a message: csrc/ffi/tile_check.h words it on the host compiler's side. (The message once built
+// here with a std::ostringstream crashed the process with SIGSEGV on the GPU machine's build, H100,
+// 2026-12-07; see csrc/ffi/ffi_util.h's dims_str for the second such crash.)
 enum TileCheck : int { kTileOk = 0, kTileForward = 1, kTileBackward = 2 };
 TileCheck CheckGpuTileConfig(const TileConfig& tile, DType dtype);
 

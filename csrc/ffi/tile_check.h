@@ -1,6 +1,6 @@
 // The words for cuda/launch.h's tile check: "" if the kernels instantiate the tile for the dtype,
 // else what they do instantiate. Built here, by the host compiler, from the code that the
-// nvcc-compiled side returns (launch.h says why no string crosses).
+// nvcc-compiled side returns (launch.h says why).
 #pragma once
 
 #include <string>

@@ -2,12 +2,13 @@
 
 For each shape (CPU-sized batch, bench_layers.CPU_BATCH) and dtype: the native sampler, the forward
 dot, the kernel-gradient dot (as the route writes it, and alternative forms), the column-gradient
-dot, the native col2im, the whole op forward and forward + backward (at several images per chunk),
+dot, the native col2im, the whole op forward (at several forward column budgets) and forward +
+backward (at several images per backward chunk),
 and the dense conv forward and forward + backward. Wall time of one jitted call: min and median of
 --reps calls after a warm-up, and the min CPU time of the process per call (a breakdown, not the
 benchmark's protocol; use bench_layers.py for the headline numbers).
 
-  python benchmarks/cpu_parts.py --shapes S1,S3 --dtypes float32 --chunks 1,4
+  python benchmarks/cpu_parts.py --shapes S1,S3 --dtypes float32 --chunks 1,4 --fwd-budgets 0,1,8
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class _Call:
     precision = None
 
 
-def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float, float, float]]:
+def pieces(layer, dtype, reps: int, chunks: list[int],
+           fwd_budgets: list[float]) -> dict[str, tuple[float, float, float]]:
     inputs = bench_layers.make_inputs(layer, dtype, np.random.default_rng(0))
     x, off, mask, kernel, dy = (inputs[k] for k in ("x", "offset", "mask", "kernel", "cotangent"))
     s, p = layer.stride, layer.pad
@@ -63,8 +65,11 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
     acc = _ffi.accumulation_dtype(dtype)
     k = layer.kh * layer.kw
     wk = kernel.reshape(1, k, layer.cin, 1, layer.cout)
-    n = layer.n
-    sample = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs, "cpu")[None])
+    n, ho = layer.n, off.shape[1]
+
+    def sample_images(x, o, m, images):  # cols [images, Ho, Wo, K, C]
+        return _ffi.sample_columns(x, o, m, 0, (images, ho), attrs, "cpu")
+    sample = jax.jit(lambda x, o, m: sample_images(x, o, m, n)[None])
     cols = sample(x, off, mask)
     dcols = _columns._dcols_dot(dy[None], wk, _Call, acc)
     m_rows = cols.shape[1] * cols.shape[2] * cols.shape[3]
@@ -79,12 +84,11 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
         return part.sum(0)
 
     out = {
-        "sampler": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, n, attrs, "cpu"), (x, off, mask), reps),
+        "sampler": timed(lambda x, o, m: sample_images(x, o, m, n), (x, off, mask), reps),
         "fwd dot": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols, wk), reps),
         # One image's share (the route's chunk where an image's columns exceed the budget): n x
         # these against the whole-batch rows above show what chunking costs the sampler and the dot.
-        "sampler, 1 image": timed(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, 1, attrs, "cpu"),
-                                  (x, off, mask), reps),
+        "sampler, 1 image": timed(lambda x, o, m: sample_images(x, o, m, 1), (x, off, mask), reps),
         "fwd dot, 1 image": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols[:, :1], wk),
                                   reps),
         "dk dot (route)": timed(lambda c, d: _columns._dkernel_dot(c, d[None], 1, _Call, acc),
@@ -117,10 +121,21 @@ def pieces(layer, dtype, reps: int, chunks: list[int]) -> dict[str, tuple[float,
         jax.clear_caches()  # the chunk is chosen at trace time: no cached trace of another one
         tag = f"chunk {c}" if c else "chunk default"
         try:
-            out[f"op fwd, {tag}"] = timed(op, (x, off, mask, kernel), reps)
             out[f"op fwd+bwd, {tag}"] = timed(with_grads(op), (x, off, mask, kernel, dy), reps)
         finally:
             tiling.cpu_chunk_images = default
+            jax.clear_caches()
+    default_budget = tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES
+    for mib in fwd_budgets:
+        if mib:
+            tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES = int(mib * 2**20)
+        jax.clear_caches()
+        rows = tiling.cpu_forward_chunk_rows(_shape(layer, dtype))
+        tag = f"{mib:g} MiB" if mib else "default"
+        try:
+            out[f"op fwd, {tag} ({rows} rows)"] = timed(op, (x, off, mask, kernel), reps)
+        finally:
+            tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES = default_budget
             jax.clear_caches()
     out["conv fwd"] = timed(conv, (x, kernel), reps)
     out["conv fwd+bwd"] = timed(with_grads(conv), (x, kernel, dy), reps)
@@ -132,9 +147,13 @@ def main(argv=None):
     p.add_argument("--shapes", default=",".join(bench_layers.SUITE))
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--chunks", default="0", help="images per chunk to try (0: the route's rule)")
+    p.add_argument("--chunks", default="0",
+                   help="images per backward chunk to try (0: the route's rule)")
+    p.add_argument("--fwd-budgets", default="0",
+                   help="forward column budgets to try, MiB (0: tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES)")
     args = p.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
+    fwd_budgets = [float(b) for b in args.fwd_budgets.split(",")]
     print(f"{jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} CPUs allowed, "
           f"kernels {_ffi._deft_cpu.cpu_isa()}, jax {jax.__version__}; ms per call: wall min, "
           "wall median, CPU min")
@@ -142,17 +161,19 @@ def main(argv=None):
         layer = bench_layers.SUITE[name]
         layer = dataclasses.replace(layer, n=bench_layers.CPU_BATCH[name])
         for dt in args.dtypes.split(","):
-            res = pieces(layer, jnp.dtype(dt), args.reps, chunks)
-            print(f"{name} {layer.label()} {dt} (default chunk "
-                  f"{tiling.cpu_chunk_images(_shape(layer, dt))} images)")
+            res = pieces(layer, jnp.dtype(dt), args.reps, chunks, fwd_budgets)
+            print(f"{name} {layer.label()} {dt} (default chunks: backward "
+                  f"{tiling.cpu_chunk_images(_shape(layer, dt))} images, forward "
+                  f"{tiling.cpu_forward_chunk_rows(_shape(layer, dt))} rows)")
             for k, (lo, med, cpu) in res.items():
-                print(f"  {k:28s} {lo:9.2f} {med:9.2f} {cpu:9.2f}")
+                print(f"  {k:34s} {lo:9.2f} {med:9.2f} {cpu:9.2f}")
             sys.stdout.flush()
 
 
 def _shape(layer, dt):
     ho, wo = layer.out_hw
-    return tiling.LayerShape(layer.n, ho, wo, layer.cin, layer.cout, layer.kh * layer.kw, 1, 1, dt)
+    return tiling.LayerShape(layer.n, ho, wo, layer.cin, layer.cout, layer.kh * layer.kw, 1, 1,
+                             jnp.dtype(dt).name)
 
 
 if __name__ == "__main__":

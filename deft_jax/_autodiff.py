@@ -17,13 +17,14 @@ class NativeCall:
     """Static part of a native call (hashable): the platform whose targets it calls ("cpu" or
     "cuda"), the route ("columns": sampler + XLA's dot + col2im, deft_jax/_columns.py; "fused":
     the fused CUDA kernels), the FFI attributes and the output shape; for the column route also
-    the images per chunk and the dots' precision."""
+    the backward's images per chunk, the forward's output rows per chunk and the dots' precision."""
 
     platform: str
     attrs: tuple[tuple[str, int], ...]
     out_shape: tuple[int, ...]
     route: str = "columns"
     chunk: int = 0
+    chunk_rows: int = 0
     precision: Any = None
 
     def attr_dict(self) -> dict[str, np.int64]:

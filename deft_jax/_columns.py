@@ -2,19 +2,22 @@
 
 The CPU's route, and the GPU's for GEMM-dominated layers (tiling.choose_route): one program for
 both platforms, whose sampler and col2im are the platform's custom calls (C++ on XLA's intra-op
-thread pool; CUDA kernels, with cuBLAS doing the dots). Per chunk of images (read in place by the
-native calls, which take the chunk's first image as an operand),
+thread pool; CUDA kernels, with cuBLAS doing the dots). Per chunk (read in place by the native
+calls, which take the chunk's first output row or image as an operand),
 
-  forward    cols = sample_columns(x, offset, mask)          [b, Ho, Wo, K, C]  (native)
+  forward    cols = sample_columns(x, offset, mask)          [rows, Wo, K, C]  (native)
              y    = cols . kernel                             XLA's dot
-  backward   cols  = sample_columns(...)                      recomputed, not saved
+  backward   cols  = sample_columns(...)                      [b, Ho, Wo, K, C], recomputed
              dW   += cols^T . dy                              XLA's dot, float32 (float64) sum
              dcols = dy . kernel^T                            XLA's dot, float32 (float64)
              dx, doffset, dmask = col2im(x, offset, mask, dcols)   (native)
 
-The chunk (images per chunk, ``tiling.column_chunk_images``) comes from a column-memory budget, so
-the extra memory is bounded independently of the batch: a batch larger than one chunk runs as a
-loop over equal chunks plus at most one smaller one. Feature groups are a grouped contraction, as in the
+The forward's chunk is a run of output rows over the batch's N * Ho (``NativeCall.chunk_rows``:
+on CPU sized so the columns stay in cache between the sampler and the dot, tiling.
+cpu_forward_chunk_rows), the backward's whole images (``NativeCall.chunk``: col2im writes dx per
+image); both come from column-memory budgets, so the extra memory is bounded independently of
+the batch: a batch larger than one chunk runs as a loop over equal chunks plus at most one
+smaller one. Feature groups are a grouped contraction, as in the
 reference; offset groups are inside the sampler. The dots take ``precision`` and accumulate in
 float32 (float64 for float64). On CPU every piece is deterministic run to run: the C++ fixes the
 order of every sum (for any thread count), the kernel cotangent sums the chunks in order, and
@@ -42,8 +45,8 @@ def _fold(a, lead: int):
 
 
 def _chunk_size(n: int, z: int, chunk: int) -> int:
-    """Images per chunk: the budget's `chunk` images of one problem, shared by the z problems, and
-    spread evenly over the chunks that takes (32 images in chunks of at most 23: 16 + 16)."""
+    """Images (or rows) per chunk: the budget's `chunk` of one problem, shared by the z problems,
+    and spread evenly over the chunks that takes (32 images in chunks of at most 23: 16 + 16)."""
     most = max(1, min(n, chunk // max(z, 1)))
     return -(-n // -(-n // most))
 
@@ -104,10 +107,11 @@ def _shapes(x, kernel):
     return z, kh * kw, fg, cig, cout // fg
 
 
-def _sample(x, offset, mask, start, size, call, with_mask):
-    """cols of images [start, start + size), read in place from the whole arrays."""
+def _sample(x, offset, mask, start, shape, call, with_mask):
+    """cols [z, b, R, Wo, K, C] of output rows [start * R, (start + b) * R), shape = (b, R)
+    (R = Ho: images [start, start + b)), read in place from the whole arrays."""
     return _ffi.sample_columns(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
-                               start, size, call.attr_dict(), call.platform)
+                               start, shape, call.attr_dict(), call.platform)
 
 
 def _dot(a, b, contract: tuple[int, int], call, acc):
@@ -172,16 +176,34 @@ def forward(x, offset, mask, kernel, call):
     acc = _ffi.accumulation_dtype(x.dtype)
     wk = kernel.reshape(z, k, cig, fg, cog)
 
-    def step(start, size, y, ins):
-        x, offset, mask = ins
-        cols = _sample(x, offset, mask, start, size, call, with_mask)
-        return _put(y, _forward_dot(cols, wk, call, acc).astype(x.dtype), start)
-
     ho, wo = offset.shape[2:4]
-    y = jnp.zeros((z, n, ho, wo, fg * cog), x.dtype)
-    y = _for_chunks(n, _chunk_size(n, z, call.chunk), step, y, (x, offset, mask),
-                    unroll=call.platform == "cuda")
-    return y.reshape(*lead_shape, *y.shape[1:])
+    rows = call.chunk_rows
+    if rows >= ho:  # chunks of whole images (always on the GPU)
+        def step(start, size, y, ins):
+            x, offset, mask = ins
+            cols = _sample(x, offset, mask, start, (size, ho), call, with_mask)
+            return _put(y, _forward_dot(cols, wk, call, acc).astype(x.dtype), start)
+
+        y = jnp.zeros((z, n, ho, wo, fg * cog), x.dtype)
+        y = _for_chunks(n, _chunk_size(n, z, rows // ho), step, y, (x, offset, mask),
+                        unroll=call.platform == "cuda")
+        return y.reshape(*lead_shape, *y.shape[1:])
+
+    # Runs of rows over the batch's N * Ho (a run may cross images). The sampler counts its start
+    # in units of the run's R rows: a full run (1, b) starts at run start // b, the remainder run
+    # as (rem, 1) at its row.
+    b = _chunk_size(n * ho, z, rows)
+
+    def step(start, size, y, ins):  # y [z, N * Ho, Wo, C_out]
+        x, offset, mask = ins
+        shape, unit_start = ((1, b), start // b) if size == b else ((size, 1), start)
+        cols = _sample(x, offset, mask, unit_start, shape, call, with_mask)
+        y_rows = _forward_dot(cols, wk, call, acc).reshape(z, size, wo, fg * cog)
+        return _put(y, y_rows.astype(x.dtype), start)
+
+    y = jnp.zeros((z, n * ho, wo, fg * cog), x.dtype)
+    y = _for_chunks(n * ho, b, step, y, (x, offset, mask), unroll=call.platform == "cuda")
+    return y.reshape(*lead_shape, n, ho, wo, fg * cog)
 
 
 def backward(x, offset, mask, kernel, dy, call):
@@ -203,7 +225,7 @@ def backward(x, offset, mask, kernel, dy, call):
         x, offset, mask, dy = ins
         dx, doffset, dmask, dwk = carry
         dyc = _images(dy, start, size)
-        cols = _sample(x, offset, mask, start, size, call, with_mask)
+        cols = _sample(x, offset, mask, start, (size, offset.shape[2]), call, with_mask)
         dwk = dwk + _dkernel_dot(cols, dyc, fg, call, acc)
         dcols = _dcols_dot(dyc, wk, call, acc)
         dxc, doc, dmc = _ffi.col2im(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),

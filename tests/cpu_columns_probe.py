@@ -48,7 +48,7 @@ print("threads", len(os.sched_getaffinity(0)))
 print("isa", _ffi._deft_cpu.cpu_isa())
 for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
     x, off, mask, kernel, dy = (jnp.asarray(a, dtype) for a in (x0, off0, mask0, kernel0, dy0))
-    cols = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, N, attrs, "cpu"))(x, off, mask)
+    cols = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 0, (N, off0.shape[1]), attrs, "cpu"))(x, off, mask)
     print(f"cols_{name}", digest(cols))
     grads = jax.jit(lambda x, o, m, d: _ffi.col2im(x, o, m, 0, d, attrs, "cpu"))(
         x, off, mask, jnp.asarray(dcols0, jnp.float32))

@@ -32,9 +32,12 @@ def _grads(case, x, off, kernel, mask, dy, impl=None):
 
 @pytest.fixture
 def chunk(monkeypatch):
-    """Set the images per chunk of the CPU route."""
-    def set_chunk(images):
+    """Set the images per chunk of the CPU route (the forward's chunk: as many whole images'
+    rows, unless ``rows`` is given)."""
+    def set_chunk(images, rows=None):
         monkeypatch.setattr(tiling, "cpu_chunk_images", lambda shape: images)
+        monkeypatch.setattr(tiling, "cpu_forward_chunk_rows",
+                            lambda shape: images * shape.h_out if rows is None else rows)
     return set_chunk
 
 
@@ -70,6 +73,31 @@ def test_chunked_equals_reference(case, unrolled, chunk, unroll, rng):
     f = lambda *a: deft_jax.deform_conv2d(*a, **case.kwargs())  # noqa: E731
     hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
     assert ("while" in hlo) != unrolled and f"tensor<1x2x{case.out_hw()[0]}x" in hlo
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 12])
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_forward_row_chunks(rows, unrolled, chunk, unroll, rng):
+    """The forward's chunks as runs of output rows, within an image or across images (1, 3, 5
+    rows of 7-row images: 35 rows in runs of 1, 3 (+ 2 first) or 5), or whole images (12 rows
+    hold one 7-row image): y equals the reference's, and the gradients (whole-image chunks) are
+    unaffected."""
+    chunk(2, rows=rows)
+    if unrolled:
+        unroll()
+    case = Case(n=5)  # 7 x 6 output pixels per image
+    assert case.out_hw() == (7, 6)
+    x, off, kernel, mask = make_inputs(case, rng)
+    dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
+    got = _grads(case, x, off, kernel, mask, dy)
+    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b) < 1e-10
+    f = lambda *a: deft_jax.deform_conv2d(*a, **case.kwargs())  # noqa: E731
+    hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
+    cols = "1x1x7" if rows >= 7 else f"1x1x{_columns._chunk_size(35, 1, rows)}"
+    assert f"tensor<{cols}x6x9x" in hlo
 
 
 def test_unrolled_chain_with_nan_first_elements(chunk, unroll, rng):

@@ -31,7 +31,7 @@ def test_disabled_checks_name_every_target():
 
 def test_export_without_the_checks_is_refused_with_the_target_named(rng):
     args = _inputs(rng)
-    # The default backend's target is named (deft_sample_columns_cpu_v2 on a CPU, a CUDA one on a GPU).
+    # The default backend's target is named (deft_sample_columns_cpu_v3 on a CPU, a CUDA one on a GPU).
     with pytest.raises(ValueError, match="|".join(map(re.escape, _ffi.TARGETS))):
         jax.export.export(jax.jit(_layer))(*args)
 
@@ -97,7 +97,7 @@ def test_cuda_column_route_lowers_to_a_chain_of_chunks(rng, monkeypatch):
                             disabled_checks=deft_jax.export.disabled_safety_checks())(x, off, kernel, mask)
     text = exp.mlir_module()
     chunks = -(-n // 2)
-    assert text.count('@deft_sample_columns_cuda_v2(') == 2 * chunks  # forward + backward
+    assert text.count('@deft_sample_columns_cuda_v3(') == 2 * chunks  # forward + backward
     assert text.count('@deft_col2im_cuda_v2(') == chunks
     assert "stablehlo.while" not in text
 

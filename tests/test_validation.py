@@ -127,8 +127,14 @@ _NATIVE_CHECKS = textwrap.dedent("""
                lambda: call(x, offset, jnp.zeros((1, 4, 4, 9), jnp.float32), zero, **attrs))
         expect("kernel size", "columns",  # 9 taps, but a 5 x 5 kernel has 25
                lambda: call(x, offset, no_mask, zero, **(attrs | dict(kh=np.int64(5), kw=np.int64(5)))))
-        expect("chunk start", "images",  # the chunk's image 1 of x's 1 images
+        expect("chunk start", "output rows",  # rows [1, 5) of x's 4 output rows
                lambda: call(x, offset, no_mask, jnp.int32(1), **attrs))
+        expect("chunk rows", "output rows",  # 2 x 4 rows, x has 4
+               lambda: jax.ffi.ffi_call(sample, jax.ShapeDtypeStruct((2, 4, 4, 9, 2), jnp.float32))(
+                   x, offset, no_mask, zero, **attrs))
+        expect("col2im chunk start", "images",  # the chunk's image 1 of x's 1 images
+               lambda: back(x, offset, no_mask, jnp.int32(1), jnp.zeros(cols.shape, jnp.float32),
+                            **attrs)[0])
         expect("deterministic flag", "deterministic must be 0 or 1",
                lambda: call(x, offset, no_mask, zero, **(attrs | dict(deterministic=np.int64(2)))))
         expect("start shape", "int32 scalar",

@@ -1,5 +1,5 @@
 // CPU sampler and col2im (columns.h). Work is split into tasks that own disjoint output elements:
-//   sampler          (image, block of output pixels): cols of those pixels
+//   sampler          (block of the call's output pixels): cols of those pixels
 //   col2im, pass 1   (image, block of output pixels): doffset and dmask of those pixels, each a
 //                    reduction over its offset group's channels of its own (pixel, tap), and
 //                    the table of corners and weights that pass 2 scatters with
@@ -60,9 +60,14 @@ struct Sampler {
 
   // Pixel pix of output image o, whose input image is img.
   Pixel pixel(int64_t o, int64_t img, int64_t pix) const {
+    return at(img * p.pixels_out() + pix, o * p.pixels_out() + pix);
+  }
+
+  // The pixel in row `row` of offset / mask and row `out` of the outputs.
+  Pixel at(int64_t row, int64_t out) const {
+    const int64_t img = row / p.pixels_out(), pix = row - img * p.pixels_out();
     const int64_t ho = pix / p.w_out, wo = pix - ho * p.w_out;
-    return Pixel{img * p.pixels_out() + pix, o * p.pixels_out() + pix, img, p.base_y(ho, 0),
-                 p.base_x(wo, 0)};
+    return Pixel{row, out, img, p.base_y(ho, 0), p.base_x(wo, 0)};
   }
 
   // Tap k = i * kw + j of offset group g.
@@ -176,21 +181,19 @@ void Scatter4(const A w[4], const A* __restrict g, A* __restrict d0, A* __restri
 }  // namespace
 
 template <typename T>
-void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const T* offset, const T* mask,
                    T* cols, TaskRunner& runner) {
   using A = typename Acc<T>::type;
-  const int64_t images = im.count(), P = p.pixels_out(), K = p.taps(), C = p.c_in;
+  const int64_t total = px.total(), K = p.taps(), C = p.c_in;
   const int64_t G = p.offset_groups, Cg = p.c_per_offset_group();
-  if (images == 0 || P == 0 || K == 0 || C == 0) return;
+  if (total == 0 || K == 0 || C == 0) return;
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
   const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
-  const int64_t block = PixelBlock(images, P, runner.threads());
-  const int64_t per_image = (P + block - 1) / block;
-  runner.Run(images * per_image, [&](int64_t task) {
-    const int64_t o = task / per_image, q0 = (task % per_image) * block;
-    const int64_t q1 = std::min(P, q0 + block), img = im.in(o);
-    for (int64_t pix = q0; pix < q1; ++pix) {
-      const Pixel q = s.pixel(o, img, pix);
+  const int64_t block = PixelBlock(1, total, runner.threads());
+  runner.Run((total + block - 1) / block, [&](int64_t task) {
+    const int64_t t0 = task * block, t1 = std::min(total, t0 + block);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Pixel q = s.at(px.row(t), t);
       T* out = cols + q.out * K * C;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < p.kh; ++i)

@@ -5,12 +5,14 @@
 // buffers and supplies the threads (task_runner.h).
 //
 // Layouts (dense, row-major), with `batch` = every leading dim folded (vmap), n_in images each in
-// the inputs and n_out (a chunk: images [start, start + n_out) of each problem) in the outputs:
+// the inputs:
 //   x      [batch, n_in, h, w, c_in]
 //   offset [batch, n_in, h_out, w_out, G * K * 2]   (deft/geometry.h)
 //   mask   [batch, n_in, h_out, w_out, G * K]       (unused when !p.with_mask)
-//   cols   [batch, n_out, h_out, w_out, K, c_in]    cols[.., k, c] = mask * sample of channel c at tap k
-// The chunk reads its images in place: no copy of the inputs per chunk.
+//   cols   [batch, count, K, c_in]                  cols[.., k, c] = mask * sample of channel c at tap k
+// for a run of `count` output pixels of each problem (PixelRange: whole images or any run of
+// output rows), and col2im's dcols / dx / doffset / dmask for n_out whole images (Images). Both
+// read their chunk in place: no copy of the inputs per chunk.
 //
 // Every output element is written by one task in a fixed order of operations, so the results are
 // bitwise the same for any number of threads and any schedule.
@@ -24,7 +26,15 @@
 
 namespace deft::cpu {
 
-// The images one call covers (see the layouts above).
+// The output pixels a sampler call covers: pixels [start, start + count) of each problem's
+// n_in * pixels_out, image-major; output pixel t of the call is pixel row(t) of offset / mask.
+struct PixelRange {
+  int64_t batch, per_problem, count, start;
+  int64_t total() const { return batch * count; }
+  int64_t row(int64_t t) const { return (t / count) * per_problem + start + t % count; }
+};
+
+// The whole images a col2im call covers (see the layouts above).
 struct Images {
   int64_t batch, n_in, n_out, start;
   int64_t count() const { return batch * n_out; }
@@ -34,7 +44,7 @@ struct Images {
 
 // cols in x's type T (blended in Acc<T>: float, double for double).
 template <typename T>
-void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const T* offset, const T* mask,
                    T* cols, TaskRunner& runner);
 
 // For dcols [batch, n_out, h_out, w_out, K, c_in] in the accumulation type A = Acc<T>: the chunk's

@@ -56,9 +56,9 @@ const char* CpuIsaName() {
 #endif
 
 template <typename T>
-void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
+void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const T* offset, const T* mask,
                    T* cols, TaskRunner& runner) {
-  DEFT_DISPATCH(SampleColumns, p, im, x, offset, mask, cols, runner);
+  DEFT_DISPATCH(SampleColumns, p, px, x, offset, mask, cols, runner);
 }
 
 template <typename T>

@@ -9,7 +9,7 @@
 #define DEFT_DECLARE_COLUMNS(ISA)                                                               \
   namespace deft::cpu::ISA {                                                                    \
   template <typename T>                                                                         \
-  void SampleColumns(const ConvParams& p, const Images& im, const T* x, const T* offset,       \
+  void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const T* offset,   \
                      const T* mask, T* cols, TaskRunner& runner);                               \
   template <typename T>                                                                         \
   void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask, \
@@ -26,7 +26,7 @@ DEFT_DECLARE_COLUMNS(avx512)
 // Explicit instantiations of SampleColumns and Col2Im for every element type, in the namespace
 // where the macro is expanded (each ISA build and the dispatcher).
 #define DEFT_INSTANTIATE_COLUMNS_FOR(T)                                                        \
-  template void SampleColumns<T>(const ConvParams&, const Images&, const T*, const T*,         \
+  template void SampleColumns<T>(const ConvParams&, const PixelRange&, const T*, const T*,     \
                                  const T*, T*, TaskRunner&);                                   \
   template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
                           const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \

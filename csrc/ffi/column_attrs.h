@@ -1,8 +1,9 @@
-// FFI attribute schema (version 2) of the column targets deft_sample_columns_{cpu,cuda}_v2 and
-// deft_col2im_{cpu,cuda}_v2, and the checks that turn their decoded buffers + attributes into a
-// deft::ConvParams. Checking only: no arithmetic of the op.
+// FFI attribute schema (version 2) of the column targets deft_sample_columns_{cpu,cuda}_v3 (v3: its
+// chunk a run of output rows) and deft_col2im_{cpu,cuda}_v2, and the checks that turn their
+// decoded buffers + attributes into a deft::ConvParams. Checking only: no arithmetic of the op.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -28,16 +29,23 @@ struct ColumnAttrs {
   int64_t deterministic;
 };
 
+// What `start` and a chunk count in: the sampler's chunk is a run of output rows (whole images
+// included), col2im's whole images.
+enum class ChunkUnit { kRows, kImages };
+
 // Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
-// (0,) without mask, cols [B..., b, Ho, Wo, K, C] for images [start, start + b) of each of the
-// B... problems (leading dims from vmap, folded into ConvParams::batch; N is ConvParams::n).
-// `start` is a scalar int32 operand (the chunk's first image, traced in a loop); it lives in the
-// platform's memory, so only its type is checked here (the CPU handler reads its host copy).
-// *n_out: the chunk's images per problem.
+// (0,) without mask (leading dims B... from vmap, folded into ConvParams::batch; N is
+// ConvParams::n), and the chunk's cols [B..., b, R, Wo, K, C]:
+//   kRows:   the b * R output rows [start * R, (start + b) * R) of each problem's N * Ho rows
+//            (image-major; `start` counts in units of R rows, so R = Ho makes it an image; a run
+//            may cross images); *chunk = b * R rows, *unit = R;
+//   kImages: R = Ho, images [start, start + b) of each problem; *chunk = b, *unit = 1.
+// `start` is a scalar int32 operand (traced in a loop); it lives in the platform's memory, so
+// only its type is checked here (the CPU handler reads its host copy).
 inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
                                     const ffi::AnyBuffer& mask, const ffi::AnyBuffer& start,
-                                    ffi::Span<const int64_t> cols, const ColumnAttrs& a,
-                                    deft::ConvParams* p, int64_t* n_out) {
+                                    ffi::Span<const int64_t> cols, const ColumnAttrs& a, ChunkUnit kind,
+                                    deft::ConvParams* p, int64_t* chunk, int64_t* unit) {
   auto xd = x.dimensions(), od = offset.dimensions(), md = mask.dimensions();
   if (xd.size() < 4) return invalid("x must have rank >= 4 [..., N, H, W, C], got " + dims_str(xd));
   const size_t lead = xd.size() - 4;
@@ -48,20 +56,19 @@ inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffe
     return true;
   };
   if (!same_lead(od, 4, true)) return invalid("offset rank/leading dims do not match x: offset " + dims_str(od) + ", x " + dims_str(xd));
-  if (!same_lead(cols, 5, false)) return invalid("columns " + dims_str(cols) + " must be [..., b, H_out, W_out, K, C] for x " + dims_str(xd));
+  if (!same_lead(cols, 5, false)) return invalid("columns " + dims_str(cols) + " must be [..., b, R, W_out, K, C] for x " + dims_str(xd));
   if (a.with_mask != 0 && !same_lead(md, 4, true)) return invalid("mask rank/leading dims do not match x: mask " + dims_str(md));
   if (a.with_mask == 0 && mask.element_count() != 0) return invalid("with_mask=0 but a non-empty mask was passed: " + dims_str(md));
   if (offset.element_type() != x.element_type() || (a.with_mask != 0 && mask.element_type() != x.element_type()))
     return invalid("x, offset and mask must share one dtype");
   if (start.element_type() != ffi::DataType::S32 || start.element_count() != 1)
-    return invalid("start must be an int32 scalar (the chunk's first image)");
+    return invalid("start must be an int32 scalar (the chunk's first row or image)");
 
   deft::ConvParams q{};
   q.batch = 1;
   for (size_t i = 0; i < lead; ++i) q.batch *= xd[i];
   q.n = xd[lead], q.h = xd[lead + 1], q.w = xd[lead + 2], q.c_in = xd[lead + 3];
   q.kh = a.kh, q.kw = a.kw, q.c_out = 0;
-  q.h_out = cols[lead + 1], q.w_out = cols[lead + 2];
   q.stride_h = a.stride_h, q.stride_w = a.stride_w, q.dil_h = a.dil_h, q.dil_w = a.dil_w;
   q.pad_top = a.pad_top, q.pad_left = a.pad_left;
   q.offset_groups = a.offset_groups, q.feature_groups = 1;
@@ -77,19 +84,25 @@ inline ffi::Error BuildColumnParams(const ffi::AnyBuffer& x, const ffi::AnyBuffe
     return invalid("offset_groups must be >= 1 and divide the channel count of x " + dims_str(xd));
   const int64_t ho = deft::conv_out_size(q.h, a.pad_top, a.pad_bottom, q.kh, q.stride_h, q.dil_h);
   const int64_t wo = deft::conv_out_size(q.w, a.pad_left, a.pad_right, q.kw, q.stride_w, q.dil_w);
-  if (ho != q.h_out || wo != q.w_out || cols[lead + 3] != q.taps() || cols[lead + 4] != q.c_in)
+  q.h_out = ho, q.w_out = wo;
+  const bool rows = kind == ChunkUnit::kRows;
+  if ((!rows && cols[lead + 1] != ho) || cols[lead + 2] != wo || cols[lead + 3] != q.taps() ||
+      cols[lead + 4] != q.c_in)
     return invalid("columns " + dims_str(cols) + " inconsistent with the convolution geometry (expected [..., b, " +
-                   std::to_string(ho) + ", " + std::to_string(wo) + ", " + std::to_string(q.taps()) + ", " +
-                   std::to_string(q.c_in) + "])");
+                   (rows ? std::string("R") : std::to_string(ho)) + ", " + std::to_string(wo) + ", " +
+                   std::to_string(q.taps()) + ", " + std::to_string(q.c_in) + "])");
   if (od[lead + 1] != ho || od[lead + 2] != wo || od[lead + 3] != q.offset_channels())
     return invalid("offset " + dims_str(od) + " must be [..., N, H_out, W_out, G*kh*kw*2]");
   if (q.with_mask && (md[lead + 1] != ho || md[lead + 2] != wo || md[lead + 3] != q.mask_channels()))
     return invalid("mask " + dims_str(md) + " must be [..., N, H_out, W_out, G*kh*kw]");
-  if (cols[lead] < 0 || cols[lead] > q.n)
-    return invalid("a chunk of " + std::to_string(cols[lead]) + " images does not fit the " +
-                   std::to_string(q.n) + " images of x");
+  const int64_t count = rows ? cols[lead] * cols[lead + 1] : cols[lead];
+  const int64_t limit = rows ? q.n * ho : q.n;
+  if (cols[lead] < 0 || cols[lead + 1] < 0 || count > limit || (rows && count > 0 && cols[lead + 1] == 0))
+    return invalid("a chunk of " + std::to_string(count) + (rows ? " output rows" : " images") +
+                   " does not fit the " + std::to_string(limit) + (rows ? " output rows" : " images") + " of x");
   *p = q;
-  *n_out = cols[lead];
+  *chunk = count;
+  *unit = rows ? std::max<int64_t>(1, cols[lead + 1]) : 1;
   return ffi::Error::Success();
 }
 

@@ -109,27 +109,30 @@ class PoolRunner final : public deft::cpu::TaskRunner {
   int64_t threads_;
 };
 
-// The chunk of a host (CPU) call: reads `start` and checks that [start, start + n_out) is within x.
-inline ffi::Error ReadChunkStart(const ffi::AnyBuffer& start, const deft::ConvParams& p, int64_t n_out,
-                                 deft::cpu::Images* im) {
-  const int64_t first = *static_cast<const int32_t*>(start.untyped_data());
-  if (first < 0 || first + n_out > p.n)
-    return invalid("images [" + std::to_string(first) + ", " + std::to_string(first + n_out) +
-                   ") are not within the " + std::to_string(p.n) + " images of x");
-  *im = deft::cpu::Images{p.batch, p.n, n_out, first};
-  return ffi::Error::Success();
+// `start` of a host (CPU) call: its host copy times `unit`, checked to put [first, first + count)
+// within [0, limit) (rows or images).
+inline ffi::ErrorOr<int64_t> ReadChunkStart(const ffi::AnyBuffer& start, int64_t unit, int64_t count,
+                                            int64_t limit, const char* what) {
+  const int64_t first = int64_t{*static_cast<const int32_t*>(start.untyped_data())} * unit;
+  if (first < 0 || first + count > limit)
+    return ffi::Unexpected(invalid(std::string(what) + " [" + std::to_string(first) + ", " +
+                                   std::to_string(first + count) + ") are not within the " +
+                                   std::to_string(limit) + " " + what + " of x"));
+  return first;
 }
 
 ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset,
                              ffi::AnyBuffer mask, ffi::AnyBuffer start,
                              ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
   deft::ConvParams p;
-  int64_t n_out = 0;
-  deft::cpu::Images im;
-  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &n_out);
+  int64_t rows = 0, unit = 1;
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, ChunkUnit::kRows, &p, &rows,
+                                   &unit);
       !err.success())
     return err;
-  if (auto err = ReadChunkStart(start, p, n_out, &im); !err.success()) return err;
+  auto first = ReadChunkStart(start, unit, rows, p.n * p.h_out, "output rows");
+  if (first.has_error()) return first.error();
+  const deft::cpu::PixelRange px{p.batch, p.n * p.pixels_out(), rows * p.w_out, *first * p.w_out};
   auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
   if (cols->element_type() != x.element_type()) return invalid("columns dtype differs from x's");
@@ -138,7 +141,7 @@ ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   return Guarded([&] {
     return DispatchDtype(*dtype, [&](auto tag) {
       using T = decltype(tag);
-      deft::cpu::SampleColumns<T>(p, im, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(cols),
+      deft::cpu::SampleColumns<T>(p, px, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<T>(cols),
                                   runner);
     });
   });
@@ -152,12 +155,14 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
                       ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
                       ColumnAttrs attrs) {
   deft::ConvParams p;
-  int64_t n_out = 0;
-  deft::cpu::Images im;
-  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &n_out);
+  int64_t n_out = 0, unit = 1;
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, ChunkUnit::kImages, &p,
+                                   &n_out, &unit);
       !err.success())
     return err;
-  if (auto err = ReadChunkStart(start, p, n_out, &im); !err.success()) return err;
+  auto first = ReadChunkStart(start, unit, n_out, p.n, "images");
+  if (first.has_error()) return first.error();
+  const deft::cpu::Images im{p.batch, p.n, n_out, *first};
   auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
   if (dtype.has_error()) return dtype.error();
   if (dx->element_count() == 0) return ffi::Error::Success();
@@ -175,7 +180,7 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
 }  // namespace
 
 // XLA's intra-op pool and the operands both CPU targets start with: x, offset, mask ((0,) without
-// mask) and start (int32 scalar, the chunk's first image).
+// mask) and start (int32 scalar: the sampler's first output row, col2im's first image).
 inline auto ColumnBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -189,7 +194,7 @@ inline auto ColumnBinding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCpu, deft_ffi::SampleColumnsImpl,
                               deft_ffi::ColumnBinding()
-                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
+                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, R, Wo, K, C]
                                   .Attrs<deft_ffi::ColumnAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
@@ -203,7 +208,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
 NB_MODULE(_deft_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
-    d["deft_sample_columns_cpu_v2"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
+    d["deft_sample_columns_cpu_v3"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
     d["deft_col2im_cpu_v2"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
     return d;
   });

@@ -102,19 +102,21 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   return ffi::Error::Success();
 }
 
-// The column route's sampler (columns.h): cols [..., b, Ho, Wo, K, C] in x's dtype for the chunk
-// that starts at the device scalar `start`.
+// The column route's sampler (columns.h): cols [..., b, R, Wo, K, C] in x's dtype for the b * R
+// output rows that start at row R x the device scalar `start`.
 ffi::Error SampleColumnsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
                              ffi::AnyBuffer start, ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
   deft::ConvParams p;
-  int64_t n_out = 0;
-  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, &p, &n_out); !err.success())
+  int64_t rows = 0, unit = 1;
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, ChunkUnit::kRows, &p, &rows,
+                                   &unit);
+      !err.success())
     return err;
   auto dtype = to_dtype(x.element_type());
   if (dtype.has_error()) return dtype.error();
   if (cols->element_type() != x.element_type()) return invalid("columns dtype differs from x's");
   if (cols->element_count() == 0) return ffi::Error::Success();
-  const cudaError_t e = deft::LaunchSampleColumns(stream, p, n_out, static_cast<const int32_t*>(start.untyped_data()),
+  const cudaError_t e = deft::LaunchSampleColumns(stream, p, rows, unit, static_cast<const int32_t*>(start.untyped_data()),
                                                   *dtype, x.untyped_data(), offset.untyped_data(),
                                                   mask.untyped_data(), cols->untyped_data());
   if (e != cudaSuccess) return cuda_error("column sampler launch", e, p);
@@ -128,8 +130,10 @@ ffi::Error Col2ImImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offs
                       ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
                       ffi::Result<ffi::AnyBuffer> workspace, ColumnAttrs attrs) {
   deft::ConvParams p;
-  int64_t n_out = 0;
-  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, &p, &n_out); !err.success())
+  int64_t n_out = 0, unit = 1;
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, ChunkUnit::kImages, &p,
+                                   &n_out, &unit);
+      !err.success())
     return err;
   auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
   if (dtype.has_error()) return dtype.error();
@@ -181,14 +185,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCuda, deft_ffi::SampleColumnsImpl,
                               deft_ffi::CudaBinding()
-                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device
-                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device (in units of R rows)
+                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, R, Wo, K, C]
                                   .Attrs<deft_ffi::ColumnAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCuda, deft_ffi::Col2ImImpl,
                               deft_ffi::CudaBinding()
-                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device (an image)
                                   .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
                                   .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
                                   .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]
@@ -212,7 +216,7 @@ NB_MODULE(_deft_cuda, m) {
     nb::dict d;
     d["deft_deform_conv2d_fwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
     d["deft_deform_conv2d_bwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
-    d["deft_sample_columns_cuda_v2"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
+    d["deft_sample_columns_cuda_v3"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
     d["deft_col2im_cuda_v2"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCuda));
     return d;
   });

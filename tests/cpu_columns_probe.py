@@ -54,6 +54,16 @@ for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
         x, off, mask, jnp.asarray(dcols0, jnp.float32))
     for g_name, g in zip(("dx", "doffset", "dmask"), grads):
         print(f"col2im_{g_name}_{name}", digest(g))
+    # One image: 2 (group) tasks, so dx is split into row bands by thread count (1 band on one
+    # thread, 2 on two): the same bits either way.
+    one = jax.jit(lambda x, o, m, d: _ffi.col2im(x, o, m, 1, d, attrs, "cpu"))(
+        x, off, mask, jnp.asarray(dcols0[1:2], jnp.float32))
+    print(f"col2im_one_image_dx_{name}", digest(one[0]))
+    # A run of rows that crosses images (rows 35 .. 41 of 3 x 19, image 1 into image 2): the bits
+    # of those rows of the whole-batch columns.
+    run = jax.jit(lambda x, o, m: _ffi.sample_columns(x, o, m, 5, (1, 7), attrs, "cpu"))(x, off, mask)
+    flat = cols.reshape(-1, *cols.shape[2:])
+    assert bool(jnp.all(run[0] == flat[35:42])), "row run differs from the whole-batch columns"
     y, vjp = jax.vjp(op(), x, off, kernel, mask)
     for o_name, o in zip(("y", "dx", "doffset", "dkernel", "dmask"), (y, *vjp(dy))):
         print(f"op_{o_name}_{name}", digest(o))

@@ -214,7 +214,7 @@ def test_bitwise_identical_across_processes_and_thread_counts():
     every = _probe(cpus=cpus)
     assert one["threads"] == "1" and every["threads"] == str(len(cpus))
     native = [k for k in one if k.startswith(("cols", "col2im"))]
-    assert len(native) == 8
+    assert len(native) == 10
     for k in native:
         assert one[k] == every[k], k
     assert every == _probe(cpus=cpus)

@@ -3,8 +3,8 @@
 //   col2im, pass 1   (image, block of output pixels): doffset and dmask of those pixels, each a
 //                    reduction over its offset group's channels of its own (pixel, tap), and
 //                    the table of corners and weights that pass 2 scatters with
-//   col2im, pass 2   (image, offset group, block of channels): dx of those channels, scattered
-//                    from every (pixel, tap) of the image in order
+//   col2im, pass 2   (image, offset group, block of channels, band of rows): dx of those
+//                    channels and rows, scattered from every (pixel, tap) of the image in order
 // No atomics, no per-thread partial buffers: each element's sum has one fixed order, so the
 // result does not depend on the thread count or the schedule. The bilinear math is
 // deft/geometry.h's make_bilinear, the same as the CUDA kernels'. A corner outside the image reads
@@ -257,29 +257,44 @@ void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, 
     });
   }
 
-  // Pass 2, (image, offset group, channel block) tasks: dx, every (pixel, tap) of the image in
-  // order. Blocks of >= 16 channels (a 64-byte line of float), at most kMaxBlock, until there
-  // is a task per thread (each task walks the whole table: wider blocks share that cost); the
-  // block size changes no result.
+  // Pass 2, (image, offset group, channel block, band of dx rows) tasks: dx, every (pixel, tap)
+  // of the image in order. Blocks of >= 16 channels (a 64-byte line of float), at most kMaxBlock,
+  // until there is a task per thread (each task walks the whole table: wider blocks share that
+  // cost); then bands of dx rows until there are two tasks per thread (a chunk of one 64-channel
+  // image has only 4 blocks: 4 of 16 threads busy without bands). A band task skips the entries
+  // with no corner in its rows and sends corners outside them to `trash`, so each dx element still
+  // takes its terms in (pixel, tap) order: the block and band sizes change no result.
   constexpr int64_t kMaxBlock = 256;
   const int64_t want = (threads + images * G - 1) / (images * G);
   const int64_t nb = std::clamp<int64_t>(std::max(want, (Cg + kMaxBlock - 1) / kMaxBlock), 1,
                                          std::max<int64_t>(1, Cg / 16));
   const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);
   const int64_t blocks = (Cg + cb - 1) / cb;
-  runner.Run(images * G * blocks, [&](int64_t task) {
-    const int64_t o = task / (G * blocks), g = (task / blocks) % G, c0 = (task % blocks) * cb;
+  const int64_t tasks = images * G * blocks;
+  const int64_t bands = std::clamp<int64_t>((2 * threads + tasks - 1) / tasks, 1, std::max<int64_t>(1, p.h / 2));
+  const int64_t band_rows = (p.h + bands - 1) / bands;
+  runner.Run(tasks * bands, [&](int64_t task) {
+    const int64_t band = task % bands, t = task / bands;
+    const int64_t o = t / (G * blocks), g = (t / blocks) % G, c0 = (t % blocks) * cb;
     const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
+    // dx pixels [lo, hi) (rows [band * band_rows, ...)) are this task's.
+    const int64_t lo = std::min(HW, band * band_rows * p.w), hi = std::min(HW, lo + band_rows * p.w);
     A* dxi = dx + o * HW * C + ch;
-    A trash[4][kMaxBlock] = {};  // the rows of corners outside the image
-    for (int64_t i = 0; i < HW; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
+    A trash[4][kMaxBlock] = {};  // the rows of corners outside the image or the band
+    for (int64_t i = lo; i < hi; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
     for (int64_t pix = 0; pix < P; ++pix) {
       const int64_t row = o * P + pix;
       const Scatter<A>* sc = scatter.data() + (row * G + g) * K;
       for (int64_t k = 0; k < K; ++k) {
         A* d[4];
-        for (int c = 0; c < 4; ++c) d[c] = sc[k].at[c] >= 0 ? dxi + sc[k].at[c] * C : trash[c];
-        Scatter4(sc[k].wm, dcols + (row * K + k) * C + ch, d[0], d[1], d[2], d[3], n);
+        bool any = false;
+        for (int c = 0; c < 4; ++c) {
+          const int64_t at = sc[k].at[c];
+          const bool mine = at >= lo && at < hi;  // at = -1 outside the image
+          d[c] = mine ? dxi + at * C : trash[c];
+          any |= mine;
+        }
+        if (any) Scatter4(sc[k].wm, dcols + (row * K + k) * C + ch, d[0], d[1], d[2], d[3], n);
       }
     }
   });

@@ -99,6 +99,14 @@ def pieces(layer, dtype, reps: int, chunks: list[int],
         "dcols dot": timed(lambda d, w: _columns._dcols_dot(d[None], w, _Call, acc), (dy, wk), reps),
         "col2im": timed(lambda x, o, m, d: _ffi.col2im(x, o, m, 0, d[0], attrs, "cpu"), (x, off, mask, dcols),
                          reps),
+        # The backward's pieces on one image (its chunk where an image's columns exceed the
+        # budget; the whole-batch rows above also pay page faults on their large outputs).
+        "dk dot, 1 image": timed(lambda c, d: _columns._dkernel_dot(c, d[None], 1, _Call, acc),
+                                 (cols[:, :1], dy[:1]), reps),
+        "dcols dot, 1 image": timed(lambda d, w: _columns._dcols_dot(d[None], w, _Call, acc), (dy[:1], wk),
+                                    reps),
+        "col2im, 1 image": timed(lambda x, o, m, d: _ffi.col2im(x, o, m, 0, d[0], attrs, "cpu"),
+                                 (x, off, mask, dcols[:, :1]), reps),
     }
 
     def op(x, o, m, kern):

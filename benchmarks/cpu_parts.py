@@ -3,12 +3,13 @@
 For each shape (CPU-sized batch, bench_layers.CPU_BATCH) and dtype: the native sampler, the forward
 dot, the kernel-gradient dot (as the route writes it, and alternative forms), the column-gradient
 dot, the native col2im, the whole op forward (at several forward column budgets) and forward +
-backward (at several images per backward chunk),
+backward (at several images per backward chunk, and CPU backward row runs),
 and the dense conv forward and forward + backward. Wall time of one jitted call: min and median of
 --reps calls after a warm-up, and the min CPU time of the process per call (a breakdown, not the
 benchmark's protocol; use bench_layers.py for the headline numbers).
 
-  python benchmarks/cpu_parts.py --shapes S1,S3 --dtypes float32 --chunks 1,4 --fwd-budgets 0,1,8
+  python benchmarks/cpu_parts.py --shapes S1,S3 --dtypes float32 --chunks 1,4 --fwd-budgets 0,1,8 \
+      --bwd-rows 0,8,-1
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class _Call:
     precision = None
 
 
-def pieces(layer, dtype, reps: int, chunks: list[int],
-           fwd_budgets: list[float]) -> dict[str, tuple[float, float, float]]:
+def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
+           bwd_rows: list[int]) -> dict[str, tuple[float, float, float]]:
     inputs = bench_layers.make_inputs(layer, dtype, np.random.default_rng(0))
     x, off, mask, kernel, dy = (inputs[k] for k in ("x", "offset", "mask", "kernel", "cotangent"))
     s, p = layer.stride, layer.pad
@@ -133,6 +134,17 @@ def pieces(layer, dtype, reps: int, chunks: list[int],
         finally:
             tiling.cpu_chunk_images = default
             jax.clear_caches()
+    default_rows = tiling.cpu_backward_chunk_rows
+    for r in bwd_rows:
+        if r >= 0:
+            tiling.cpu_backward_chunk_rows = lambda shape, r=r: r
+        jax.clear_caches()
+        tag = ("whole images" if r == 0 else f"runs of {r} rows") if r >= 0 else "default"
+        try:
+            out[f"op fwd+bwd, bwd {tag}"] = timed(with_grads(op), (x, off, mask, kernel, dy), reps)
+        finally:
+            tiling.cpu_backward_chunk_rows = default_rows
+            jax.clear_caches()
     default_budget = tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES
     for mib in fwd_budgets:
         if mib:
@@ -159,8 +171,12 @@ def main(argv=None):
                    help="images per backward chunk to try (0: the route's rule)")
     p.add_argument("--fwd-budgets", default="0",
                    help="forward column budgets to try, MiB (0: tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES)")
+    p.add_argument("--bwd-rows", default="",
+                   help="CPU backward row runs to try where an image exceeds the budget (0: whole "
+                        "images, -1: tiling.cpu_backward_chunk_rows)")
     args = p.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
+    bwd_rows = [int(r) for r in args.bwd_rows.split(",") if r]
     fwd_budgets = [float(b) for b in args.fwd_budgets.split(",")]
     print(f"{jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} CPUs allowed, "
           f"kernels {_ffi._deft_cpu.cpu_isa()}, jax {jax.__version__}; ms per call: wall min, "
@@ -169,10 +185,11 @@ def main(argv=None):
         layer = bench_layers.SUITE[name]
         layer = dataclasses.replace(layer, n=bench_layers.CPU_BATCH[name])
         for dt in args.dtypes.split(","):
-            res = pieces(layer, jnp.dtype(dt), args.reps, chunks, fwd_budgets)
+            res = pieces(layer, jnp.dtype(dt), args.reps, chunks, fwd_budgets, bwd_rows)
             print(f"{name} {layer.label()} {dt} (default chunks: backward "
                   f"{tiling.cpu_chunk_images(_shape(layer, dt))} images, forward "
-                  f"{tiling.cpu_forward_chunk_rows(_shape(layer, dt))} rows)")
+                  f"{tiling.cpu_forward_chunk_rows(_shape(layer, dt))} rows, backward runs "
+                  f"{tiling.cpu_backward_chunk_rows(_shape(layer, dt))} rows)")
             for k, (lo, med, cpu) in res.items():
                 print(f"  {k:34s} {lo:9.2f} {med:9.2f} {cpu:9.2f}")
             sys.stdout.flush()

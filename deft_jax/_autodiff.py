@@ -17,7 +17,8 @@ class NativeCall:
     """Static part of a native call (hashable): the platform whose targets it calls ("cpu" or
     "cuda"), the route ("columns": sampler + XLA's dot + col2im, deft_jax/_columns.py; "fused":
     the fused CUDA kernels), the FFI attributes and the output shape; for the column route also
-    the backward's images per chunk, the forward's output rows per chunk and the dots' precision."""
+    the backward's images per chunk, the forward's output rows per chunk, the CPU backward's rows
+    per run where an image exceeds its budget (0: whole images) and the dots' precision."""
 
     platform: str
     attrs: tuple[tuple[str, int], ...]
@@ -25,6 +26,7 @@ class NativeCall:
     route: str = "columns"
     chunk: int = 0
     chunk_rows: int = 0
+    bwd_rows: int = 0
     precision: Any = None
 
     def attr_dict(self) -> dict[str, np.int64]:

@@ -221,25 +221,68 @@ def backward(x, offset, mask, kernel, dy, call):
     wk = kernel.reshape(z, k, cig, fg, cog)
     attrs = call.attr_dict()
 
-    def step(start, size, carry, ins):
+    ho, wo = offset.shape[2:4]
+    cpu = call.platform == "cpu"
+    mask_arg = (lambda m: m) if with_mask else (lambda m: _ffi.mask_placeholder(x.dtype))
+
+    def step(start, size, carry, ins):  # images [start, start + size)
         x, offset, mask, dy = ins
         dx, doffset, dmask, dwk = carry
         dyc = _images(dy, start, size)
-        cols = _sample(x, offset, mask, start, (size, offset.shape[2]), call, with_mask)
+        cols = _sample(x, offset, mask, start, (size, ho), call, with_mask)
         dwk = dwk + _dkernel_dot(cols, dyc, fg, call, acc)
         dcols = _dcols_dot(dyc, wk, call, acc)
-        dxc, doc, dmc = _ffi.col2im(x, offset, mask if with_mask else _ffi.mask_placeholder(x.dtype),
-                                    start, dcols, attrs, call.platform)
+        dx_zero = jnp.zeros((z, size, *x.shape[2:]), acc) if cpu else None
+        dxc, doc, dmc = _ffi.col2im(x, offset, mask_arg(mask), start, dcols, attrs, call.platform,
+                                    dx=dx_zero)
         dx = _put(dx, dxc.astype(x.dtype), start)
         doffset = _put(doffset, doc, start)
         if with_mask:
             dmask = _put(dmask, dmc, start)
         return dx, doffset, dmask, dwk
 
-    carry = (jnp.zeros_like(x), jnp.zeros_like(offset),
-             jnp.zeros_like(mask) if with_mask else None, jnp.zeros(wk.shape, acc))
-    dx, doffset, dmask, dwk = _for_chunks(n, _chunk_size(n, z, call.chunk), step, carry,
-                                          (x, offset, mask, dy), unroll=call.platform == "cuda")
+    # CPU, an image's columns over the budget: per image, runs of `run` rows (NativeCall.bwd_rows),
+    # each sampled, reduced by the dots and scattered by col2im into the image's float32 dx,
+    # which the runs add to in order (the same sums, in the same order, as one whole image).
+    run = _chunk_size(ho, z, call.bwd_rows) if cpu and 0 < call.bwd_rows < ho else 0
+
+    def image_step(image, size, carry, ins):
+        x, offset, mask, dy = ins
+        dx, doffset, dmask, dwk = carry
+        dy_rows = dy.reshape(z, n * ho, wo, dy.shape[-1])
+
+        def run_step(r0, rows, c, ins):  # output rows [r0, r0 + rows) of the image
+            dx_img, doffset, dmask, dwk = c
+            row = image * ho + r0  # in the batch's N * Ho rows; the calls count in single rows
+            cols = _sample(x, offset, mask, row, (rows, 1), call, with_mask)
+            dyr = lax.dynamic_slice_in_dim(dy_rows, row, rows, axis=1)[:, :, None]
+            dwk = dwk + _dkernel_dot(cols, dyr, fg, call, acc)
+            dcols = _dcols_dot(dyr, wk, call, acc)
+            dx_img, doc, dmc = _ffi.col2im(x, offset, mask_arg(mask), row, dcols, attrs, "cpu",
+                                           dx=dx_img)
+            doffset = _put(doffset, doc[:, :, 0], row)
+            if with_mask:
+                dmask = _put(dmask, dmc[:, :, 0], row)
+            return dx_img, doffset, dmask, dwk
+
+        dx_img = jnp.zeros((z, 1, *x.shape[2:]), acc)
+        dx_img, doffset, dmask, dwk = _for_chunks(ho, run, run_step, (dx_img, doffset, dmask, dwk),
+                                                  ins, unroll=False)
+        return _put(dx, dx_img.astype(x.dtype), image), doffset, dmask, dwk
+
+    if run:  # doffset and dmask as rows [z, N * Ho, Wo, channels]
+        carry = (jnp.zeros_like(x), jnp.zeros((z, n * ho, wo, offset.shape[-1]), offset.dtype),
+                 jnp.zeros((z, n * ho, wo, mask.shape[-1]), mask.dtype) if with_mask else None,
+                 jnp.zeros(wk.shape, acc))
+        dx, doffset, dmask, dwk = _for_chunks(n, 1, image_step, carry, (x, offset, mask, dy),
+                                              unroll=False)
+        doffset = doffset.reshape(z, n, ho, wo, -1)
+        dmask = dmask.reshape(z, n, ho, wo, -1) if with_mask else None
+    else:
+        carry = (jnp.zeros_like(x), jnp.zeros_like(offset),
+                 jnp.zeros_like(mask) if with_mask else None, jnp.zeros(wk.shape, acc))
+        dx, doffset, dmask, dwk = _for_chunks(n, _chunk_size(n, z, call.chunk), step, carry,
+                                              (x, offset, mask, dy), unroll=not cpu)
     dx = dx.reshape(*lead_shape, *dx.shape[1:])
     doffset = doffset.reshape(*lead_shape, *doffset.shape[1:])
     dmask = (dmask.reshape(*lead_shape, *dmask.shape[1:]) if with_mask

@@ -20,7 +20,7 @@ import numpy as np
 _FUSED_TARGETS = ("deft_deform_conv2d_fwd_cuda_v6", "deft_deform_conv2d_bwd_cuda_v6")
 # The column route's sampler and col2im, per platform (one contract: csrc/ffi/column_attrs.h).
 _COLUMN_TARGETS = {
-    "cpu": ("deft_sample_columns_cpu_v3", "deft_col2im_cpu_v2"),
+    "cpu": ("deft_sample_columns_cpu_v3", "deft_col2im_cpu_v3"),
     "cuda": ("deft_sample_columns_cuda_v3", "deft_col2im_cuda_v2"),
 }
 TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair))
@@ -121,21 +121,43 @@ def sample_columns(x, offset, mask, start, shape: tuple[int, int], attrs: dict[s
         x, offset, mask, jnp.asarray(start, jnp.int32), **attrs)
 
 
-def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64], platform: str):
-    """(dx, doffset, dmask) of images [start, start + b) for their column cotangent dcols
-    [..., b, Ho, Wo, K, C]. dcols and dx are in the accumulation dtype
-    (accumulation_dtype(x.dtype)), doffset and dmask in x's; dmask is mask's (0,) placeholder
-    without modulation."""
+def col2im(x, offset, mask, start, dcols, attrs: dict[str, np.int64], platform: str, dx=None):
+    """(dx, doffset, dmask) for the column cotangent dcols [..., b, R, Wo, K, C] of the output rows
+    [start * R, (start + b) * R) (as sample_columns counts them). dcols and dx are in the
+    accumulation dtype (accumulation_dtype(x.dtype)), doffset [..., b, R, Wo, G*K*2] and dmask in
+    x's; dmask is mask's (0,) placeholder without modulation.
+
+    CPU: dx [..., m, H, W, C] of the m images the rows lie in is ``dx`` (zeros if None; donated to
+    the call, which adds in place) plus the rows' scatter, so runs of one image can be summed
+    call after call. CUDA: whole images only (R = Ho, start an image), dx of those b images."""
     acc = accumulation_dtype(x.dtype)
-    images = dcols.shape[-5]
+    b, r = dcols.shape[-5:-3]
+    with_mask = int(attrs["with_mask"]) != 0
+
+    def rows_of(a):
+        return (*a.shape[:-4], b, r, *a.shape[-2:])
+    if platform == "cpu":
+        if dx is None:
+            ho = offset.shape[-3]
+            images = 0 if b * r == 0 else ((start * r + b * r - 1) // ho - (start * r) // ho + 1)
+            if not isinstance(images, int):
+                raise ValueError("col2im: a traced start needs an explicit dx (its image count)")
+            dx = jnp.zeros((*x.shape[:-4], images, *x.shape[-3:]), acc)
+        outs = (jax.ShapeDtypeStruct(dx.shape, acc), jax.ShapeDtypeStruct(rows_of(offset), x.dtype),
+                jax.ShapeDtypeStruct(rows_of(mask) if with_mask else mask.shape, x.dtype))
+        call = jax.ffi.ffi_call(_COLUMN_TARGETS[platform][1], outs, vmap_method="broadcast_all",
+                                input_output_aliases={5: 0})
+        return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc),
+                          dx.astype(acc), **attrs))
 
     def chunk(a):
-        return (*a.shape[:-4], images, *a.shape[-3:])
-    with_mask = int(attrs["with_mask"]) != 0
+        return (*a.shape[:-4], b, *a.shape[-3:])
     outs = (jax.ShapeDtypeStruct(chunk(x), acc), jax.ShapeDtypeStruct(chunk(offset), x.dtype),
-            jax.ShapeDtypeStruct(chunk(mask) if with_mask else mask.shape, x.dtype))
-    if platform == "cuda":  # + the workspace of deterministic mode's fixed-point dx
-        outs += (_workspace(_deft_cuda.col2im_workspace_bytes(
-            int(np.prod(outs[0].shape)), deterministic=bool(attrs["deterministic"]))),)
+            jax.ShapeDtypeStruct(chunk(mask) if with_mask else mask.shape, x.dtype),
+            # + the workspace of deterministic mode's fixed-point dx
+            _workspace(_deft_cuda.col2im_workspace_bytes(
+                int(np.prod(chunk(x))), deterministic=bool(attrs["deterministic"]))))
+    if r != offset.shape[-3]:
+        raise ValueError(f"the CUDA col2im takes whole images: dcols {dcols.shape}")
     call = jax.ffi.ffi_call(_COLUMN_TARGETS[platform][1], outs, vmap_method="broadcast_all")
     return tuple(call(x, offset, mask, jnp.asarray(start, jnp.int32), dcols.astype(acc), **attrs)[:3])

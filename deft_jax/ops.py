@@ -221,15 +221,18 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
         # The CPU route is deterministic either way: one program for both settings there.
         attrs.update(kh=geo.kernel_size[0], kw=geo.kernel_size[1],
                      deterministic=int(bool(deterministic) and platform == "cuda"))
+        bwd_rows = 0
         if platform == "cpu":
             chunk, chunk_rows = tiling.cpu_chunk_images(shape), tiling.cpu_forward_chunk_rows(shape)
+            bwd_rows = tiling.cpu_backward_chunk_rows(shape)
         else:
             chunk = tiling.cuda_chunk_images(shape)
             chunk_rows = chunk * shape.h_out
         return _autodiff.NativeCall(platform=platform,
                                     attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                     out_shape=out_shape, route="columns", chunk=chunk,
-                                    chunk_rows=chunk_rows, precision=_hashable_precision(precision))
+                                    chunk_rows=chunk_rows, bwd_rows=bwd_rows,
+                                    precision=_hashable_precision(precision))
     sm_count, cc = _gpu_model()
     tile = tiling.choose_tiling(platform, shape, sm_count, cc, deterministic=deterministic)
     # A ValueError at trace time (the CUDA module's own check where it is built), not a kernel error.

@@ -121,6 +121,17 @@ def cpu_forward_chunk_rows(s: LayerShape) -> int:
     return int(max(1, CPU_FORWARD_COLUMN_BUDGET_BYTES // per_row))
 
 
+def cpu_backward_chunk_rows(s: LayerShape) -> int:
+    """Output rows per run of the CPU backward where one image's columns and their float32
+    cotangent exceed CPU_COLUMN_BUDGET_BYTES (S1/S2 fp32: 19 MB per 64x64x64 image), else 0 (whole
+    images, cpu_chunk_images): the runs keep the backward's temporaries within the budget, which
+    whole images overran (and on 16 cores sent them through DRAM)."""
+    per_image = _column_bytes_per_image(s)
+    if per_image <= CPU_COLUMN_BUDGET_BYTES or s.h_out <= 1:
+        return 0
+    return int(max(1, CPU_COLUMN_BUDGET_BYTES // max(1, per_image // s.h_out)))
+
+
 def cuda_chunk_images(s: LayerShape) -> int:
     """Images per chunk of the GPU column route (as ``cpu_chunk_images``, with the GPU budget)."""
     return int(max(1, CUDA_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))

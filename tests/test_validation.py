@@ -108,6 +108,7 @@ _NATIVE_CHECKS = textwrap.dedent("""
         grads = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(offset.shape, jnp.float32),
                  jax.ShapeDtypeStruct((0,), jnp.float32))
         back = jax.ffi.ffi_call(col2im, grads)
+        dx0 = jnp.zeros(x.shape, jnp.float32)  # the CPU col2im adds its scatter to this dx
 
         def expect(step, pattern, thunk):
             print("step", step, flush=True)  # a crash names the step it died in
@@ -132,20 +133,23 @@ _NATIVE_CHECKS = textwrap.dedent("""
         expect("chunk rows", "output rows",  # 2 x 4 rows, x has 4
                lambda: jax.ffi.ffi_call(sample, jax.ShapeDtypeStruct((2, 4, 4, 9, 2), jnp.float32))(
                    x, offset, no_mask, zero, **attrs))
-        expect("col2im chunk start", "images",  # the chunk's image 1 of x's 1 images
-               lambda: back(x, offset, no_mask, jnp.int32(1), jnp.zeros(cols.shape, jnp.float32),
+        expect("col2im chunk start", "output rows",  # rows [4, 8) of x's 4
+               lambda: back(x, offset, no_mask, jnp.int32(1), jnp.zeros(cols.shape, jnp.float32), dx0,
                             **attrs)[0])
         expect("deterministic flag", "deterministic must be 0 or 1",
                lambda: call(x, offset, no_mask, zero, **(attrs | dict(deterministic=np.int64(2)))))
         expect("start shape", "int32 scalar",
                lambda: call(x, offset, no_mask, jnp.zeros((2,), jnp.int32), **attrs))
         expect("cotangent dtype", "float32",  # the column cotangent is float32, not float64
-               lambda: back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float64), **attrs)[0])
+               lambda: back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float64), dx0, **attrs)[0])
         expect("cotangent shape", "columns",
-               lambda: back(x, offset, no_mask, zero, jnp.zeros((1, 4, 4, 9, 3), jnp.float32), **attrs)[0])
+               lambda: back(x, offset, no_mask, zero, jnp.zeros((1, 4, 4, 9, 3), jnp.float32), dx0, **attrs)[0])
+        expect("dx_in shape", "dx_in",  # 2 images of dx for a run inside image 0
+               lambda: back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float32),
+                            jnp.zeros((2, 4, 4, 2), jnp.float32), **attrs)[0])
         print("step well-formed calls", flush=True)
         call(x, offset, no_mask, zero, **attrs).block_until_ready()
-        back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float32), **attrs)[0].block_until_ready()
+        back(x, offset, no_mask, zero, jnp.zeros(cols.shape, jnp.float32), dx0, **attrs)[0].block_until_ready()
         print("ALL CHECKED")
 """)
 

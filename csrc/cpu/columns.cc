@@ -1,6 +1,6 @@
 // CPU sampler and col2im (columns.h). Work is split into tasks that own disjoint output elements:
 //   sampler          (block of the call's output pixels): cols of those pixels
-//   col2im, pass 1   (image, block of output pixels): doffset and dmask of those pixels, each a
+//   col2im, pass 1   (block of the call's output pixels): doffset and dmask of those pixels, each a
 //                    reduction over its offset group's channels of its own (pixel, tap), and
 //                    the table of corners and weights that pass 2 scatters with
 //   col2im, pass 2   (image, offset group, block of channels, band of rows): dx of those
@@ -57,11 +57,6 @@ struct Sampler {
   const T* offset;
   const T* mask;
   const T* zeros;  // c_per_offset_group() zeros
-
-  // Pixel pix of output image o, whose input image is img.
-  Pixel pixel(int64_t o, int64_t img, int64_t pix) const {
-    return at(img * p.pixels_out() + pix, o * p.pixels_out() + pix);
-  }
 
   // The pixel in row `row` of offset / mask and row `out` of the outputs.
   Pixel at(int64_t row, int64_t out) const {
@@ -204,29 +199,27 @@ void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const 
 }
 
 template <typename T>
-void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
-            const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
-            TaskRunner& runner) {
+void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const T* x, const T* offset,
+            const T* mask, const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset,
+            T* dmask, TaskRunner& runner) {
   using A = typename Acc<T>::type;
-  const int64_t images = im.count(), P = p.pixels_out(), K = p.taps(), C = p.c_in;
-  const int64_t G = p.offset_groups, Cg = p.c_per_offset_group(), HW = p.h * p.w;
-  if (images == 0 || C == 0) return;
+  const int64_t total = px.total(), images = p.batch * di.count, P = p.pixels_out(), K = p.taps();
+  const int64_t C = p.c_in, G = p.offset_groups, Cg = p.c_per_offset_group(), HW = p.h * p.w;
+  if (total == 0 || C == 0) return;
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
   const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
   const int64_t threads = runner.threads();
-  // Per (image, pixel, group, tap), in that order: the first pass writes it, the second reads it
-  // once per channel block (1/C of the columns' size).
-  std::vector<Scatter<A>> scatter(images * P * G * K);
+  // Per (pixel of the call, group, tap), in that order: the first pass writes it, the second
+  // reads it once per channel block (1/C of the columns' size).
+  std::vector<Scatter<A>> scatter(total * G * K);
 
-  // Pass 1, (image, pixel block) tasks: doffset and dmask, and the scatter table.
-  if (P > 0) {
-    const int64_t block = PixelBlock(images, P, threads);
-    const int64_t per_image = (P + block - 1) / block;
-    runner.Run(images * per_image, [&](int64_t task) {
-      const int64_t o = task / per_image, q0 = (task % per_image) * block;
-      const int64_t q1 = std::min(P, q0 + block), img = im.in(o);
-      for (int64_t pix = q0; pix < q1; ++pix) {
-        const Pixel q = s.pixel(o, img, pix);
+  // Pass 1, (block of the call's pixels) tasks: doffset and dmask, and the scatter table.
+  {
+    const int64_t block = PixelBlock(1, total, threads);
+    runner.Run((total + block - 1) / block, [&](int64_t task) {
+      const int64_t u0 = task * block, u1 = std::min(total, u0 + block);
+      for (int64_t u = u0; u < u1; ++u) {
+        const Pixel q = s.at(px.row(u), u);
         Scatter<A>* sc = scatter.data() + q.out * G * K;
         for (int64_t g = 0; g < G; ++g)
           for (int64_t i = 0; i < p.kh; ++i)
@@ -257,9 +250,9 @@ void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, 
     });
   }
 
-  // Pass 2, (image, offset group, channel block, band of dx rows) tasks: dx, every (pixel, tap)
-  // of the image in order. Blocks of >= 16 channels (a 64-byte line of float), at most kMaxBlock,
-  // until there is a task per thread (each task walks the whole table: wider blocks share that
+  // Pass 2, (dx image, offset group, channel block, band of dx rows) tasks: dx += the scatter
+  // of every (pixel, tap) of the call in that image, in order. Blocks of >= 16 channels (a
+  // 64-byte line of float), at most kMaxBlock, until there is a task per thread (each task walks the whole table: wider blocks share that
   // cost); then bands of dx rows until there are two tasks per thread (a chunk of one 64-channel
   // image has only 4 blocks: 4 of 16 threads busy without bands). A band task skips the entries
   // with no corner in its rows and sends corners outside them to `trash`, so each dx element still
@@ -274,16 +267,18 @@ void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, 
   const int64_t bands = std::clamp<int64_t>((2 * threads + tasks - 1) / tasks, 1, std::max<int64_t>(1, p.h / 2));
   const int64_t band_rows = (p.h + bands - 1) / bands;
   runner.Run(tasks * bands, [&](int64_t task) {
-    const int64_t band = task % bands, t = task / bands;
-    const int64_t o = t / (G * blocks), g = (t / blocks) % G, c0 = (t % blocks) * cb;
+    const int64_t band = task % bands, tk = task / bands;
+    const int64_t o = tk / (G * blocks), g = (tk / blocks) % G, c0 = (tk % blocks) * cb;
     const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
     // dx pixels [lo, hi) (rows [band * band_rows, ...)) are this task's.
     const int64_t lo = std::min(HW, band * band_rows * p.w), hi = std::min(HW, lo + band_rows * p.w);
     A* dxi = dx + o * HW * C + ch;
     A trash[4][kMaxBlock] = {};  // the rows of corners outside the image or the band
-    for (int64_t i = lo; i < hi; ++i) std::fill(dxi + i * C, dxi + i * C + n, A(0));
-    for (int64_t pix = 0; pix < P; ++pix) {
-      const int64_t row = o * P + pix;
+    // The call's pixels of dx image o: those of its problem whose offset row is in the image.
+    const int64_t problem = o / di.count, first = (di.first + o % di.count) * P - px.start;
+    const int64_t t_lo = problem * px.count + std::clamp<int64_t>(first, 0, px.count);
+    const int64_t t_hi = problem * px.count + std::clamp<int64_t>(first + P, 0, px.count);
+    for (int64_t row = t_lo; row < t_hi; ++row) {
       const Scatter<A>* sc = scatter.data() + (row * G + g) * K;
       for (int64_t k = 0; k < K; ++k) {
         A* d[4];

@@ -11,8 +11,9 @@
 //   mask   [batch, n_in, h_out, w_out, G * K]       (unused when !p.with_mask)
 //   cols   [batch, count, K, c_in]                  cols[.., k, c] = mask * sample of channel c at tap k
 // for a run of `count` output pixels of each problem (PixelRange: whole images or any run of
-// output rows), and col2im's dcols / dx / doffset / dmask for n_out whole images (Images). Both
-// read their chunk in place: no copy of the inputs per chunk.
+// output rows); col2im's dcols has the same layout, its doffset / dmask the layout of offset /
+// mask for the run's pixels, and dx [batch, DxImages::count, h, w, c_in] the images the run's
+// pixels lie in. Both read their inputs in place: no copy per chunk.
 //
 // Every output element is written by one task in a fixed order of operations, so the results are
 // bitwise the same for any number of threads and any schedule.
@@ -34,12 +35,10 @@ struct PixelRange {
   int64_t row(int64_t t) const { return (t / count) * per_problem + start + t % count; }
 };
 
-// The whole images a col2im call covers (see the layouts above).
-struct Images {
-  int64_t batch, n_in, n_out, start;
-  int64_t count() const { return batch * n_out; }
-  // The input image of output image o.
-  int64_t in(int64_t o) const { return (o / n_out) * n_in + start + o % n_out; }
+// The dx images a col2im call adds into: images [first, first + count) of each problem, which
+// hold every pixel of its PixelRange.
+struct DxImages {
+  int64_t first, count;
 };
 
 // cols in x's type T (blended in Acc<T>: float, double for double).
@@ -47,13 +46,14 @@ template <typename T>
 void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const T* offset, const T* mask,
                    T* cols, TaskRunner& runner);
 
-// For dcols [batch, n_out, h_out, w_out, K, c_in] in the accumulation type A = Acc<T>: the chunk's
-// dx [batch, n_out, h, w, c_in] (in A, every element written), doffset and dmask (in T, the
-// chunk's images too; dmask not written when !p.with_mask).
+// For dcols [batch, count, K, c_in] in the accumulation type A = Acc<T> of the run px: dx += its
+// scatter (dx [batch, di.count, h, w, c_in] in A, read and written: a run's images may be summed
+// over several calls, in order), doffset and dmask of the run's pixels (in T; dmask not written
+// when !p.with_mask).
 template <typename T>
-void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
-            const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
-            TaskRunner& runner);
+void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const T* x, const T* offset,
+            const T* mask, const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset,
+            T* dmask, TaskRunner& runner);
 
 // The instruction set the kernels above run with: "avx512", "avx2" or "generic" (the compiler's
 // default target), chosen once per process.

@@ -62,10 +62,10 @@ void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const 
 }
 
 template <typename T>
-void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask,
-            const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset, T* dmask,
-            TaskRunner& runner) {
-  DEFT_DISPATCH(Col2Im, p, im, x, offset, mask, dcols, dx, doffset, dmask, runner);
+void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const T* x, const T* offset,
+            const T* mask, const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset,
+            T* dmask, TaskRunner& runner) {
+  DEFT_DISPATCH(Col2Im, p, px, di, x, offset, mask, dcols, dx, doffset, dmask, runner);
 }
 
 DEFT_INSTANTIATE_COLUMNS

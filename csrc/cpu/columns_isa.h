@@ -12,7 +12,8 @@
   void SampleColumns(const ConvParams& p, const PixelRange& px, const T* x, const T* offset,   \
                      const T* mask, T* cols, TaskRunner& runner);                               \
   template <typename T>                                                                         \
-  void Col2Im(const ConvParams& p, const Images& im, const T* x, const T* offset, const T* mask, \
+  void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const T* x,         \
+              const T* offset, const T* mask,                                                    \
               const typename Acc<T>::type* dcols, typename Acc<T>::type* dx, T* doffset,        \
               T* dmask, TaskRunner& runner);                                                    \
   }
@@ -28,7 +29,8 @@ DEFT_DECLARE_COLUMNS(avx512)
 #define DEFT_INSTANTIATE_COLUMNS_FOR(T)                                                        \
   template void SampleColumns<T>(const ConvParams&, const PixelRange&, const T*, const T*,     \
                                  const T*, T*, TaskRunner&);                                   \
-  template void Col2Im<T>(const ConvParams&, const Images&, const T*, const T*, const T*,     \
+  template void Col2Im<T>(const ConvParams&, const PixelRange&, const DxImages&, const T*,      \
+                          const T*, const T*,                                                  \
                           const typename Acc<T>::type*, typename Acc<T>::type*, T*, T*,        \
                           TaskRunner&);
 #define DEFT_INSTANTIATE_COLUMNS    \

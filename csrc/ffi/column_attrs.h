@@ -1,6 +1,7 @@
 // FFI attribute schema (version 2) of the column targets deft_sample_columns_{cpu,cuda}_v3 (v3: its
-// chunk a run of output rows) and deft_col2im_{cpu,cuda}_v2, and the checks that turn their
-// decoded buffers + attributes into a deft::ConvParams. Checking only: no arithmetic of the op.
+// chunk a run of output rows), deft_col2im_cpu_v3 (a run of rows, dx accumulated) and
+// deft_col2im_cuda_v2 (whole images), and the checks that turn their decoded buffers + attributes
+// into a deft::ConvParams. Checking only: no arithmetic of the op.
 #pragma once
 
 #include <algorithm>
@@ -134,6 +135,39 @@ inline ffi::ErrorOr<deft::DType> CheckCol2ImBuffers(const ffi::AnyBuffer& x, con
     return ffi::Unexpected(e);
   if (auto e = CheckSameShape("doffset", doffset.dimensions(), WithImages(offset.dimensions(), n_out)); !e.success())
     return ffi::Unexpected(e);
+  if (auto e = CheckSameShape("dmask", dmask.dimensions(), want_dmask); !e.success()) return ffi::Unexpected(e);
+  return dtype;
+}
+
+// The buffers of the CPU col2im of a run of rows (deft_col2im_cpu_v3), dcols [B..., b, R, Wo, K, C]
+// for the b * R rows from row `first_row`: dcols, dx_in and dx in the accumulation type (float32,
+// float64 for float64), dx_in and dx [B..., m, H, W, C] for the m images the run's rows lie in,
+// doffset and dmask [B..., b, R, Wo, channels] in x's dtype (dmask (0,) like the mask placeholder
+// without modulation). Returns x's dtype.
+inline ffi::ErrorOr<deft::DType> CheckCol2ImRunBuffers(const deft::ConvParams& p, const ffi::AnyBuffer& x,
+                                                       const ffi::AnyBuffer& mask, const ffi::AnyBuffer& dcols,
+                                                       const ffi::AnyBuffer& dx_in, const ffi::AnyBuffer& dx,
+                                                       const ffi::AnyBuffer& doffset, const ffi::AnyBuffer& dmask,
+                                                       int64_t first_row, int64_t rows) {
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype;
+  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (dcols.element_type() != acc || dx.element_type() != acc || dx_in.element_type() != acc)
+    return ffi::Unexpected(invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)"));
+  if (doffset.element_type() != x.element_type() || dmask.element_type() != x.element_type())
+    return ffi::Unexpected(invalid("doffset and dmask must have x's dtype"));
+  const int64_t images = rows > 0 && p.h_out > 0 ? (first_row + rows - 1) / p.h_out - first_row / p.h_out + 1 : 0;
+  auto xd = x.dimensions(), cd = dcols.dimensions();
+  std::vector<int64_t> want_dx(xd.begin(), xd.end());
+  want_dx[want_dx.size() - 4] = images;
+  if (auto e = CheckSameShape("dx_in", dx_in.dimensions(), want_dx); !e.success()) return ffi::Unexpected(e);
+  if (auto e = CheckSameShape("dx", dx.dimensions(), want_dx); !e.success()) return ffi::Unexpected(e);
+  std::vector<int64_t> want_doffset(cd.begin(), cd.end() - 2);  // [B..., b, R, Wo]
+  want_doffset.push_back(p.offset_channels());
+  if (auto e = CheckSameShape("doffset", doffset.dimensions(), want_doffset); !e.success()) return ffi::Unexpected(e);
+  std::vector<int64_t> want_dmask(want_doffset.begin(), want_doffset.end() - 1);
+  want_dmask.push_back(p.mask_channels());
+  if (!p.with_mask) want_dmask.assign(mask.dimensions().begin(), mask.dimensions().end());
   if (auto e = CheckSameShape("dmask", dmask.dimensions(), want_dmask); !e.success()) return ffi::Unexpected(e);
   return dtype;
 }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -147,31 +148,37 @@ ffi::Error SampleColumnsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   });
 }
 
-// dcols and dx are in the accumulation type (float32, float64 for float64); doffset and dmask in
-// x's. The outputs hold the chunk's images (dcols's image count); dmask is (0,) like the mask
-// placeholder without modulation.
+// A run of rows (the sampler's chunk): dx = dx_in + its scatter, doffset and dmask of its rows
+// (CheckCol2ImRunBuffers gives the layouts; dx_in is aliased to dx by the caller, so a run
+// adds into the previous runs' dx in place).
 ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
-                      ffi::AnyBuffer start, ffi::AnyBuffer dcols, ffi::Result<ffi::AnyBuffer> dx,
-                      ffi::Result<ffi::AnyBuffer> doffset, ffi::Result<ffi::AnyBuffer> dmask,
-                      ColumnAttrs attrs) {
+                      ffi::AnyBuffer start, ffi::AnyBuffer dcols, ffi::AnyBuffer dx_in,
+                      ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> doffset,
+                      ffi::Result<ffi::AnyBuffer> dmask, ColumnAttrs attrs) {
   deft::ConvParams p;
-  int64_t n_out = 0, unit = 1;
-  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, ChunkUnit::kImages, &p,
-                                   &n_out, &unit);
+  int64_t rows = 0, unit = 1;
+  if (auto err = BuildColumnParams(x, offset, mask, start, dcols.dimensions(), attrs, ChunkUnit::kRows, &p, &rows,
+                                   &unit);
       !err.success())
     return err;
-  auto first = ReadChunkStart(start, unit, n_out, p.n, "images");
+  auto first = ReadChunkStart(start, unit, rows, p.n * p.h_out, "output rows");
   if (first.has_error()) return first.error();
-  const deft::cpu::Images im{p.batch, p.n, n_out, *first};
-  auto dtype = CheckCol2ImBuffers(x, offset, mask, dcols, *dx, *doffset, *dmask, attrs, n_out);
+  auto dtype = CheckCol2ImRunBuffers(p, x, mask, dcols, dx_in, *dx, *doffset, *dmask, *first, rows);
   if (dtype.has_error()) return dtype.error();
-  if (dx->element_count() == 0) return ffi::Error::Success();
+  if (rows == 0 || p.w_out == 0) return ffi::Error::Success();
+  const int64_t first_image = *first / p.h_out;
+  const int64_t dx_images = dx->dimensions()[dx->dimensions().size() - 4];
+  const size_t acc_bytes = ffi::ByteWidth(dx->element_type());
+  if (dx->untyped_data() != dx_in.untyped_data() && dx->element_count() > 0)  // not aliased: start from dx_in
+    std::memcpy(dx->untyped_data(), dx_in.untyped_data(), dx->element_count() * acc_bytes);
+  const deft::cpu::PixelRange px{p.batch, p.n * p.pixels_out(), rows * p.w_out, *first * p.w_out};
+  const deft::cpu::DxImages di{first_image, dx_images};
   PoolRunner runner(pool);
   return Guarded([&] {
     return DispatchDtype(*dtype, [&](auto tag) {
       using T = decltype(tag);
       using A = typename deft::Acc<T>::type;
-      deft::cpu::Col2Im<T>(p, im, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<A>(dcols),
+      deft::cpu::Col2Im<T>(p, px, di, ptr<T>(x), ptr<T>(offset), ptr<T>(mask), ptr<A>(dcols),
                            ptr<A>(dx), ptr<T>(doffset), ptr<T>(dmask), runner);
     });
   });
@@ -180,7 +187,7 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
 }  // namespace
 
 // XLA's intra-op pool and the operands both CPU targets start with: x, offset, mask ((0,) without
-// mask) and start (int32 scalar: the sampler's first output row, col2im's first image).
+// mask) and start (int32 scalar: the first output row, in units of the chunk's R rows).
 inline auto ColumnBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -199,9 +206,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCpu, deft_ffi::SampleColumnsImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
                               deft_ffi::ColumnBinding()
-                                  .Arg<ffi::AnyBuffer>()  // dcols [..., b, Ho, Wo, K, C]
-                                  .Ret<ffi::AnyBuffer>()  // dx [..., b, H, W, C]
-                                  .Ret<ffi::AnyBuffer>()  // doffset [..., b, Ho, Wo, G*K*2]
+                                  .Arg<ffi::AnyBuffer>()  // dcols [..., b, R, Wo, K, C]
+                                  .Arg<ffi::AnyBuffer>()  // dx_in [..., m, H, W, C]
+                                  .Ret<ffi::AnyBuffer>()  // dx [..., m, H, W, C] (aliases dx_in)
+                                  .Ret<ffi::AnyBuffer>()  // doffset [..., b, R, Wo, G*K*2]
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
                                   .Attrs<deft_ffi::ColumnAttrs>());
 
@@ -209,7 +217,7 @@ NB_MODULE(_deft_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["deft_sample_columns_cpu_v3"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
-    d["deft_col2im_cpu_v2"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
+    d["deft_col2im_cpu_v3"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
     return d;
   });
   // The instruction-set build of the CPU kernels this process runs (csrc/cpu/columns_dispatch.cc).

@@ -106,11 +106,13 @@ def cpu_chunk_images(s: LayerShape) -> int:
     return int(max(1, CPU_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))
 
 
-# The CPU forward's chunk, in output rows (the backward's stays whole images: col2im writes dx per
-# image): a run of rows whose columns stay in the cores' caches from the sampler that writes them
-# to the dot that reads them, instead of a round trip through DRAM (S2 fp32: 9.4 MB of columns
-# per 64x64 image; at 16 cores the whole-image forward barely beat 2 cores, 3.83 vs 4.79 ms).
-CPU_FORWARD_COLUMN_BUDGET_BYTES = 2 * 2**20
+# The CPU forward's chunk, in output rows: a run of rows (across images where they are small) of
+# at most this many bytes of columns, meant to stay in the cores' caches from the sampler that
+# writes them to the dot that reads them (S2 fp32: 9.4 MB of columns per 64x64 image; at 16 cores
+# the whole-image forward barely beat 2 cores, 3.83 vs 4.79 ms). Each run is a loop step, so short
+# runs lose on few cores: 2-core VM, S2 fp32 fwd (min of 11, ms) 1 / 2 / 4 / 8 / 16 MiB 5.11 /
+# 5.14 / 4.72 / 4.44 / 4.51, S6 1.48 / 1.46 / 1.41 / 1.49 / 1.53 (docs/kernels.md).
+CPU_FORWARD_COLUMN_BUDGET_BYTES = 8 * 2**20
 
 
 def cpu_forward_chunk_rows(s: LayerShape) -> int:

@@ -21,7 +21,7 @@ _FUSED_TARGETS = ("deft_deform_conv2d_fwd_cuda_v6", "deft_deform_conv2d_bwd_cuda
 # The column route's sampler and col2im, per platform (one contract: csrc/ffi/column_attrs.h).
 _COLUMN_TARGETS = {
     "cpu": ("deft_sample_columns_cpu_v3", "deft_col2im_cpu_v3"),
-    "cuda": ("deft_sample_columns_cuda_v3", "deft_col2im_cuda_v2"),
+    "cuda": ("deft_sample_columns_cuda_v2", "deft_col2im_cuda_v2"),
 }
 TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair))
 _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits", "family")
@@ -113,9 +113,12 @@ def sample_columns(x, offset, mask, start, shape: tuple[int, int], attrs: dict[s
     [start * R, (start + b) * R) of x [..., N, H, W, C], rows counted image-major over N * Ho
     (``start`` counts in units of R rows: with R = Ho, b whole images from image ``start``;
     an int, or a traced int32 scalar); cols[..., k, c] = mask x the bilinear sample of channel c
-    at tap k. The chunk is read in place, not sliced out first."""
+    at tap k. The chunk is read in place, not sliced out first. CUDA (target v2): whole images
+    only."""
     taps = int(attrs["kh"]) * int(attrs["kw"])
     lead = x.shape[:-4]
+    if platform == "cuda" and shape[1] != offset.shape[-3]:
+        raise ValueError(f"the CUDA sampler takes whole images (R = Ho = {offset.shape[-3]}), got {shape}")
     cols = jax.ShapeDtypeStruct((*lead, *shape, offset.shape[-2], taps, x.shape[-1]), x.dtype)
     return jax.ffi.ffi_call(_COLUMN_TARGETS[platform][0], cols, vmap_method="broadcast_all")(
         x, offset, mask, jnp.asarray(start, jnp.int32), **attrs)

@@ -19,29 +19,25 @@ namespace {
 constexpr int kThreads = 256;
 
 // The chunk and how threads cover it: `lanes` threads (a power of two <= 32) per tap, `vectors`
-// vectors of V channels per (tap, offset group). A chunk is a run of `chunk_px` output pixels of
-// each problem that starts at pixel `start` x `unit` of the problem's n * pixels_out (the
-// sampler's unit R rows, col2im's an image).
+// vectors of V channels per (tap, offset group).
 struct ColGeo {
   ConvParams p;
-  int64_t chunk_px;  // output pixels per problem in the chunk
-  int64_t unit;      // pixels per unit of `start`
-  int64_t start_hi;  // the largest start (in units) that keeps the chunk within the inputs
-  int64_t taps;      // batch * chunk_px * G * K
+  int64_t n_out;  // images per problem in the chunk
+  int64_t taps;   // batch * n_out * pixels_out * G * K
   int lanes, vectors;
-  bool narrow;       // taps and pixel rows < 2^31: decode with 32-bit divisions (a 64-bit one is a ~70-instruction call)
+  bool narrow;    // taps < 2^31: decode with 32-bit divisions (a 64-bit one is a ~70-instruction call)
 };
 
-// The chunk's first pixel, its start clamped as XLA's dynamic_slice clamps.
+// The chunk's first image, clamped as XLA's dynamic_slice clamps its start.
 __device__ __forceinline__ int64_t chunk_start(const int32_t* start, const ColGeo& cg) {
-  const int64_t s = *start;
-  return (s < 0 ? 0 : (s > cg.start_hi ? cg.start_hi : s)) * cg.unit;
+  const int64_t s = *start, hi = cg.p.n - cg.n_out;
+  return s < 0 ? 0 : (s > hi ? hi : s);
 }
 
-// Tap t of the chunk, in the order (chunk pixel q, offset group g, tap k).
+// Tap t of the chunk, in the order (output image o, pixel, offset group g, tap k).
 struct ColTap {
-  int64_t q;    // the row of cols / dcols (and, for whole-image chunks, of doffset / dmask)
-  int64_t o;    // q / pixels_out: the output image of a whole-image chunk (all problems)
+  int64_t q;    // o * pixels_out + pixel: the row of cols / dcols / doffset / dmask
+  int64_t o;    // output image (all problems)
   int64_t img;  // its input image
   int64_t row;  // img * pixels_out + pixel: the row of offset / mask
   int64_t ho, wo;
@@ -50,26 +46,31 @@ struct ColTap {
 
 // The divisions of decode in the index type I (uint32_t where every index fits, else int64_t).
 template <typename I>
-__device__ __forceinline__ void decode_in(const ColGeo& cg, I t, I start, ColTap* c) {
+__device__ __forceinline__ void decode_in(const ColGeo& cg, I t, ColTap* c, I* in_problem) {
   const ConvParams& p = cg.p;
   const I K = static_cast<I>(p.taps()), G = static_cast<I>(p.offset_groups);
   const I P = static_cast<I>(p.pixels_out()), wout = static_cast<I>(p.w_out), kw = static_cast<I>(p.kw);
-  const I chunk = static_cast<I>(cg.chunk_px), n = static_cast<I>(p.n);
-  const I k = t % K, r = t / K, q = r / G, problem = q / chunk, px = start + (q - problem * chunk);
-  const I img = px / P, pix = px - img * P, ho = pix / wout, i = k / kw;
-  c->k = static_cast<int>(k), c->g = static_cast<int>(r - q * G);
-  c->q = q, c->o = q / P, c->ho = ho, c->wo = pix - ho * wout;
+  const I n_out = static_cast<I>(cg.n_out);
+  const I k = t % K, r = t / K, q = r / G, pix = q % P, o = q / P, ho = pix / wout, i = k / kw;
+  c->k = static_cast<int>(k), c->g = static_cast<int>(r % G);
+  c->q = q, c->o = o, c->ho = ho, c->wo = pix - ho * wout;
   c->i = static_cast<int>(i), c->j = static_cast<int>(k - i * kw);
-  c->img = static_cast<int64_t>(problem) * n + img;
-  c->row = c->img * P + pix;
+  c->img = static_cast<int64_t>(o / n_out) * cg.p.n;  // the problem's first input image
+  *in_problem = o % n_out;
 }
 
 __device__ __forceinline__ ColTap decode(const ColGeo& cg, int64_t t, int64_t start) {
   ColTap c;
-  if (cg.narrow)
-    decode_in<uint32_t>(cg, static_cast<uint32_t>(t), static_cast<uint32_t>(start), &c);
-  else
-    decode_in<int64_t>(cg, t, start, &c);
+  if (cg.narrow) {
+    uint32_t in_problem;
+    decode_in<uint32_t>(cg, static_cast<uint32_t>(t), &c, &in_problem);
+    c.img += start + in_problem;
+  } else {
+    int64_t in_problem;
+    decode_in<int64_t>(cg, t, &c, &in_problem);
+    c.img += start + in_problem;
+  }
+  c.row = c.img * cg.p.pixels_out() + c.ho * cg.p.w_out + c.wo;
   return c;
 }
 
@@ -238,17 +239,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Threads per tap and vector width from the channels of one offset group; grid from the taps.
-// A chunk of `chunk_px` pixels per problem whose start counts in units of `unit` pixels (R rows
-// of w_out, or an image of pixels_out).
 template <typename T>
-ColGeo make_col_geo(const ConvParams& p, int64_t chunk_px, int64_t unit, int* vec) {
+ColGeo make_col_geo(const ConvParams& p, int64_t n_out, int* vec) {
   ColGeo cg;
   cg.p = p;
-  cg.chunk_px = chunk_px;
-  cg.unit = unit;
-  cg.start_hi = unit > 0 ? (p.n * p.pixels_out() - chunk_px) / unit : 0;  // no pixels: nothing runs
-  cg.taps = p.batch * cg.chunk_px * p.offset_groups * p.taps();
-  cg.narrow = cg.taps < (int64_t(1) << 31) && p.batch * p.n * p.pixels_out() < (int64_t(1) << 31);
+  cg.n_out = n_out;
+  cg.taps = p.batch * n_out * p.pixels_out() * p.offset_groups * p.taps();
+  cg.narrow = cg.taps < (int64_t(1) << 31);
   const int64_t cpog = p.c_per_offset_group();
   int v = kVec<T>;
   while (v > 1 && cpog % v != 0) v /= 2;
@@ -282,10 +279,10 @@ cudaError_t with_vec(int v, F&& f) {
 }
 
 template <typename T>
-cudaError_t sample_columns(cudaStream_t stream, const ConvParams& p, int64_t rows, int64_t unit,
-                           const int32_t* start, const void* x, const void* offset, const void* mask, void* cols) {
+cudaError_t sample_columns(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
+                           const void* x, const void* offset, const void* mask, void* cols) {
   int v = 1;
-  const ColGeo cg = make_col_geo<T>(p, rows * p.w_out, unit * p.w_out, &v);
+  const ColGeo cg = make_col_geo<T>(p, n_out, &v);
   if (cg.taps == 0 || p.c_in == 0) return cudaSuccess;
   return with_vec<T>(v, [&](auto vc) {
     sample_columns_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(
@@ -331,7 +328,7 @@ cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, cons
   using A = Acc<T>;
   const int64_t n_dx = p.batch * n_out * p.h * p.w * p.c_in;
   int v = 1;
-  const ColGeo cg = make_col_geo<T>(p, n_out * p.pixels_out(), p.pixels_out(), &v);
+  const ColGeo cg = make_col_geo<T>(p, n_out, &v);
   const bool empty = cg.taps == 0 || p.c_in == 0;
   if ((empty || !det) && n_dx > 0)
     if (cudaError_t e = cudaMemsetAsync(dx, 0, size_t(n_dx) * sizeof(A), stream); e != cudaSuccess) return e;
@@ -383,11 +380,10 @@ cudaError_t by_dtype(DType t, F&& f) {
 }  // namespace
 }  // namespace kern
 
-cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_t rows, int64_t unit,
-                                const int32_t* start, DType dtype, const void* x, const void* offset,
-                                const void* mask, void* cols) {
+cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_t n_out, const int32_t* start,
+                                DType dtype, const void* x, const void* offset, const void* mask, void* cols) {
   return kern::by_dtype(dtype, [&](auto tag) {
-    return kern::sample_columns<decltype(tag)>(stream, p, rows, unit, start, x, offset, mask, cols);
+    return kern::sample_columns<decltype(tag)>(stream, p, n_out, start, x, offset, mask, cols);
   });
 }
 

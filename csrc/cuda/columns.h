@@ -4,19 +4,17 @@
 // deft_jax/_columns.py: the same split, layouts and contract as the CPU route (csrc/cpu/columns.h).
 // No XLA types: csrc/ffi/gpu_ffi.cc decodes the buffers and calls these on XLA's stream.
 //
-// Layouts (dense, row-major), `batch` = leading dims folded, n_in = p.n images in the inputs:
+// Layouts (dense, row-major), `batch` = leading dims folded, n_in = p.n images in the inputs and
+// n_out (the chunk: images [start, start + n_out) of each problem) in the outputs:
 //   x      [batch, n_in, h, w, c_in]
 //   offset [batch, n_in, h_out, w_out, G * K * 2]
 //   mask   [batch, n_in, h_out, w_out, G * K]      (unused when !p.with_mask)
-//   cols   [batch, rows, w_out, K, c_in]           cols[.., k, c] = mask * sample of channel c at tap k
-// for the sampler's chunk, output rows [start * unit, start * unit + rows) of each problem's
-// n_in * h_out rows (image-major: whole images or any run of rows), and for col2im's, images
-// [start, start + n_out):
+//   cols   [batch, n_out, h_out, w_out, K, c_in]   cols[.., k, c] = mask * sample of channel c at tap k
 //   dcols  [batch, n_out, h_out, w_out, K, c_in]   in the accumulation type (float; double for double)
 //   dx     [batch, n_out, h, w, c_in]              in the accumulation type
 //   doffset, dmask: the chunk's images, in x's type
 // `start` is a device int32 scalar (a loop counter of the traced program): the kernels read it and,
-// as XLA's dynamic_slice does, clamp it so that the chunk lies within the inputs.
+// as XLA's dynamic_slice does, clamp it to [0, n_in - n_out].
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,7 +26,7 @@
 
 namespace deft {
 
-cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_t rows, int64_t unit,
+cudaError_t LaunchSampleColumns(cudaStream_t stream, const ConvParams& p, int64_t n_out,
                                 const int32_t* start, DType dtype, const void* x, const void* offset,
                                 const void* mask, void* cols);
 

@@ -1,7 +1,7 @@
-// FFI attribute schema (version 2) of the column targets deft_sample_columns_{cpu,cuda}_v3 (v3: its
-// chunk a run of output rows), deft_col2im_cpu_v3 (a run of rows, dx accumulated) and
-// deft_col2im_cuda_v2 (whole images), and the checks that turn their decoded buffers + attributes
-// into a deft::ConvParams. Checking only: no arithmetic of the op.
+// FFI attribute schema (version 2) of the column targets: deft_sample_columns_cpu_v3 and
+// deft_col2im_cpu_v3 (a chunk is a run of output rows; col2im adds into a given dx),
+// deft_sample_columns_cuda_v2 and deft_col2im_cuda_v2 (whole images), and the checks that turn
+// their decoded buffers + attributes into a deft::ConvParams. Checking only: no arithmetic of the op.
 #pragma once
 
 #include <algorithm>

@@ -102,13 +102,14 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer x,
   return ffi::Error::Success();
 }
 
-// The column route's sampler (columns.h): cols [..., b, R, Wo, K, C] in x's dtype for the b * R
-// output rows that start at row R x the device scalar `start`.
+// The column route's sampler (columns.h): cols [..., b, Ho, Wo, K, C] in x's dtype for the b
+// whole images that start at the device scalar `start` (the v2 contract: whole images only; the
+// CPU's v3 sampler also takes runs of rows).
 ffi::Error SampleColumnsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
                              ffi::AnyBuffer start, ffi::Result<ffi::AnyBuffer> cols, ColumnAttrs attrs) {
   deft::ConvParams p;
-  int64_t rows = 0, unit = 1;
-  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, ChunkUnit::kRows, &p, &rows,
+  int64_t n_out = 0, unit = 1;
+  if (auto err = BuildColumnParams(x, offset, mask, start, cols->dimensions(), attrs, ChunkUnit::kImages, &p, &n_out,
                                    &unit);
       !err.success())
     return err;
@@ -116,7 +117,7 @@ ffi::Error SampleColumnsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
   if (dtype.has_error()) return dtype.error();
   if (cols->element_type() != x.element_type()) return invalid("columns dtype differs from x's");
   if (cols->element_count() == 0) return ffi::Error::Success();
-  const cudaError_t e = deft::LaunchSampleColumns(stream, p, rows, unit, static_cast<const int32_t*>(start.untyped_data()),
+  const cudaError_t e = deft::LaunchSampleColumns(stream, p, n_out, static_cast<const int32_t*>(start.untyped_data()),
                                                   *dtype, x.untyped_data(), offset.untyped_data(),
                                                   mask.untyped_data(), cols->untyped_data());
   if (e != cudaSuccess) return cuda_error("column sampler launch", e, p);
@@ -185,8 +186,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftDeformConv2dBwdCuda, deft_ffi::BackwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftSampleColumnsCuda, deft_ffi::SampleColumnsImpl,
                               deft_ffi::CudaBinding()
-                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device (in units of R rows)
-                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, R, Wo, K, C]
+                                  .Arg<ffi::AnyBuffer>()  // start: int32 scalar on the device (an image)
+                                  .Ret<ffi::AnyBuffer>()  // cols [..., b, Ho, Wo, K, C]
                                   .Attrs<deft_ffi::ColumnAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
@@ -216,7 +217,7 @@ NB_MODULE(_deft_cuda, m) {
     nb::dict d;
     d["deft_deform_conv2d_fwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dFwdCuda));
     d["deft_deform_conv2d_bwd_cuda_v6"] = nb::capsule(reinterpret_cast<void*>(DeftDeformConv2dBwdCuda));
-    d["deft_sample_columns_cuda_v3"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
+    d["deft_sample_columns_cuda_v2"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCuda));
     d["deft_col2im_cuda_v2"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCuda));
     return d;
   });

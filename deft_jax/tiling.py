@@ -106,13 +106,13 @@ def cpu_chunk_images(s: LayerShape) -> int:
     return int(max(1, CPU_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))
 
 
-# The CPU forward's chunk, in output rows: a run of rows (across images where they are small) of
-# at most this many bytes of columns, meant to stay in the cores' caches from the sampler that
-# writes them to the dot that reads them (S2 fp32: 9.4 MB of columns per 64x64 image; at 16 cores
-# the whole-image forward barely beat 2 cores, 3.83 vs 4.79 ms). Each run is a loop step, so short
-# runs lose on few cores: 2-core VM, S2 fp32 fwd (min of 11, ms) 1 / 2 / 4 / 8 / 16 MiB 5.11 /
-# 5.14 / 4.72 / 4.44 / 4.51, S6 1.48 / 1.46 / 1.41 / 1.49 / 1.53 (docs/kernels.md).
-CPU_FORWARD_COLUMN_BUDGET_BYTES = 8 * 2**20
+# The CPU forward's chunk, in output rows: whole images while they fit, else runs of rows (across
+# images where they are small) of at most this many bytes of columns. Each chunk is a loop step,
+# so few large chunks win: min ms, fp32, budget 2 / 8 / 32 MiB (docs/kernels.md): 16 cores S2
+# 4.04 / 2.39 / 2.51, S1 1.14 / 0.86 / 0.51 (one chunk); 2 cores S2 (1 / 2 / 4 / 8 / 16 MiB)
+# 5.11 / 5.14 / 4.72 / 4.44 / 4.51, S1 1.39 / 1.11 / 1.54 / 1.05 / 0.89. 16 MiB keeps a 64x64x64
+# fp32 image (9.4 MB) whole and the program's temporaries under glibc's 32 MiB mmap threshold.
+CPU_FORWARD_COLUMN_BUDGET_BYTES = 16 * 2**20
 
 
 def cpu_forward_chunk_rows(s: LayerShape) -> int:
@@ -123,13 +123,20 @@ def cpu_forward_chunk_rows(s: LayerShape) -> int:
     return int(max(1, CPU_FORWARD_COLUMN_BUDGET_BYTES // per_row))
 
 
+# The CPU backward runs an image in runs of rows only where its columns and their float32
+# cotangent exceed this: beyond glibc's largest mmap threshold (32 MiB) every call page-faults its
+# temporaries in. Below it whole images were faster on 16 cores (fwd+bwd fp32, min ms, whole
+# images / runs of 22-32 rows: S2 15.90 / 20.18, S1 2.89 / 4.32) though not on 2 (S2 24.1 /
+# 19.4, S1 6.25 / 4.73): each run is a loop step with two dots and a col2im.
+CPU_BACKWARD_RUN_THRESHOLD_BYTES = 32 * 2**20
+
+
 def cpu_backward_chunk_rows(s: LayerShape) -> int:
     """Output rows per run of the CPU backward where one image's columns and their float32
-    cotangent exceed CPU_COLUMN_BUDGET_BYTES (S1/S2 fp32: 19 MB per 64x64x64 image), else 0 (whole
-    images, cpu_chunk_images): the runs keep the backward's temporaries within the budget, which
-    whole images overran (and on 16 cores sent them through DRAM)."""
+    cotangent exceed CPU_BACKWARD_RUN_THRESHOLD_BYTES (runs of CPU_COLUMN_BUDGET_BYTES), else 0
+    (whole images, cpu_chunk_images)."""
     per_image = _column_bytes_per_image(s)
-    if per_image <= CPU_COLUMN_BUDGET_BYTES or s.h_out <= 1:
+    if per_image <= CPU_BACKWARD_RUN_THRESHOLD_BYTES or s.h_out <= 1:
         return 0
     return int(max(1, CPU_COLUMN_BUDGET_BYTES // max(1, per_image // s.h_out)))
 

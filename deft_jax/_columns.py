@@ -12,12 +12,12 @@ calls, which take the chunk's first output row or image as an operand),
              dcols = dy . kernel^T                            XLA's dot, float32 (float64)
              dx, doffset, dmask = col2im(x, offset, mask, dcols)   (native)
 
-The forward's chunk is a run of output rows over the batch's N * Ho (``NativeCall.chunk_rows``:
-on CPU sized so the columns stay in cache between the sampler and the dot, tiling.
-cpu_forward_chunk_rows), the backward's whole images (``NativeCall.chunk``: col2im writes dx per
-image); both come from column-memory budgets, so the extra memory is bounded independently of
-the batch: a batch larger than one chunk runs as a loop over equal chunks plus at most one
-smaller one. Feature groups are a grouped contraction, as in the
+The forward's chunk is whole images where they fit its budget (``NativeCall.chunk_rows``, in
+output rows; tiling.cpu_forward_chunk_rows on CPU), else a run of output rows over the batch's
+N * Ho; the backward's is whole images (``NativeCall.chunk``), or on CPU, for an image past 32 MiB
+of columns, runs of that image's rows (``NativeCall.bwd_rows``). All come from column-memory
+budgets, so the extra memory is bounded independently of the batch: a batch larger than one
+chunk runs as a loop over equal chunks plus at most one smaller one. Feature groups are a grouped contraction, as in the
 reference; offset groups are inside the sampler. The dots take ``precision`` and accumulate in
 float32 (float64 for float64). On CPU every piece is deterministic run to run: the C++ fixes the
 order of every sum (for any thread count), the kernel cotangent sums the chunks in order, and
@@ -241,9 +241,9 @@ def backward(x, offset, mask, kernel, dy, call):
             dmask = _put(dmask, dmc, start)
         return dx, doffset, dmask, dwk
 
-    # CPU, an image's columns over the budget: per image, runs of `run` rows (NativeCall.bwd_rows),
-    # each sampled, reduced by the dots and scattered by col2im into the image's float32 dx,
-    # which the runs add to in order (the same sums, in the same order, as one whole image).
+    # CPU, an image's columns past tiling.CPU_BACKWARD_RUN_THRESHOLD_BYTES: per image, runs of
+    # `run` rows (NativeCall.bwd_rows), each sampled, reduced by the dots and scattered by col2im
+    # into the image's float32 dx, which the runs add to in the whole image's order.
     run = _chunk_size(ho, z, call.bwd_rows) if cpu and 0 < call.bwd_rows < ho else 0
 
     def image_step(image, size, carry, ins):

@@ -14,6 +14,7 @@ benchmark's protocol; use bench_layers.py for the headline numbers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -123,40 +124,19 @@ def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
             return y, vjp(a[-1])
         return g
 
-    default = tiling.cpu_chunk_images
+    grad_args = (x, off, mask, kernel, dy)
     for c in chunks:
-        if c:
-            tiling.cpu_chunk_images = lambda shape, c=c: c
-        jax.clear_caches()  # the chunk is chosen at trace time: no cached trace of another one
-        tag = f"chunk {c}" if c else "chunk default"
-        try:
-            out[f"op fwd+bwd, {tag}"] = timed(with_grads(op), (x, off, mask, kernel, dy), reps)
-        finally:
-            tiling.cpu_chunk_images = default
-            jax.clear_caches()
-    default_rows = tiling.cpu_backward_chunk_rows
+        with _tiling_set("cpu_chunk_images", (lambda shape, c=c: c) if c else None):
+            out[f"op fwd+bwd, chunk {c or 'default'}"] = timed(with_grads(op), grad_args, reps)
     for r in bwd_rows:
-        if r >= 0:
-            tiling.cpu_backward_chunk_rows = lambda shape, r=r: r
-        jax.clear_caches()
         tag = ("whole images" if r == 0 else f"runs of {r} rows") if r >= 0 else "default"
-        try:
-            out[f"op fwd+bwd, bwd {tag}"] = timed(with_grads(op), (x, off, mask, kernel, dy), reps)
-        finally:
-            tiling.cpu_backward_chunk_rows = default_rows
-            jax.clear_caches()
-    default_budget = tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES
+        with _tiling_set("cpu_backward_chunk_rows", (lambda shape, r=r: r) if r >= 0 else None):
+            out[f"op fwd+bwd, bwd {tag}"] = timed(with_grads(op), grad_args, reps)
     for mib in fwd_budgets:
-        if mib:
-            tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES = int(mib * 2**20)
-        jax.clear_caches()
-        rows = tiling.cpu_forward_chunk_rows(_shape(layer, dtype))
-        tag = f"{mib:g} MiB" if mib else "default"
-        try:
-            out[f"op fwd, {tag} ({rows} rows)"] = timed(op, (x, off, mask, kernel), reps)
-        finally:
-            tiling.CPU_FORWARD_COLUMN_BUDGET_BYTES = default_budget
-            jax.clear_caches()
+        with _tiling_set("CPU_FORWARD_COLUMN_BUDGET_BYTES", int(mib * 2**20) if mib else None):
+            rows = tiling.cpu_forward_chunk_rows(_shape(layer, dtype))
+            out[f"op fwd, {f'{mib:g} MiB' if mib else 'default'} ({rows} rows)"] = timed(
+                op, (x, off, mask, kernel), reps)
     out["conv fwd"] = timed(conv, (x, kernel), reps)
     out["conv fwd+bwd"] = timed(with_grads(conv), (x, kernel, dy), reps)
     return out
@@ -193,6 +173,22 @@ def main(argv=None):
             for k, (lo, med, cpu) in res.items():
                 print(f"  {k:34s} {lo:9.2f} {med:9.2f} {cpu:9.2f}")
             sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _tiling_set(name: str, value):
+    """tiling.<name> = value (None: left as it is) inside the block. The chunking is chosen at
+    trace time, so JAX's caches are cleared on entry and exit (no trace of another setting is
+    reused)."""
+    default = getattr(tiling, name)
+    if value is not None:
+        setattr(tiling, name, value)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        setattr(tiling, name, default)
+        jax.clear_caches()
 
 
 def _shape(layer, dt):

@@ -30,6 +30,15 @@ def _grads(case, x, off, kernel, mask, dy, impl=None):
     return (y, *vjp(dy))
 
 
+def _assert_matches_reference(case, x, off, kernel, mask, dy):
+    """The native op's output and gradients equal the reference's (float64)."""
+    got = _grads(case, x, off, kernel, mask, dy)
+    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b) < 1e-10
+
+
 @pytest.fixture
 def chunk(monkeypatch):
     """Set the images per chunk of the CPU route (the forward's chunk: as many whole images'
@@ -65,11 +74,7 @@ def test_chunked_equals_reference(case, unrolled, chunk, unroll, rng):
         unroll()
     x, off, kernel, mask = make_inputs(case, rng)
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
-    got = _grads(case, x, off, kernel, mask, dy)
-    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert rel_err(a, b) < 1e-10
+    _assert_matches_reference(case, x, off, kernel, mask, dy)
     # The chunks are a loop in the program (or a chain of steps), each sampling 2 images.
     f = lambda *a: deft_jax.deform_conv2d(*a, **case.kwargs())  # noqa: E731
     hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
@@ -90,11 +95,7 @@ def test_forward_row_chunks(rows, unrolled, chunk, unroll, rng):
     assert case.out_hw() == (7, 6)
     x, off, kernel, mask = make_inputs(case, rng)
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
-    got = _grads(case, x, off, kernel, mask, dy)
-    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert rel_err(a, b) < 1e-10
+    _assert_matches_reference(case, x, off, kernel, mask, dy)
     f = lambda *a: deft_jax.deform_conv2d(*a, **case.kwargs())  # noqa: E731
     hlo = jax.jit(f).lower(x, off, kernel, mask).as_text()
     cols = "1x1x7" if rows >= 7 else f"1x1x{_columns._chunk_size(35, 1, rows)}"
@@ -115,11 +116,7 @@ def test_backward_row_runs(bwd_rows, case, chunk, rng):
     x, off, kernel, mask = make_inputs(case, rng)
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
     chunk(1, bwd_rows=bwd_rows)
-    got = _grads(case, x, off, kernel, mask, dy)
-    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert rel_err(a, b) < 1e-10
+    _assert_matches_reference(case, x, off, kernel, mask, dy)
     f32 = [a.astype(jnp.float32) if a is not None else None for a in (x, off, kernel, mask, dy)]
     runs = _grads(case, *f32)
     jax.clear_caches()

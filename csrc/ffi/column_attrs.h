@@ -114,6 +114,21 @@ inline std::vector<int64_t> WithImages(ffi::Span<const int64_t> dims, int64_t im
   return d;
 }
 
+// The element types of a col2im's buffers: the column cotangent and dx (dx_in too where given) in
+// the accumulation type (float32, float64 for float64), doffset and dmask in x's. Returns x's dtype.
+inline ffi::ErrorOr<deft::DType> CheckCol2ImTypes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& dcols,
+                                                  const ffi::AnyBuffer& dx, const ffi::AnyBuffer* dx_in,
+                                                  const ffi::AnyBuffer& doffset, const ffi::AnyBuffer& dmask) {
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype;
+  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (dcols.element_type() != acc || dx.element_type() != acc || (dx_in && dx_in->element_type() != acc))
+    return ffi::Unexpected(invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)"));
+  if (doffset.element_type() != x.element_type() || dmask.element_type() != x.element_type())
+    return ffi::Unexpected(invalid("doffset and dmask must have x's dtype"));
+  return dtype;
+}
+
 // The col2im's buffers: dcols and dx in the accumulation type (float32, float64 for float64),
 // doffset and dmask in x's; dx, doffset and dmask hold the chunk's n_out images; dmask is (0,) like
 // the mask placeholder without modulation. Returns x's dtype.
@@ -122,13 +137,8 @@ inline ffi::ErrorOr<deft::DType> CheckCol2ImBuffers(const ffi::AnyBuffer& x, con
                                                     const ffi::AnyBuffer& dx, const ffi::AnyBuffer& doffset,
                                                     const ffi::AnyBuffer& dmask, const ColumnAttrs& attrs,
                                                     int64_t n_out) {
-  auto dtype = to_dtype(x.element_type());
+  auto dtype = CheckCol2ImTypes(x, dcols, dx, nullptr, doffset, dmask);
   if (dtype.has_error()) return dtype;
-  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
-  if (dcols.element_type() != acc || dx.element_type() != acc)
-    return ffi::Unexpected(invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)"));
-  if (doffset.element_type() != x.element_type() || dmask.element_type() != x.element_type())
-    return ffi::Unexpected(invalid("doffset and dmask must have x's dtype"));
   const auto want_dmask = attrs.with_mask ? WithImages(mask.dimensions(), n_out)
                                           : std::vector<int64_t>(mask.dimensions().begin(), mask.dimensions().end());
   if (auto e = CheckSameShape("dx", dx.dimensions(), WithImages(x.dimensions(), n_out)); !e.success())
@@ -149,13 +159,8 @@ inline ffi::ErrorOr<deft::DType> CheckCol2ImRunBuffers(const deft::ConvParams& p
                                                        const ffi::AnyBuffer& dx_in, const ffi::AnyBuffer& dx,
                                                        const ffi::AnyBuffer& doffset, const ffi::AnyBuffer& dmask,
                                                        int64_t first_row, int64_t rows) {
-  auto dtype = to_dtype(x.element_type());
+  auto dtype = CheckCol2ImTypes(x, dcols, dx, &dx_in, doffset, dmask);
   if (dtype.has_error()) return dtype;
-  const ffi::DataType acc = x.element_type() == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
-  if (dcols.element_type() != acc || dx.element_type() != acc || dx_in.element_type() != acc)
-    return ffi::Unexpected(invalid("the column cotangent and dx must be float32 (float64 for float64 inputs)"));
-  if (doffset.element_type() != x.element_type() || dmask.element_type() != x.element_type())
-    return ffi::Unexpected(invalid("doffset and dmask must have x's dtype"));
   const int64_t images = rows > 0 && p.h_out > 0 ? (first_row + rows - 1) / p.h_out - first_row / p.h_out + 1 : 0;
   auto xd = x.dimensions(), cd = dcols.dimensions();
   std::vector<int64_t> want_dx(xd.begin(), xd.end());

@@ -3,8 +3,10 @@
 //   col2im, pass 1   (block of the call's output pixels): doffset and dmask of those pixels, each a
 //                    reduction over its offset group's channels of its own (pixel, tap), and
 //                    the table of corners and weights that pass 2 scatters with
+//   col2im, buckets  (block of the call's output pixels): each table entry's index, appended to
+//                    the list of every (offset group, band of dx rows) its corners fall in
 //   col2im, pass 2   (image, offset group, block of channels, band of rows): dx of those
-//                    channels and rows, scattered from every (pixel, tap) of the image in order
+//                    channels and rows, scattered from the entries of its band's list, in order
 // No atomics, no per-thread partial buffers: each element's sum has one fixed order, so the
 // result does not depend on the thread count or the schedule. The bilinear math is
 // deft/geometry.h's make_bilinear, the same as the CUDA kernels'. A corner outside the image reads
@@ -17,6 +19,7 @@
 #include "cpu/columns_isa.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #ifndef DEFT_CPU_ISA
@@ -94,11 +97,16 @@ struct Sampler {
 };
 
 // What the dx scatter needs of one (pixel, group, tap), written by col2im's first pass: each
-// corner's pixel in the image (y * w + x; -1 outside) and its weight times the modulation.
+// corner's pixel in the image (y * w + x; -1 outside), its weight times the modulation, where
+// the entry's row of dcols starts (its group's first channel) and the <= 2 bands of dx rows its
+// corners lie in (two adjacent rows), increasing, -1 for none. Index arithmetic done once here:
+// an int64 division per corner and pass made the second and third passes 2x slower.
 template <typename A>
 struct Scatter {
   int64_t at[4];
   A wm[4];
+  int64_t src;
+  int32_t band[2];
 };
 
 // dst[c] = (sum over corners of x * w) * m, corners in the reference's order; NaN for every
@@ -209,63 +217,104 @@ void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
   const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
   const int64_t threads = runner.threads();
-  // Per (pixel of the call, group, tap), in that order: the first pass writes it, the second
-  // reads it once per channel block (1/C of the columns' size).
-  std::vector<Scatter<A>> scatter(total * G * K);
-
-  // Pass 1, (block of the call's pixels) tasks: doffset and dmask, and the scatter table.
-  {
-    const int64_t block = PixelBlock(1, total, threads);
-    runner.Run((total + block - 1) / block, [&](int64_t task) {
-      const int64_t u0 = task * block, u1 = std::min(total, u0 + block);
-      for (int64_t u = u0; u < u1; ++u) {
-        const Pixel q = s.at(px.row(u), u);
-        Scatter<A>* sc = scatter.data() + q.out * G * K;
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t i = 0; i < p.kh; ++i)
-            for (int64_t j = 0; j < p.kw; ++j) {
-              const int64_t k = i * p.kw + j;
-              const Tap<T, A> t = s.tap(q, g, i, j);
-              A d[4];
-              Dot4(dcols + (q.out * K + k) * C + g * Cg, t.src, Cg, d);
-              const A ly = t.b.ly, lx = t.b.lx, f = t.b.fill();  // f: NaN for a NaN point, else 0
-              // d sample / d(y, x) of each corner's weight, as torchvision.
-              const A gy = f - (A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
-              const A gx = f - (A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
-              T* doff = doffset + q.out * p.offset_channels() + (g * K + k) * 2;
-              doff[0] = store_as<T>(A(t.m * gy));
-              doff[1] = store_as<T>(A(t.m * gx));
-              if (p.with_mask) {
-                const A gm = f + t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
-                dmask[q.out * p.mask_channels() + g * K + k] = store_as<T>(gm);
-              }
-              Scatter<A>& e = sc[g * K + k];
-              const bool valid[4] = {t.b.v00, t.b.v01, t.b.v10, t.b.v11};
-              for (int c = 0; c < 4; ++c) {
-                e.at[c] = valid[c] ? (t.b.y0 + c / 2) * p.w + (t.b.x0 + c % 2) : -1;
-                e.wm[c] = t.m * t.w[c];
-              }
-            }
-      }
-    });
-  }
-
-  // Pass 2, (dx image, offset group, channel block, band of dx rows) tasks: dx += the scatter
-  // of every (pixel, tap) of the call in that image, in order. Blocks of >= 16 channels (a
-  // 64-byte line of float), at most kMaxBlock, until there is a task per thread (each task walks the whole table: wider blocks share that
-  // cost); then bands of dx rows until there are two tasks per thread (a chunk of one 64-channel
-  // image has only 4 blocks: 4 of 16 threads busy without bands). A band task skips the entries
-  // with no corner in its rows and sends corners outside them to `trash`, so each dx element still
-  // takes its terms in (pixel, tap) order: the block and band sizes change no result.
+  // Pass 2's split, decided first (pass 1 sorts the table's entries by its bands): bands of dx rows
+  // until there are two tasks per thread, at least two rows each (an entry's corners span two
+  // rows, so it lands in <= 2 bands: walking a band's list instead of the whole table is what lets
+  // more threads help); then channel blocks of >= 16 (a 64-byte line of float), at most kMaxBlock
+  // (the trash rows are on the stack). No result depends on either: each dx element still takes
+  // its terms in (pixel, tap) order.
   constexpr int64_t kMaxBlock = 256;
-  const int64_t want = (threads + images * G - 1) / (images * G);
-  const int64_t nb = std::clamp<int64_t>(std::max(want, (Cg + kMaxBlock - 1) / kMaxBlock), 1,
-                                         std::max<int64_t>(1, Cg / 16));
+  const int64_t want = 2 * threads, per_group = images * G;
+  const int64_t bands = std::clamp<int64_t>((want + per_group - 1) / per_group, 1, std::max<int64_t>(1, p.h / 2));
+  const int64_t band_rows = (p.h + bands - 1) / bands;
+  const int64_t nb = std::clamp<int64_t>(std::max((want + per_group * bands - 1) / (per_group * bands),
+                                                  (Cg + kMaxBlock - 1) / kMaxBlock),
+                                         1, std::max<int64_t>(1, Cg / 16));
   const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);
   const int64_t blocks = (Cg + cb - 1) / cb;
+  const int64_t buckets = G * bands;  // bucket g * bands + band
+
+  // Per (pixel of the call, group, tap), in that order: pass 1 writes it (every entry: no need
+  // to zero it first), the buckets and pass 2 read it.
+  const int64_t entries = total * G * K;
+  std::unique_ptr<Scatter<A>[]> scatter(new Scatter<A>[entries]);
+  std::vector<int32_t> band_of_row(p.h);
+  for (int64_t r = 0; r < p.h; ++r) band_of_row[r] = static_cast<int32_t>(r / band_rows);
+  const int64_t block = PixelBlock(1, total, threads);
+  const int64_t tasks1 = (total + block - 1) / block;
+  // counts[task1 * buckets + bucket]: entries of pass-1 task task1 in the bucket; then (the
+  // prefix sums) where that task's first such entry goes in `lists`.
+  std::vector<int64_t> counts(tasks1 * buckets, 0);
+
+  // Pass 1, (block of the call's pixels) tasks: doffset and dmask, the scatter table and the
+  // bucket counts.
+  runner.Run(tasks1, [&](int64_t task) {
+    const int64_t u0 = task * block, u1 = std::min(total, u0 + block);
+    int64_t* cnt = counts.data() + task * buckets;
+    for (int64_t u = u0; u < u1; ++u) {
+      const Pixel q = s.at(px.row(u), u);
+      Scatter<A>* sc = scatter.get() + q.out * G * K;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < p.kh; ++i)
+          for (int64_t j = 0; j < p.kw; ++j) {
+            const int64_t k = i * p.kw + j;
+            const Tap<T, A> t = s.tap(q, g, i, j);
+            A d[4];
+            Dot4(dcols + (q.out * K + k) * C + g * Cg, t.src, Cg, d);
+            const A ly = t.b.ly, lx = t.b.lx, f = t.b.fill();  // f: NaN for a NaN point, else 0
+            // d sample / d(y, x) of each corner's weight, as torchvision.
+            const A gy = f - (A(1) - lx) * d[0] - lx * d[1] + (A(1) - lx) * d[2] + lx * d[3];
+            const A gx = f - (A(1) - ly) * d[0] + (A(1) - ly) * d[1] - ly * d[2] + ly * d[3];
+            T* doff = doffset + q.out * p.offset_channels() + (g * K + k) * 2;
+            doff[0] = store_as<T>(A(t.m * gy));
+            doff[1] = store_as<T>(A(t.m * gx));
+            if (p.with_mask) {
+              const A gm = f + t.w[0] * d[0] + t.w[1] * d[1] + t.w[2] * d[2] + t.w[3] * d[3];
+              dmask[q.out * p.mask_channels() + g * K + k] = store_as<T>(gm);
+            }
+            Scatter<A>& e = sc[g * K + k];
+            const bool valid[4] = {t.b.v00, t.b.v01, t.b.v10, t.b.v11};
+            for (int c = 0; c < 4; ++c) {
+              e.at[c] = valid[c] ? (t.b.y0 + c / 2) * p.w + (t.b.x0 + c % 2) : -1;
+              e.wm[c] = t.m * t.w[c];
+            }
+            e.src = (q.out * K + k) * C + g * Cg;
+            const int32_t top = valid[0] || valid[1] ? band_of_row[t.b.y0] : -1;
+            const int32_t bottom = valid[2] || valid[3] ? band_of_row[t.b.y0 + 1] : -1;
+            e.band[0] = top >= 0 ? top : bottom;
+            e.band[1] = top >= 0 && bottom > top ? bottom : -1;
+            for (int m = 0; m < 2 && e.band[m] >= 0; ++m) ++cnt[g * bands + e.band[m]];
+          }
+    }
+  });
+
+  // Buckets: each (group, band) list holds its entries' indices in table order, i.e. (pixel,
+  // tap) order; pass-1 task task1's entries go after those of the tasks before it.
+  std::vector<int64_t> bucket_start(buckets + 1, 0);
+  for (int64_t b = 0, at = 0; b < buckets; ++b) {
+    bucket_start[b] = at;
+    for (int64_t t1 = 0; t1 < tasks1; ++t1) {
+      const int64_t c = counts[t1 * buckets + b];
+      counts[t1 * buckets + b] = at;
+      at += c;
+    }
+    bucket_start[b + 1] = at;
+  }
+  std::unique_ptr<int64_t[]> lists(new int64_t[bucket_start[buckets]]);
+  runner.Run(tasks1, [&](int64_t task) {
+    const int64_t e0 = task * block * G * K, e1 = std::min(total, (task + 1) * block) * G * K;
+    int64_t* next = counts.data() + task * buckets;
+    for (int64_t idx = e0, g = 0, k = 0; idx < e1; ++idx) {  // g, k: idx's group and tap
+      const Scatter<A>& e = scatter[idx];
+      for (int m = 0; m < 2 && e.band[m] >= 0; ++m) lists[next[g * bands + e.band[m]]++] = idx;
+      if (++k == K) k = 0, g = g + 1 == G ? 0 : g + 1;
+    }
+  });
+
+  // Pass 2, (dx image, offset group, channel block, band of dx rows) tasks: dx += the scatter of
+  // every entry of the call's pixels in that image with a corner in the band, in table order.
+  // Corners outside the band (or the image) go to `trash`.
   const int64_t tasks = images * G * blocks;
-  const int64_t bands = std::clamp<int64_t>((2 * threads + tasks - 1) / tasks, 1, std::max<int64_t>(1, p.h / 2));
-  const int64_t band_rows = (p.h + bands - 1) / bands;
   runner.Run(tasks * bands, [&](int64_t task) {
     const int64_t band = task % bands, tk = task / bands;
     const int64_t o = tk / (G * blocks), g = (tk / blocks) % G, c0 = (tk % blocks) * cb;
@@ -273,24 +322,24 @@ void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const
     // dx pixels [lo, hi) (rows [band * band_rows, ...)) are this task's.
     const int64_t lo = std::min(HW, band * band_rows * p.w), hi = std::min(HW, lo + band_rows * p.w);
     A* dxi = dx + o * HW * C + ch;
-    A trash[4][kMaxBlock] = {};  // the rows of corners outside the image or the band
-    // The call's pixels of dx image o: those of its problem whose offset row is in the image.
+    A trash[4][kMaxBlock] = {};
+    // The call's pixels of dx image o: those of its problem whose offset row is in the image;
+    // their entries are the table's [t_lo, t_hi) * G * K, a run of the bucket's sorted list.
     const int64_t problem = o / di.count, first = (di.first + o % di.count) * P - px.start;
     const int64_t t_lo = problem * px.count + std::clamp<int64_t>(first, 0, px.count);
     const int64_t t_hi = problem * px.count + std::clamp<int64_t>(first + P, 0, px.count);
-    for (int64_t row = t_lo; row < t_hi; ++row) {
-      const Scatter<A>* sc = scatter.data() + (row * G + g) * K;
-      for (int64_t k = 0; k < K; ++k) {
-        A* d[4];
-        bool any = false;
-        for (int c = 0; c < 4; ++c) {
-          const int64_t at = sc[k].at[c];
-          const bool mine = at >= lo && at < hi;  // at = -1 outside the image
-          d[c] = mine ? dxi + at * C : trash[c];
-          any |= mine;
-        }
-        if (any) Scatter4(sc[k].wm, dcols + (row * K + k) * C + ch, d[0], d[1], d[2], d[3], n);
+    const int64_t* list_begin = lists.get() + bucket_start[g * bands + band];
+    const int64_t* list_end = lists.get() + bucket_start[g * bands + band + 1];
+    const int64_t* it = std::lower_bound(list_begin, list_end, t_lo * G * K);
+    const int64_t* stop = std::lower_bound(it, list_end, t_hi * G * K);
+    for (; it != stop; ++it) {
+      const Scatter<A>& e = scatter[*it];
+      A* d[4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t at = e.at[c];
+        d[c] = at >= lo && at < hi ? dxi + at * C : trash[c];  // at = -1 outside the image
       }
+      Scatter4(e.wm, dcols + e.src + c0, d[0], d[1], d[2], d[3], n);
     }
   });
 }

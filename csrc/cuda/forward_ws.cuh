@@ -5,7 +5,7 @@
 // tensor cores idle while the block samples and the gather latency is exposed once per chunk (S4
 // fp32 on an H200: 2 warps per scheduler, 0.62 eligible, 33% of issue slots used; docs/kernels.md
 // "Warp-specialized forward"). Here the two halves run concurrently and meet only at the ring
-// slots' named barriers.
+// slots' mbarriers (full: the producers filled it; empty: the consumers are done with it).
 #pragma once
 
 #include "cuda/forward.cuh"
@@ -13,13 +13,38 @@
 namespace deft {
 namespace kern {
 
-// Named barriers (id 0 is __syncthreads'): `threads` counts the arriving and the waiting threads.
-// bar.arrive orders the arriving thread's prior shared-memory writes before the waiters' reads.
+// Named barriers (id 0 is __syncthreads'): `threads` counts the threads that meet there.
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+
+// The ring's hand-offs are mbarriers in shared memory (sm_80): an arrive releases the arriving
+// thread's prior shared-memory writes, the wait that sees its phase complete acquires them (PTX
+// memory model, CTA scope). compute-sanitizer's racecheck models this hand-off; it does not model
+// the bar.arrive -> bar.sync one the ring used before (benchmarks/barrier_racecheck.cu), so on
+// mbarriers racecheck can check the ring. `count`: the arrivals that complete a phase.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared.b64 st, [%0];\n}\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Returns once the phase with this parity (0 for the barrier's first, 1 for its second, ...) has
+// completed. sm_90's try_wait suspends the thread for a while instead of spinning on test_wait.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  unsigned done = 0;
+  do {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+#else
+    asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+#endif
+  } while (!done);
 }
 
 // Thread-block clusters (sm_90; the launcher runs the k-split ring only there): the barrier over
@@ -156,8 +181,16 @@ struct WsLayout {
   static constexpr size_t kRing = Cfg::kStages * kSlot;
   static constexpr size_t kC = align_up(size_t(Cfg::BM) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kRing > kC ? kRing : kC;
-  static constexpr size_t kBytes = kMain + 2 * size_t(Cfg::BM) * sizeof(Rec);  // + two record buffers
+  static constexpr size_t kBars = align_up(kMain + 2 * size_t(Cfg::BM) * sizeof(Rec), 8);  // + two record buffers
+  static constexpr size_t kBytes = kBars + 2 * Cfg::kStages * sizeof(uint64_t);  // + full[S], empty[S]
 };
+
+// The ring's mbarriers, after the record buffers: full[s] completes when the PT producer threads
+// have filled slot s, empty[s] when the CT consumer threads are done with it.
+template <typename L>
+__device__ __forceinline__ uint64_t* ws_full_bars(unsigned char* smem) {
+  return reinterpret_cast<uint64_t*>(smem + L::kBars);
+}
 
 // The producers' side of the ring: for each chunk of the walk, gather the four corners of every
 // (pixel, channel vector) into registers, copy the next chunk's weight rows into the next slot by
@@ -173,8 +206,10 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
   using A = Acc<T>;
   using Rec = typename L::Rec;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, S = Cfg::kStages, V = kVec<T>;
-  constexpr int NT = Cfg::kThreads, PT = Cfg::kProducers;
-  constexpr int kFull = 1, kEmpty = 1 + S, kProd = 1 + 2 * S;
+  constexpr int PT = Cfg::kProducers;
+  constexpr int kProd = 1;  // the producers' own named barrier
+  uint64_t* full = ws_full_bars<L>(smem);
+  uint64_t* empty = full + S;
   constexpr int VPR = BK / V, RSTEP = PT / VPR, IT = BM / RSTEP;      // A: vectors per thread
   constexpr int BVPR = BN / V, BRSTEP = PT / BVPR, IB = BK / BRSTEP;  // B: vectors per thread
   static_assert(PT % VPR == 0 && BM % RSTEP == 0 && PT % BVPR == 0 && BK % BRSTEP == 0, "producer split");
@@ -237,7 +272,8 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
     }
     const int s1 = s + 1 == S ? 0 : s + 1;
     if (i + 1 < nchunks) {
-      if (i + 1 >= S) named_sync(kEmpty + s1, NT);  // the consumers are done with slot s1's last chunk
+      // The consumers are done with slot s1's last chunk, i + 1 - S: empty[s1]'s ((i + 1) / S - 1)th phase.
+      if (i + 1 >= S) mbar_wait(empty + s1, ((i + 1) / S - 1) & 1);
       issue_b(s1);
     }
     cp_async_commit();  // (empty past the last chunk: the wait below counts groups)
@@ -249,7 +285,7 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
       ws_blend_store<T, A>(as + r * L::LDA + cv, cr[it], rb[r], cok && ws_live(rb[r].w[0]));
     }
     cp_async_wait<1>();  // chunk i's weight rows (all but the group just committed)
-    named_arrive(kFull + s, NT);
+    mbar_arrive(full + s);
     walk.next();
     s = s1;
   }
@@ -298,8 +334,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   using L = WsLayout<T, Cfg>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, S = Cfg::kStages;
   constexpr int NT = Cfg::kThreads, CT = Cfg::kConsumers;
-  constexpr int kFull = 1, kEmpty = 1 + S;
-  static_assert(1 + 2 * S < 16, "16 named barriers per block");
   extern __shared__ __align__(128) unsigned char smem[];
 
   const ConvParams& p = g.p;
@@ -322,14 +356,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     nchunks = i1 - i0;
   }
 
+  uint64_t* full = ws_full_bars<L>(smem);
+  uint64_t* empty = full + S;
+  if (tid < S) {
+    mbar_init(full + tid, Cfg::kProducers);
+    mbar_init(empty + tid, CT);
+  }
+  __syncthreads();  // the barriers are initialised before anyone arrives or waits
+
   MmaTile<T, true, BM, BN, BK, Cfg::WM, Cfg::WN, false, false> mma;
   if (tid < CT) {  // consumers: warps 0 .. WM*WN-1, as the MMA tile numbers them
     mma.zero();
     for (int i = 0, s = 0; i < nchunks; ++i) {
-      named_sync(kFull + s, NT);
+      mbar_wait(full + s, (i / S) & 1);  // chunk i is slot s's (i / S)th fill
       const T* as = reinterpret_cast<const T*>(smem + s * L::kSlot);
       mma.compute(as, L::LDA, as + L::kAElems, L::LDB, tid);
-      if (i + S < nchunks) named_arrive(kEmpty + s, NT);  // the producers wait for it at chunk i + S
+      if (i + S < nchunks) mbar_arrive(empty + s);  // the producers wait for it at chunk i + S
       s = s + 1 == S ? 0 : s + 1;
     }
   } else if (nchunks > 0) {

@@ -99,8 +99,8 @@ struct Sampler {
 // What the dx scatter needs of one (pixel, group, tap), written by col2im's first pass: each
 // corner's pixel in the image (y * w + x; -1 outside), its weight times the modulation, where
 // the entry's row of dcols starts (its group's first channel) and the <= 2 bands of dx rows its
-// corners lie in (two adjacent rows), increasing, -1 for none. Index arithmetic done once here:
-// an int64 division per corner and pass made the second and third passes 2x slower.
+// corners lie in (two adjacent rows), increasing, -1 for none. The index arithmetic is done once,
+// here: the later passes visit an entry up to 2 x (channel blocks) times.
 template <typename A>
 struct Scatter {
   int64_t at[4];
@@ -181,6 +181,66 @@ void Scatter4(const A w[4], const A* __restrict g, A* __restrict d0, A* __restri
   }
 }
 
+// col2im's pass 2 tasks are (dx image, offset group, channel block, band of dx rows). Bands first,
+// of >= 2 rows, until there are two tasks per thread: an entry's corners span two rows, so it is
+// in <= 2 bands' lists, and more bands add tasks at almost no cost. Then channel blocks of >= 16
+// (a 64-byte line of float), at most kMaxBlock (the trash rows are on the stack): each block
+// reads all its bands' entries again. No result depends on the split.
+constexpr int64_t kMaxBlock = 256;
+struct DxSplit {
+  int64_t bands, band_rows, block, blocks;
+};
+inline DxSplit SplitDx(int64_t image_groups, int64_t h, int64_t cg, int64_t threads) {
+  const int64_t want = 2 * threads;
+  DxSplit d;
+  d.bands = std::clamp<int64_t>((want + image_groups - 1) / image_groups, 1, std::max<int64_t>(1, h / 2));
+  d.band_rows = (h + d.bands - 1) / d.bands;
+  const int64_t per_block = image_groups * d.bands;
+  const int64_t nb = std::clamp<int64_t>(std::max((want + per_block - 1) / per_block, (cg + kMaxBlock - 1) / kMaxBlock),
+                                         1, std::max<int64_t>(1, cg / 16));
+  d.block = std::min(kMaxBlock, (cg + nb - 1) / nb);
+  d.blocks = (cg + d.block - 1) / d.block;
+  return d;
+}
+
+// Lists of table entries per bucket (group g, band b: bucket g * bands + b), each in table order:
+// bucket j is items[start[j], start[j + 1]).
+struct BucketLists {
+  std::vector<int64_t> start;
+  std::unique_ptr<int64_t[]> items;
+};
+
+// counts[task * buckets + j]: entries of pass-1 task `task` (table entries [task, task + 1) *
+// per_task) in bucket j. Appends every entry to its <= 2 bands' lists of its group, the tasks'
+// entries in task order, the tasks in parallel.
+template <typename A>
+BucketLists ListByBucket(const Scatter<A>* table, int64_t entries, int64_t per_task, int64_t G, int64_t K,
+                         int64_t bands, std::vector<int64_t>& counts, TaskRunner& runner) {
+  const int64_t buckets = G * bands, tasks = (entries + per_task - 1) / per_task;
+  BucketLists out;
+  out.start.assign(buckets + 1, 0);
+  for (int64_t j = 0, at = 0; j < buckets; ++j) {  // counts become each task's first slot
+    out.start[j] = at;
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t c = counts[t * buckets + j];
+      counts[t * buckets + j] = at;
+      at += c;
+    }
+    out.start[j + 1] = at;
+  }
+  out.items.reset(new int64_t[out.start[buckets]]);
+  runner.Run(tasks, [&](int64_t task) {
+    const int64_t e0 = task * per_task, e1 = std::min(entries, e0 + per_task);
+    int64_t* next = counts.data() + task * buckets;
+    for (int64_t idx = e0, g = 0, k = 0; idx < e1; ++idx) {  // g, k: idx's group and tap
+      const Scatter<A>& e = table[idx];
+      for (int m = 0; m < 2 && e.band[m] >= 0; ++m) out.items[next[g * bands + e.band[m]]++] = idx;
+      if (++k == K) k = 0, g = g + 1 == G ? 0 : g + 1;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 template <typename T>
@@ -217,40 +277,24 @@ void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const
   const std::vector<T> zeros(Cg, store_as<T>(A(0)));
   const Sampler<T, A> s{p, x, offset, mask, zeros.data()};
   const int64_t threads = runner.threads();
-  // Pass 2's split, decided first (pass 1 sorts the table's entries by its bands): bands of dx rows
-  // until there are two tasks per thread, at least two rows each (an entry's corners span two
-  // rows, so it lands in <= 2 bands: walking a band's list instead of the whole table is what lets
-  // more threads help); then channel blocks of >= 16 (a 64-byte line of float), at most kMaxBlock
-  // (the trash rows are on the stack). No result depends on either: each dx element still takes
-  // its terms in (pixel, tap) order.
-  constexpr int64_t kMaxBlock = 256;
-  const int64_t want = 2 * threads, per_group = images * G;
-  const int64_t bands = std::clamp<int64_t>((want + per_group - 1) / per_group, 1, std::max<int64_t>(1, p.h / 2));
-  const int64_t band_rows = (p.h + bands - 1) / bands;
-  const int64_t nb = std::clamp<int64_t>(std::max((want + per_group * bands - 1) / (per_group * bands),
-                                                  (Cg + kMaxBlock - 1) / kMaxBlock),
-                                         1, std::max<int64_t>(1, Cg / 16));
-  const int64_t cb = std::min(kMaxBlock, (Cg + nb - 1) / nb);
-  const int64_t blocks = (Cg + cb - 1) / cb;
-  const int64_t buckets = G * bands;  // bucket g * bands + band
+  const DxSplit split = SplitDx(images * G, p.h, Cg, threads);
+  const int64_t bands = split.bands;
+  std::vector<int32_t> band_of_row(p.h);
+  for (int64_t r = 0; r < p.h; ++r) band_of_row[r] = static_cast<int32_t>(r / split.band_rows);
 
-  // Per (pixel of the call, group, tap), in that order: pass 1 writes it (every entry: no need
-  // to zero it first), the buckets and pass 2 read it.
+  // Per (pixel of the call, group, tap), in that order: pass 1 writes every entry (so no zeroing),
+  // the bucket lists and pass 2 read it.
   const int64_t entries = total * G * K;
   std::unique_ptr<Scatter<A>[]> scatter(new Scatter<A>[entries]);
-  std::vector<int32_t> band_of_row(p.h);
-  for (int64_t r = 0; r < p.h; ++r) band_of_row[r] = static_cast<int32_t>(r / band_rows);
   const int64_t block = PixelBlock(1, total, threads);
   const int64_t tasks1 = (total + block - 1) / block;
-  // counts[task1 * buckets + bucket]: entries of pass-1 task task1 in the bucket; then (the
-  // prefix sums) where that task's first such entry goes in `lists`.
-  std::vector<int64_t> counts(tasks1 * buckets, 0);
+  std::vector<int64_t> counts(tasks1 * G * bands, 0);  // pass-1 task x bucket
 
   // Pass 1, (block of the call's pixels) tasks: doffset and dmask, the scatter table and the
   // bucket counts.
   runner.Run(tasks1, [&](int64_t task) {
     const int64_t u0 = task * block, u1 = std::min(total, u0 + block);
-    int64_t* cnt = counts.data() + task * buckets;
+    int64_t* cnt = counts.data() + task * G * bands;
     for (int64_t u = u0; u < u1; ++u) {
       const Pixel q = s.at(px.row(u), u);
       Scatter<A>* sc = scatter.get() + q.out * G * K;
@@ -288,39 +332,19 @@ void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const
     }
   });
 
-  // Buckets: each (group, band) list holds its entries' indices in table order, i.e. (pixel,
-  // tap) order; pass-1 task task1's entries go after those of the tasks before it.
-  std::vector<int64_t> bucket_start(buckets + 1, 0);
-  for (int64_t b = 0, at = 0; b < buckets; ++b) {
-    bucket_start[b] = at;
-    for (int64_t t1 = 0; t1 < tasks1; ++t1) {
-      const int64_t c = counts[t1 * buckets + b];
-      counts[t1 * buckets + b] = at;
-      at += c;
-    }
-    bucket_start[b + 1] = at;
-  }
-  std::unique_ptr<int64_t[]> lists(new int64_t[bucket_start[buckets]]);
-  runner.Run(tasks1, [&](int64_t task) {
-    const int64_t e0 = task * block * G * K, e1 = std::min(total, (task + 1) * block) * G * K;
-    int64_t* next = counts.data() + task * buckets;
-    for (int64_t idx = e0, g = 0, k = 0; idx < e1; ++idx) {  // g, k: idx's group and tap
-      const Scatter<A>& e = scatter[idx];
-      for (int m = 0; m < 2 && e.band[m] >= 0; ++m) lists[next[g * bands + e.band[m]]++] = idx;
-      if (++k == K) k = 0, g = g + 1 == G ? 0 : g + 1;
-    }
-  });
+  const BucketLists lists = ListByBucket(scatter.get(), entries, block * G * K, G, K, bands, counts, runner);
 
   // Pass 2, (dx image, offset group, channel block, band of dx rows) tasks: dx += the scatter of
   // every entry of the call's pixels in that image with a corner in the band, in table order.
   // Corners outside the band (or the image) go to `trash`.
-  const int64_t tasks = images * G * blocks;
-  runner.Run(tasks * bands, [&](int64_t task) {
+  const int64_t blocks = split.blocks, cb = split.block;
+  runner.Run(images * G * blocks * bands, [&](int64_t task) {
     const int64_t band = task % bands, tk = task / bands;
     const int64_t o = tk / (G * blocks), g = (tk / blocks) % G, c0 = (tk % blocks) * cb;
     const int64_t n = std::min(Cg, c0 + cb) - c0, ch = g * Cg + c0;
     // dx pixels [lo, hi) (rows [band * band_rows, ...)) are this task's.
-    const int64_t lo = std::min(HW, band * band_rows * p.w), hi = std::min(HW, lo + band_rows * p.w);
+    const int64_t rows = split.band_rows;
+    const int64_t lo = std::min(HW, band * rows * p.w), hi = std::min(HW, lo + rows * p.w);
     A* dxi = dx + o * HW * C + ch;
     A trash[4][kMaxBlock] = {};
     // The call's pixels of dx image o: those of its problem whose offset row is in the image;
@@ -328,8 +352,8 @@ void Col2Im(const ConvParams& p, const PixelRange& px, const DxImages& di, const
     const int64_t problem = o / di.count, first = (di.first + o % di.count) * P - px.start;
     const int64_t t_lo = problem * px.count + std::clamp<int64_t>(first, 0, px.count);
     const int64_t t_hi = problem * px.count + std::clamp<int64_t>(first + P, 0, px.count);
-    const int64_t* list_begin = lists.get() + bucket_start[g * bands + band];
-    const int64_t* list_end = lists.get() + bucket_start[g * bands + band + 1];
+    const int64_t* list_begin = lists.items.get() + lists.start[g * bands + band];
+    const int64_t* list_end = lists.items.get() + lists.start[g * bands + band + 1];
     const int64_t* it = std::lower_bound(list_begin, list_end, t_lo * G * K);
     const int64_t* stop = std::lower_bound(it, list_end, t_hi * G * K);
     for (; it != stop; ++it) {

@@ -20,9 +20,9 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 
 // The ring's hand-offs are mbarriers in shared memory (sm_80): an arrive releases the arriving
 // thread's prior shared-memory writes, the wait that sees its phase complete acquires them (PTX
-// memory model, CTA scope). compute-sanitizer's racecheck models this hand-off; it does not model
-// the bar.arrive -> bar.sync one the ring used before (benchmarks/barrier_racecheck.cu), so on
-// mbarriers racecheck can check the ring. `count`: the arrivals that complete a phase.
+// memory model, CTA scope). compute-sanitizer's racecheck models this hand-off, not a
+// bar.arrive -> bar.sync one (benchmarks/barrier_racecheck.cu), so it can check the ring.
+// `count`: the arrivals that complete a phase.
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }

@@ -9,42 +9,22 @@
 // "racy" is "arrive" plus one more store of the same value per lane after the producer's
 // bar.arrive (unordered with the consumer's reads: a real race, harmless to the sums), to show
 // what racecheck reports for one. Mode "mbarrier" is the same ring on mbarrier objects
-// (mbarrier.arrive / mbarrier.try_wait.parity, as CUTLASS's Hopper pipelines): whether racecheck
-// models those decides whether the forward's ring should move to them.
+// (csrc/cuda/barriers.cuh, the helpers the forward's ring uses: mbarrier.arrive / try_wait.parity).
 // Build: nvcc -O2 -arch=sm_90 -o barrier_racecheck barrier_racecheck.cu
 // Run:   compute-sanitizer --tool racecheck ./barrier_racecheck arrive   (then: sync)
 #include <cstdio>
 #include <cstdint>
 #include <cstring>
 
+#include "../csrc/cuda/barriers.cuh"  // the helpers the forward's ring uses
+
 constexpr int kSlots = 3, kWidth = 32 * 4, kChunks = 16, kThreads = 64;
 
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
-}
-
-// mbarrier (sm_90): arrive has release and try_wait acquire semantics (PTX defaults, CTA scope).
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mb_init(uint64_t* b, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mb_arrive(uint64_t* b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(b)) : "memory");
-}
-__device__ __forceinline__ void mb_wait(uint64_t* b, int parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT;\n"
-      "}\n" ::"r"(smem_addr(b)),
-      "r"(parity)
-      : "memory");
-}
+using deft::kern::mbar_arrive;
+using deft::kern::mbar_init;
+using deft::kern::mbar_wait;
+using deft::kern::named_arrive;
+using deft::kern::named_sync;
 
 enum Mode { kArriveMode, kSyncMode, kRacyMode, kMbarrierMode };
 
@@ -57,30 +37,30 @@ __global__ void ring(float* out) {
   const int lane = threadIdx.x % 32;
   if (kMb) {
     if (threadIdx.x == 0)
-      for (int s = 0; s < kSlots; ++s) mb_init(&full_mb[s], 32), mb_init(&empty_mb[s], 32);
+      for (int s = 0; s < kSlots; ++s) mbar_init(&full_mb[s], 32), mbar_init(&empty_mb[s], 32);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
   }
   if (threadIdx.x >= 32) {  // producer warp
     for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % S) {
       if (i >= S) {  // the consumer is done with this slot
-        if (kMb) mb_wait(&empty_mb[s], (i / S - 1) & 1); else bar_sync(kEmpty + s, kThreads);
+        if (kMb) mbar_wait(&empty_mb[s], (i / S - 1) & 1); else named_sync(kEmpty + s, kThreads);
       }
       for (int e = lane; e < kWidth; e += 32) slot[s][e] = float(i * kWidth + e);
-      if (kMb) mb_arrive(&full_mb[s]);
-      else if (kArrive) bar_arrive(kFull + s, kThreads);
-      else bar_sync(kFull + s, kThreads);
+      if (kMb) mbar_arrive(&full_mb[s]);
+      else if (kArrive) named_arrive(kFull + s, kThreads);
+      else named_sync(kFull + s, kThreads);
       if (M == kRacyMode) slot[s][lane] = float(i * kWidth + lane);
     }
   } else {  // consumer warp
     float acc = 0.f;
     for (int i = 0, s = 0; i < kChunks; ++i, s = (s + 1) % S) {
-      if (kMb) mb_wait(&full_mb[s], (i / S) & 1); else bar_sync(kFull + s, kThreads);
+      if (kMb) mbar_wait(&full_mb[s], (i / S) & 1); else named_sync(kFull + s, kThreads);
       for (int e = lane; e < kWidth; e += 32) acc += slot[s][(e + 7) % kWidth];  // another lane's element
       if (i + S < kChunks) {
-        if (kMb) mb_arrive(&empty_mb[s]);
-        else if (kArrive) bar_arrive(kEmpty + s, kThreads);
-        else bar_sync(kEmpty + s, kThreads);
+        if (kMb) mbar_arrive(&empty_mb[s]);
+        else if (kArrive) named_arrive(kEmpty + s, kThreads);
+        else named_sync(kEmpty + s, kThreads);
       }
     }
     out[lane] = acc;

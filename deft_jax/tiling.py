@@ -93,10 +93,14 @@ CPU_COLUMN_BUDGET_BYTES = 8 * 2**20
 CUDA_COLUMN_BUDGET_BYTES = 48 * 2**20
 
 
+def _itemsize(dtype: str) -> int:
+    return {"float64": 8, "float32": 4}.get(dtype, 2)
+
+
 def _column_bytes_per_image(s: LayerShape) -> int:
-    itemsize = {"float64": 8, "float32": 4}.get(s.dtype, 2)
+    """Columns in x's dtype plus their cotangent in the accumulation dtype."""
     acc = 8 if s.dtype == "float64" else 4
-    return max(1, s.h_out * s.w_out * s.taps * s.c_in * (itemsize + acc))
+    return max(1, s.h_out * s.w_out * s.taps * s.c_in * (_itemsize(s.dtype) + acc))
 
 
 def cpu_chunk_images(s: LayerShape) -> int:
@@ -118,8 +122,7 @@ CPU_FORWARD_COLUMN_BUDGET_BYTES = 16 * 2**20
 def cpu_forward_chunk_rows(s: LayerShape) -> int:
     """Output rows per chunk of the CPU forward (rows counted over the batch's N * Ho, a chunk may
     cross images): as many as CPU_FORWARD_COLUMN_BUDGET_BYTES of columns in x's dtype hold."""
-    itemsize = {"float64": 8, "float32": 4}.get(s.dtype, 2)
-    per_row = max(1, s.w_out * s.taps * s.c_in * itemsize)
+    per_row = max(1, s.w_out * s.taps * s.c_in * _itemsize(s.dtype))
     return int(max(1, CPU_FORWARD_COLUMN_BUDGET_BYTES // per_row))
 
 
@@ -368,7 +371,7 @@ _SPLIT_MAX_PIXELS = 64
 def _vector_channels(s: LayerShape) -> bool:
     """Every channel count is a multiple of the 16-byte vector (the split loader's requirement;
     mirrors make_geo's `vec` in dispatch.cuh)."""
-    v = 16 // {"float64": 8, "float32": 4}.get(s.dtype, 2)
+    v = 16 // _itemsize(s.dtype)
     cg, cog, cpog = s.c_in // s.feature_groups, s.c_out // s.feature_groups, s.c_in // s.offset_groups
     return all(c % v == 0 for c in (s.c_in, cg, cpog, s.c_out, cog))
 

@@ -8,44 +8,11 @@
 // slots' mbarriers (full: the producers filled it; empty: the consumers are done with it).
 #pragma once
 
+#include "cuda/barriers.cuh"
 #include "cuda/forward.cuh"
 
 namespace deft {
 namespace kern {
-
-// Named barriers (id 0 is __syncthreads'): `threads` counts the threads that meet there.
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// The ring's hand-offs are mbarriers in shared memory (sm_80): an arrive releases the arriving
-// thread's prior shared-memory writes, the wait that sees its phase complete acquires them (PTX
-// memory model, CTA scope). compute-sanitizer's racecheck models this hand-off, not a
-// bar.arrive -> bar.sync one (benchmarks/barrier_racecheck.cu), so it can check the ring.
-// `count`: the arrivals that complete a phase.
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared.b64 st, [%0];\n}\n" ::"r"(smem_u32(bar)) : "memory");
-}
-// Returns once the phase with this parity (0 for the barrier's first, 1 for its second, ...) has
-// completed. sm_90's try_wait suspends the thread for a while instead of spinning on test_wait.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-  unsigned done = 0;
-  do {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-#else
-    asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-#endif
-  } while (!done);
-}
 
 // Thread-block clusters (sm_90; the launcher runs the k-split ring only there): the barrier over
 // every thread of the cluster (release/acquire: shared-memory writes before it are visible to the

@@ -9,7 +9,10 @@
 // "racy" is "arrive" plus one more store of the same value per lane after the producer's
 // bar.arrive (unordered with the consumer's reads: a real race, harmless to the sums), to show
 // what racecheck reports for one. Mode "mbarrier" is the same ring on mbarrier objects
-// (csrc/cuda/barriers.cuh, the helpers the forward's ring uses: mbarrier.arrive / try_wait.parity).
+// (csrc/cuda/barriers.cuh: mbarrier.arrive / try_wait.parity), one arrive per thread, as the
+// forward's ring; mode "mbarrier_warp" arrives once per warp after a __syncwarp (a correct protocol
+// by the PTX memory model that racecheck flags: H100, 4 hazards; so the ring arrives per thread,
+// which measured as fast, docs/kernels.md).
 // Build: nvcc -O2 -arch=sm_90 -o barrier_racecheck barrier_racecheck.cu
 // Run:   compute-sanitizer --tool racecheck ./barrier_racecheck arrive   (then: sync)
 #include <cstdio>
@@ -26,18 +29,25 @@ using deft::kern::mbar_wait;
 using deft::kern::named_arrive;
 using deft::kern::named_sync;
 
-enum Mode { kArriveMode, kSyncMode, kRacyMode, kMbarrierMode };
+// One arrival per warp (barrier count = warps): __syncwarp orders the lanes' prior writes before
+// lane 0's releasing arrive.
+__device__ __forceinline__ void mbar_arrive_warp(uint64_t* bar) {
+  __syncwarp();
+  if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
+}
+
+enum Mode { kArriveMode, kSyncMode, kRacyMode, kMbarrierMode, kMbarrierWarpMode };
 
 template <Mode M>
 __global__ void ring(float* out) {
   __shared__ float slot[kSlots][kWidth];
   __shared__ uint64_t full_mb[kSlots], empty_mb[kSlots];
-  constexpr bool kMb = M == kMbarrierMode, kArrive = M != kSyncMode;
+  constexpr bool kWarp = M == kMbarrierWarpMode, kMb = M == kMbarrierMode || kWarp, kArrive = M != kSyncMode;
   constexpr int S = kArrive ? kSlots : 1, kFull = 1, kEmpty = 1 + kSlots;
   const int lane = threadIdx.x % 32;
   if (kMb) {
     if (threadIdx.x == 0)
-      for (int s = 0; s < kSlots; ++s) mbar_init(&full_mb[s], 32), mbar_init(&empty_mb[s], 32);
+      for (int s = 0; s < kSlots; ++s) mbar_init(&full_mb[s], kWarp ? 1 : 32), mbar_init(&empty_mb[s], kWarp ? 1 : 32);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
   }
@@ -47,7 +57,8 @@ __global__ void ring(float* out) {
         if (kMb) mbar_wait(&empty_mb[s], (i / S - 1) & 1); else named_sync(kEmpty + s, kThreads);
       }
       for (int e = lane; e < kWidth; e += 32) slot[s][e] = float(i * kWidth + e);
-      if (kMb) mbar_arrive(&full_mb[s]);
+      if (kWarp) mbar_arrive_warp(&full_mb[s]);
+      else if (kMb) mbar_arrive(&full_mb[s]);
       else if (kArrive) named_arrive(kFull + s, kThreads);
       else named_sync(kFull + s, kThreads);
       if (M == kRacyMode) slot[s][lane] = float(i * kWidth + lane);
@@ -58,7 +69,8 @@ __global__ void ring(float* out) {
       if (kMb) mbar_wait(&full_mb[s], (i / S) & 1); else named_sync(kFull + s, kThreads);
       for (int e = lane; e < kWidth; e += 32) acc += slot[s][(e + 7) % kWidth];  // another lane's element
       if (i + S < kChunks) {
-        if (kMb) mbar_arrive(&empty_mb[s]);
+        if (kWarp) mbar_arrive_warp(&empty_mb[s]);
+        else if (kMb) mbar_arrive(&empty_mb[s]);
         else if (kArrive) named_arrive(kEmpty + s, kThreads);
         else named_sync(kEmpty + s, kThreads);
       }
@@ -74,6 +86,7 @@ int main(int argc, char** argv) {
   if (std::strcmp(mode, "sync") == 0) ring<kSyncMode><<<1, kThreads>>>(d);
   else if (std::strcmp(mode, "racy") == 0) ring<kRacyMode><<<1, kThreads>>>(d);
   else if (std::strcmp(mode, "mbarrier") == 0) ring<kMbarrierMode><<<1, kThreads>>>(d);
+  else if (std::strcmp(mode, "mbarrier_warp") == 0) ring<kMbarrierWarpMode><<<1, kThreads>>>(d);
   else ring<kArriveMode><<<1, kThreads>>>(d);
   float h[32];
   cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost);

@@ -12,7 +12,7 @@
 # sanitize = compute-sanitizer --tool $t for t in SANITIZE_TOOLS (memcheck racecheck initcheck synccheck)
 # on benchmarks/memcheck_small.py and benchmarks/nonfinite_sanitize.py, one tool after another;
 # before them, racecheck on the ring protocol alone (barrier_racecheck.cu) and initcheck on
-# initcheck_probe.py (sanitize_barriers.log, sanitize_initcheck_probe.log).
+# initcheck_probe.py and initcheck_dot_probe.py (sanitize_barriers.log, sanitize_initcheck_*.log).
 # kink = benchmarks/kink_probe.py ${KINK_ARGS:---seeds 6 --dtypes bfloat16} (kink.log).
 # repeat = benchmarks/repeat_check.py (every layer of the bf16 bug's ResNet-18 and the suite, fwd+bwd
 # launched REPEAT_REPS times per route, each launch against the reference: races; repeat.json).
@@ -111,10 +111,10 @@ if has repeat; then
 fi
 if has sanitize; then
   # Triage first: does racecheck model the ring's hand-off? The protocol alone on a toy payload
-  # (benchmarks/barrier_racecheck.cu: modes arrive, sync, racy, mbarrier; only racy has a race).
+  # (benchmarks/barrier_racecheck.cu: modes arrive, sync, racy, mbarrier, mbarrier_warp; only racy has a race).
   echo "== racecheck on the ring protocol alone ($(date -u +%T))"
   nvcc -O2 -arch=sm_90 -o /tmp/barrier_racecheck benchmarks/barrier_racecheck.cu > "$OUT/sanitize_barriers.log" 2>&1
-  for mode in arrive sync racy mbarrier; do  # racy: a real race, for comparison
+  for mode in arrive sync racy mbarrier mbarrier_warp; do  # racy: a real race, for comparison
     timeout 120 compute-sanitizer --tool racecheck --print-limit 4 /tmp/barrier_racecheck $mode >> "$OUT/sanitize_barriers.log" 2>&1
     echo "racecheck $mode rc=$?" >> "$OUT/sanitize_barriers.log"
   done
@@ -126,6 +126,11 @@ if has sanitize; then
       timeout 300 compute-sanitizer --tool initcheck --print-limit 8 "$PY" benchmarks/initcheck_probe.py \
       > "$OUT/sanitize_initcheck_probe.log" 2>&1
     grep -E "^  [a-z]|launching|done|Uninitialized|at 0x|by thread|Address|SUMMARY" "$OUT/sanitize_initcheck_probe.log" | head -n 40
+    # Does initcheck see a bf16 GEMM's output as written? (its col2im reports, docs/kernels.md)
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout 120 compute-sanitizer --tool initcheck --print-limit 4 "$PY" benchmarks/initcheck_dot_probe.py \
+      > "$OUT/sanitize_initcheck_dot.log" 2>&1
+    grep -E "hlo:|probe done|Uninitialized|^=========     at |SUMMARY" "$OUT/sanitize_initcheck_dot.log" | cut -c1-200 | head -n 20
   fi
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     echo "== compute-sanitizer $tool ($(date -u +%T))"

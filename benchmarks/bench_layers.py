@@ -717,27 +717,40 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: str) -> None:
-    """Bar chart of device time per shape/dtype, one panel per mode, log scale; one PNG."""
+    """One PNG, a column per mode: device time per shape/dtype (top) and each implementation's
+    time over the dense conv's (bottom, the table's deft/conv and what the gather costs), log
+    scales."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MODES), figsize=(14, 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], MODES):
+    fig, axes = plt.subplots(2, len(MODES), figsize=(14, 8), squeeze=False)
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+    impls = _impls(data)
+    for col, mode in enumerate(MODES):
         groups = [(s, label, d, e) for s, label, d, m, e, _ in _rows(data) if m == mode]
         xs = np.arange(len(groups))
-        impls = _impls(data)
-        width = 0.8 / len(impls)
-        for k, impl in enumerate(impls):
-            ys = [e[impl]["time_us"] if impl in e and e[impl]["status"] == "ok" else np.nan
-                  for *_, e in groups]
-            ax.bar(xs + (k - (len(impls) - 1) / 2) * width, ys, width, label=impl)
-        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
-        ax.set_xticks(xs, [f"{s}\n{short.get(d, d)}" for s, _, d, _ in groups], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("device time per call (us)")
-        ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
-        ax.legend()
+
+        def time_of(e, impl):
+            return e[impl]["time_us"] if impl in e and e[impl]["status"] == "ok" else np.nan
+        for row, shown in enumerate((impls, [i for i in impls if i != "conv"])):
+            ax = axes[row][col]
+            width = 0.8 / len(shown)
+            for k, impl in enumerate(shown):
+                ys = [time_of(e, impl) / (time_of(e, "conv") if row else 1.0) for *_, e in groups]
+                ax.bar(xs + (k - (len(shown) - 1) / 2) * width, ys, width, label=impl,
+                       color=f"C{impls.index(impl)}")
+            ax.set_xticks(xs, [f"{s}\n{short.get(d, d)}" for s, _, d, _ in groups], fontsize=8)
+            ax.set_yscale("log")
+            title = {"fwd": "forward", "fwdbwd": "forward + backward"}[mode]
+            if row:
+                ax.axhline(1.0, color="C2", linewidth=1)
+                ax.set_ylabel("time / dense conv's time")
+                ax.set_title(f"{title}: over the dense conv (1 = conv)")
+            else:
+                ax.set_ylabel("device time per call (us)")
+                ax.set_title(title)
+            ax.legend()
     layers = dict((s, label) for s, label, *_ in _rows(data))
     title = [textwrap.fill(machine_line(data), 190), textwrap.fill(data["meta"].get("note") or "", 190),
              "  ".join(f"{s}: {label}" for s, label in layers.items())]

@@ -18,7 +18,8 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err, temp_bytes, worst_at
+from helpers import (GPU, Case, make_inputs, needs_gpu, oracle_offset, oracle_vjp, rel_err, temp_bytes,
+                     worst_at)
 
 
 CPU = jax.devices("cpu")[0]
@@ -96,7 +97,7 @@ def _compare(case, rng, dtype, precision=None, tol_key=None, route=None, integer
     with jax.default_device(CPU):
         up = [jax.device_put(a.astype(jnp.float64), CPU) for a in low]
         up[1] = jax.device_put(oracle_offset(case, up[1], dtype), CPU)
-        want = _vjp_on(CPU, _op(case, "xla"), up, dy.astype(dtype).astype(jnp.float64))
+        want = oracle_vjp(case, up, jax.device_put(dy.astype(dtype).astype(jnp.float64), CPU))
     got = _vjp_on(GPU, _op(case, route, precision), low, dy.astype(dtype))
     names = ["y", "dx", "doffset", "dkernel", "dmask"][: len(got)]
     tol = TOL[tol_key or jnp.dtype(dtype).name]

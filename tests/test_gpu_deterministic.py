@@ -15,7 +15,7 @@ from jax import lax
 
 import deft_jax
 from deft_jax import tiling
-from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, rel_err, worst_at
+from helpers import GPU, Case, make_inputs, needs_gpu, oracle_offset, oracle_vjp, rel_err, worst_at
 from test_gpu import TOL
 
 
@@ -132,9 +132,7 @@ def test_reproducible_and_accurate(name, dtype, route, rng):
     with jax.default_device(CPU):
         up = [jax.device_put(a.astype(jnp.float64), CPU) for a in args]
         up[1] = jax.device_put(oracle_offset(case, up[1], dtype), CPU)  # the dtype's sample points
-        f = _op(case, "xla")
-        y, vjp = jax.vjp(f, *up)
-        want = [np.asarray(o, np.float64) for o in (y, *vjp(jax.device_put(dy.astype(jnp.float64), CPU)))]
+        want = oracle_vjp(case, up, jax.device_put(dy.astype(jnp.float64), CPU))
     default = _runs(case, args, dy, runs=1, impl=route)[0]
     tol = _tol(dtype)
     errs = {n: rel_err(np.asarray(a, np.float64), b) for n, a, b in zip(NAMES, outs[0], want)}
@@ -161,8 +159,7 @@ def test_fixed_point_adds_no_visible_error(dtype, precision, rng):
     with jax.default_device(CPU):
         up = [jax.device_put(a.astype(jnp.float64), CPU) for a in args]
         up[1] = jax.device_put(oracle_offset(case, up[1], dtype), CPU)  # the dtype's sample points
-        y, vjp = jax.vjp(_op(case, "xla"), *up)
-        want = [np.asarray(o, np.float64) for o in (y, *vjp(jax.device_put(dy.astype(jnp.float64), CPU)))]
+        want = oracle_vjp(case, up, jax.device_put(dy.astype(jnp.float64), CPU))
     eps = float(jnp.finfo(dtype).eps)
     for name, a, b, w in zip(NAMES, det, default, want):
         e_det, e_def = rel_err(np.asarray(a, np.float64), w), rel_err(np.asarray(b, np.float64), w)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import accuracy
+import deft_jax
 from deft_jax import _ffi
 
 
@@ -79,8 +80,6 @@ def oracle_offset(case: Case, off, dtype) -> jnp.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _oracle_program(case: Case):
-    import deft_jax
-
     def run(args, dy):
         f = lambda x, off, k, *m: deft_jax.deform_conv2d(x, off, k, m[0] if m else None,
                                                          implementation="xla", **case.kwargs())

@@ -81,8 +81,8 @@ __device__ __forceinline__ WsSamp<A> build_ws_samp(const Geo& g, const SampIn<A>
                                                    int64_t ho, int64_t wo, int tap) {
   const ConvParams& p = g.p;
   WsSamp<A> s;
-  // The image's pixel 0; for a pixel past the last image (a flat tile's tail: img == N) x's pixel 0,
-  // since its corners are loaded too (compute-sanitizer initcheck saw reads past x's end).
+  // The image's pixel 0; for a pixel past the last image (a flat tile's tail: img == N) x's pixel 0:
+  // its corners are loaded too, and image N would lie past x's end.
   const uint32_t base = valid ? static_cast<uint32_t>(img * p.h * p.w * p.c_in) : 0u;
 #pragma unroll
   for (int k = 0; k < 4; ++k) s.off[k] = base, s.w[k] = A(0);

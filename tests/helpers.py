@@ -88,15 +88,21 @@ def _oracle_program(case: Case):
     return jax.jit(run)
 
 
-def oracle_vjp(case: Case, args, dy) -> list[np.ndarray]:
-    """(y, dx, doffset, dkernel[, dmask]) of the pure-JAX reference for ``case`` at ``args`` and
-    cotangent ``dy``, as float64 numpy arrays, computed on the devices the arrays are on (the CPU,
-    for the GPU tests' float64 oracle). One jitted program per case, compiled once per process:
-    run op by op, the reference compiled each primitive anew for every new shape, ~8 s per case
-    on 2 cores against ~1.7 s for the whole program, and the GPU tests take each case in three or
-    more dtypes of the same float64 oracle shape. Only the reference is cached so: the native op
-    reads tiling.choose_tiling at trace time, which tests monkeypatch."""
-    return [np.asarray(o, np.float64) for o in _oracle_program(case)(list(args), dy)]
+def oracle_vjp(case: Case, args, dy, dtype) -> list[np.ndarray]:
+    """The float64 oracle of an op run in ``dtype`` on ``args`` (x, offset, kernel[, mask], in
+    ``dtype``) with cotangent ``dy``: (y, dx, doffset, dkernel[, dmask]) of the pure-JAX reference
+    on the CPU, fed the same rounded inputs upcast and the dtype's sample points
+    (oracle_offset), as float64 numpy arrays. One jitted program per case, compiled once per
+    process: run op by op, the reference compiled each primitive anew for every new shape, ~8 s
+    per case on 2 cores against ~1.7 s for the whole program, and the GPU tests take each case in
+    three or more dtypes of the same float64 oracle shape. Only the reference is cached so: the
+    native op reads tiling.choose_tiling at trace time, which tests monkeypatch."""
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        up = [jax.device_put(jnp.asarray(a).astype(jnp.float64), cpu) for a in args]
+        up[1] = jax.device_put(oracle_offset(case, up[1], dtype), cpu)
+        dy64 = jax.device_put(jnp.asarray(dy).astype(dtype).astype(jnp.float64), cpu)
+        return [np.asarray(o, np.float64) for o in _oracle_program(case)(up, dy64)]
 
 
 def rel_err(a, b):

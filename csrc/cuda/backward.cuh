@@ -386,7 +386,9 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   };
   // DET: the same walk with every term in fixed point (the list sum is an int64 sum, so its order
   // does not matter either) and one 64-bit integer atomic per element; a non-finite term sets its
-  // element's nibble of `bad` (W x V <= 8 elements per item) instead.
+  // element's nibble of `bad` (W x V <= 8 elements per item) instead. It runs with V = 1: there is
+  // no vector 64-bit atomic, and with V channels per lane each warp-wide atomic would touch one
+  // word in each of 32 sectors; with one channel per lane it covers 32 consecutive words.
   auto scatter_det = [&](auto vtag, auto wtag) {
     constexpr int V = decltype(vtag)::value, W = decltype(wtag)::value, STEP = BC / V / W;
     static_assert(STEP * V * W == BC && W * V <= 8, "vectors per item");
@@ -429,13 +431,10 @@ __global__ void __launch_bounds__(DataCfg::kThreads, kDataMinBlocks<T, PIPE>)
   // 16 bytes of fp32 per atomic on the vector path: two adjacent lanes fill one 32-byte sector.
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
+  using Four = std::integral_constant<int, 4>;  // DET: 4 channels 16 apart per walk (16 lanes per list)
   using Vec = std::integral_constant<int, 16 / static_cast<int>(sizeof(Atom<T>))>;
-  if constexpr (DET) {
-    if (g.vec) {
-      cnt > BC / 2 ? scatter_det(Vec{}, Two{}) : scatter_det(Vec{}, One{});
-    } else {
-      cnt > BC / 2 ? scatter_det(One{}, Two{}) : scatter_det(One{}, One{});
-    }
+  if constexpr (DET) {  // one element per lane: a warp's 64-bit atomics cover consecutive words
+    cnt > BC / 2 ? scatter_det(One{}, Four{}) : scatter_det(One{}, One{});
   } else {
     if (g.vec) {
       cnt > BC / 2 ? scatter(Vec{}, Two{}) : scatter(Vec{}, One{});

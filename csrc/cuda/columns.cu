@@ -239,15 +239,18 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Threads per tap and vector width from the channels of one offset group; grid from the taps.
+// max_vec = 1 for the deterministic col2im: its 64-bit atomics are scalar, and with one element per
+// lane a warp's atomics cover consecutive words (8 sectors) instead of one word per lane's vector
+// (32 sectors).
 template <typename T>
-ColGeo make_col_geo(const ConvParams& p, int64_t n_out, int* vec) {
+ColGeo make_col_geo(const ConvParams& p, int64_t n_out, int* vec, int max_vec = kVec<T>) {
   ColGeo cg;
   cg.p = p;
   cg.n_out = n_out;
   cg.taps = p.batch * n_out * p.pixels_out() * p.offset_groups * p.taps();
   cg.narrow = cg.taps < (int64_t(1) << 31);
   const int64_t cpog = p.c_per_offset_group();
-  int v = kVec<T>;
+  int v = max_vec;
   while (v > 1 && cpog % v != 0) v /= 2;
   *vec = v;
   cg.vectors = static_cast<int>(cpog / v);
@@ -328,7 +331,7 @@ cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, cons
   using A = Acc<T>;
   const int64_t n_dx = p.batch * n_out * p.h * p.w * p.c_in;
   int v = 1;
-  const ColGeo cg = make_col_geo<T>(p, n_out, &v);
+  const ColGeo cg = make_col_geo<T>(p, n_out, &v, det ? 1 : kVec<T>);
   const bool empty = cg.taps == 0 || p.c_in == 0;
   if ((empty || !det) && n_dx > 0)
     if (cudaError_t e = cudaMemsetAsync(dx, 0, size_t(n_dx) * sizeof(A), stream); e != cudaSuccess) return e;

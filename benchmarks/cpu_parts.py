@@ -77,6 +77,12 @@ def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
     m_rows = cols.shape[1] * cols.shape[2] * cols.shape[3]
     c2, dy2 = cols.reshape(m_rows, k * layer.cin), dy.reshape(m_rows, layer.cout)
 
+    def fwd_as_conv(c, w):
+        c4 = c[0].reshape(*c.shape[1:4], -1)
+        return lax.conv_general_dilated(c4, w.reshape(1, 1, k * layer.cin, layer.cout), (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        preferred_element_type=acc)
+
     def dk_blocked(c2, dy2, rows=1024):
         nb = -(-m_rows // rows)
         pad = nb * rows - m_rows
@@ -88,6 +94,9 @@ def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
     out = {
         "sampler": timed(lambda x, o, m: sample_images(x, o, m, n), (x, off, mask), reps),
         "fwd dot": timed(lambda c, w: _columns._forward_dot(c, w, _Call, acc), (cols, wk), reps),
+        # The same GEMM as a 1x1 convolution over [n, Ho, Wo, K C]: whether XLA:CPU's convolution
+        # path (which runs the dense 3x3 conv near the matmul rate) beats its dot at this shape.
+        "fwd dot as 1x1 conv": timed(fwd_as_conv, (cols, wk), reps),
         # One image's share (the route's chunk where an image's columns exceed the budget): n x
         # these against the whole-batch rows above show what chunking costs the sampler and the dot.
         "sampler, 1 image": timed(lambda x, o, m: sample_images(x, o, m, 1), (x, off, mask), reps),

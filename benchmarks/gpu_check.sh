@@ -128,9 +128,11 @@ if has sanitize; then
     grep -E "^  [a-z]|launching|done|Uninitialized|at 0x|by thread|Address|SUMMARY" "$OUT/sanitize_initcheck_probe.log" | head -n 40
     # Does initcheck see a bf16 GEMM's output as written? (its col2im reports, docs/kernels.md)
     XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-      timeout 120 compute-sanitizer --tool initcheck --print-limit 4 "$PY" benchmarks/initcheck_dot_probe.py \
-      > "$OUT/sanitize_initcheck_dot.log" 2>&1
-    grep -E "hlo:|probe done|Uninitialized|^=========     at |SUMMARY" "$OUT/sanitize_initcheck_dot.log" | cut -c1-200 | head -n 20
+      timeout 180 compute-sanitizer --tool initcheck --print-limit 100000 --show-backtrace no "$PY" \
+      benchmarks/initcheck_dot_probe.py > "$OUT/sanitize_initcheck_dot.log" 2>&1
+    # Reports per probe step (each step prints its name before it launches).
+    awk '/^step .*launching/ {s=$0} /Uninitialized/ {n[s]++} /^step|hlo:|probe done|SUMMARY/ {print}
+         END {for (k in n) print "reports after [" k "]: " n[k]}' "$OUT/sanitize_initcheck_dot.log" | cut -c1-200
   fi
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     echo "== compute-sanitizer $tool ($(date -u +%T))"

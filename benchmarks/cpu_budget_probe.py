@@ -2,6 +2,8 @@
 at the CPU batch, interleaved rounds, medians of wall time (ms). Run with JAX_PLATFORMS=cpu:
 python benchmarks/cpu_budget_probe.py [--budgets 16,32] [--dtypes float32,bfloat16] [--rounds 7]."""
 import argparse
+import dataclasses
+import os
 import time
 
 import jax
@@ -20,10 +22,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     a = ap.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
-    print(f"jax {jax.__version__}, {jax.device_count()} device(s), {len(__import__('os').sched_getaffinity(0))} CPUs")
+    print(f"jax {jax.__version__}, {jax.device_count()} device(s), {len(os.sched_getaffinity(0))} CPUs")
     for name, layer in bench_layers.SUITE.items():
-        layer = layer._replace(n=bench_layers.CPU_BATCH[name]) if hasattr(layer, "_replace") else \
-            __import__("dataclasses").replace(layer, n=bench_layers.CPU_BATCH[name])
+        layer = dataclasses.replace(layer, n=bench_layers.CPU_BATCH[name])
         for dt in a.dtypes.split(","):
             inp = bench_layers.make_inputs(layer, dt, np.random.default_rng(0))
             x, off, m, k = (inp[q] for q in ("x", "offset", "mask", "kernel"))

@@ -41,11 +41,12 @@ def main():
             c(x, k).block_until_ready()
             fns["conv"] = (c, (x, k))
             times = {q: [] for q in fns}
-            for _ in range(a.rounds):
+            for rnd in range(a.rounds + 1):  # round 0 warms every function up, untimed
                 for q, (f, args) in fns.items():
                     t = time.perf_counter()
                     f(*args).block_until_ready()
-                    times[q].append(time.perf_counter() - t)
+                    if rnd:
+                        times[q].append(time.perf_counter() - t)
             med = {q: np.median(v) * 1e3 for q, v in times.items()}
             cells = "  ".join(f"{q} {v:7.2f} ({v / med['conv']:.2f}x)" for q, v in med.items() if q != "conv")
             print(f"{name} n={layer.n} {dt:9s} conv {med['conv']:7.2f}  {cells}", flush=True)

@@ -21,7 +21,7 @@ def main():
     p.add_argument("--chunk", type=int, default=2, help="images per chunk (cuda_chunk_images)")
     p.add_argument("--batches", default="8,16,64,63")
     a = p.parse_args()
-    tiling.cuda_chunk_images = tiling.cpu_chunk_images = lambda shape, forward=False: a.chunk
+    tiling.cuda_chunk_images = tiling.cpu_chunk_images = lambda shape: a.chunk
     tiling.cpu_forward_chunk_rows = lambda shape: a.chunk * shape.h_out  # CPU: whole images too
     tiling.cpu_backward_chunk_rows = lambda shape: 0
     case = Case(h=12, w=10, c_in=8, c_out=8)

@@ -46,7 +46,7 @@ for det, impl in ((False, "fused"), (True, "fused"), (False, "columns")):
         run(1, 11, 10, 72, 80, 2, 2, False, dtype, 20.0, strides=2, det=det, impl=impl)
         run(1, 8, 8, 64, 64, 4, 1, True, dtype, 2.0, det=det, impl=impl)
 _chunk = tiling.cuda_chunk_images
-tiling.cuda_chunk_images = lambda shape, forward=False: 2
+tiling.cuda_chunk_images = lambda shape: 2
 for dtype in (jnp.float32, jnp.bfloat16):
     run(3, 9, 7, 24, 16, 2, 1, True, dtype, 3.0, impl="columns")
 tiling.cuda_chunk_images = _chunk

@@ -227,7 +227,7 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
             bwd_rows = tiling.cpu_backward_chunk_rows(shape)
         else:
             chunk = tiling.cuda_chunk_images(shape)
-            chunk_rows = tiling.cuda_chunk_images(shape, forward=True) * shape.h_out
+            chunk_rows = chunk * shape.h_out
         return _autodiff.NativeCall(platform=platform,
                                     attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
                                     out_shape=out_shape, route="columns", chunk=chunk,

@@ -87,10 +87,9 @@ class LayerShape:
 CPU_COLUMN_BUDGET_BYTES = 8 * 2**20
 
 
-# Column memory of the GPU's column route per chunk: the backward's columns in x's dtype + their
-# float32 cotangent, the forward's columns alone. Larger chunks make larger GEMMs for cuBLAS, and
-# the issue's bound on extra device memory is max(64 MiB, 1.5x the dense conv's); 48 MiB leaves
-# room for the backward chunk's dx.
+# Column memory of the GPU's column route per chunk (columns in x's dtype + their float32
+# cotangent): larger chunks make larger GEMMs for cuBLAS, and the issue's bound on extra device
+# memory is max(64 MiB, 1.5x the dense conv's); 48 MiB leaves room for the chunk's dx.
 CUDA_COLUMN_BUDGET_BYTES = 48 * 2**20
 
 
@@ -98,9 +97,9 @@ def _itemsize(dtype: str) -> int:
     return {"float64": 8, "float32": 4}.get(dtype, 2)
 
 
-def _column_bytes_per_image(s: LayerShape, with_cotangent: bool = True) -> int:
-    """Columns in x's dtype plus (with_cotangent) their cotangent in the accumulation dtype."""
-    acc = (8 if s.dtype == "float64" else 4) if with_cotangent else 0
+def _column_bytes_per_image(s: LayerShape) -> int:
+    """Columns in x's dtype plus their cotangent in the accumulation dtype."""
+    acc = 8 if s.dtype == "float64" else 4
     return max(1, s.h_out * s.w_out * s.taps * s.c_in * (_itemsize(s.dtype) + acc))
 
 
@@ -145,11 +144,9 @@ def cpu_backward_chunk_rows(s: LayerShape) -> int:
     return int(max(1, CPU_COLUMN_BUDGET_BYTES // max(1, per_image // s.h_out)))
 
 
-def cuda_chunk_images(s: LayerShape, forward: bool = False) -> int:
-    """Images per chunk of the GPU column route (as ``cpu_chunk_images``, with the GPU budget). The
-    forward has no cotangent to hold, so its chunks take twice the images or more: fewer, taller
-    GEMMs (a 16-image S5 chunk's GEMM has 784 rows, 28 tiles of 128 x 128 for 132 SMs)."""
-    return int(max(1, CUDA_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s, with_cotangent=not forward)))
+def cuda_chunk_images(s: LayerShape) -> int:
+    """Images per chunk of the GPU column route (as ``cpu_chunk_images``, with the GPU budget)."""
+    return int(max(1, CUDA_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))
 
 
 def _gpu_tiling(s: LayerShape, sm_count: int, cc_major: int = 0,

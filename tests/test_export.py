@@ -86,7 +86,7 @@ def test_cuda_column_route_lowers_to_a_chain_of_chunks(rng, monkeypatch):
     per chunk in the forward and the backward and one col2im per chunk, with no while loop (XLA
     GPU fails to compile the backward's loop: deft_jax/_columns.py)."""
     from deft_jax import tiling
-    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape, forward=False: 2)
+    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape: 2)
     n = 5  # chunks of 2: the remainder, then two full chunks
     x, off, kernel, mask = (np.concatenate([a] * 3)[:n] if a.ndim == 4 and i != 2 else a
                             for i, a in enumerate(_inputs(rng)))

@@ -633,7 +633,7 @@ def test_columns_in_chunks(case, rng, monkeypatch):
     """The GPU column route over several chunks (the sampler and col2im read the chunk's first
     image from a device scalar) equals the float64 oracle."""
     from deft_jax import tiling
-    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape, forward=False: 2)
+    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape: 2)
     _compare(case, rng, jnp.float64, route="columns")
     x, off, kernel, mask = (jnp.asarray(a) if a is not None else None for a in make_inputs(case, rng))
     f = lambda *a: deft_jax.deform_conv2d(*a, implementation="columns", **case.kwargs())  # noqa: E731
@@ -646,7 +646,7 @@ def test_column_route_memory_flat_in_batch(monkeypatch):
     """The GPU column route's chunk chain keeps one chunk's columns alive: XLA's temporary memory
     for the forward and for forward+backward grows by less than half an image's columns per image
     from 8 to 16, 64 and 63 images (a remainder chunk), chunks of 2 images."""
-    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape, forward=False: 2)
+    monkeypatch.setattr(tiling, "cuda_chunk_images", lambda shape: 2)
     case = Case(h=12, w=10, c_in=8, c_out=8)
     ho, wo = case.out_hw()
     half_columns = ho * wo * 9 * case.c_in * 4 // 2

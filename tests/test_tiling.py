@@ -232,27 +232,6 @@ def test_route_heuristic():
     assert tiling.route_heuristic(grouped) == "fused"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_column_chunks_within_budget(dtype):
-    """The GPU column route's chunks: the backward's columns plus their cotangent, and the
-    forward's columns alone, stay within CUDA_COLUMN_BUDGET_BYTES unless one image exceeds it; the
-    forward's chunk holds at least twice the backward's images (no cotangent to hold)."""
-    acc = 8 if dtype == "float64" else 4
-    item = {"float64": 8, "float32": 4}.get(dtype, 2)
-    for name in SUITE:
-        for n in (1, 32, 1000):
-            s = _shape(name, dtype, n=n)
-            cols = s.h_out * s.w_out * s.taps * s.c_in
-            bwd, fwd = tiling.cuda_chunk_images(s), tiling.cuda_chunk_images(s, forward=True)
-            assert bwd * cols * (item + acc) <= tiling.CUDA_COLUMN_BUDGET_BYTES or bwd == 1
-            assert fwd * cols * item <= tiling.CUDA_COLUMN_BUDGET_BYTES or fwd == 1
-            assert fwd >= 2 * bwd or fwd * cols * item > tiling.CUDA_COLUMN_BUDGET_BYTES - 2 * cols * item
-    # S5 float32 (0.9 MB of columns per image): the backward's 32 images in two chunks of 16, the
-    # forward's in one.
-    s5 = _shape("S5", "float32")
-    assert (tiling.cuda_chunk_images(s5), tiling.cuda_chunk_images(s5, forward=True)) == (27, 55)
-
-
 @pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built where nvcc is found)")
 def test_python_rule_equals_the_compiled_check():
     """tiling.gpu_tile_error (the rule used where the CUDA module is not built) accepts exactly

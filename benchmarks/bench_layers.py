@@ -786,6 +786,9 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, help="override every shape's batch size")
     p.add_argument("--iters", type=int, help="fixed R per run (default: sized to the target time)")
     p.add_argument("--runs", type=int, help="runs per median")
+    p.add_argument("--column-chunk-images", type=int, metavar="N",
+                   help="GPU column route: N images per chunk in both directions (default: "
+                   "deft_jax.tiling.cuda_chunk_images, the 48 MiB budget)")
     p.add_argument("--out", help="directory for results.json, results.md and bench_layers.png")
     p.add_argument("--markdown", metavar="RESULTS_JSON",
                    help="print an existing results.json as markdown and exit")
@@ -830,6 +833,10 @@ def main(argv=None) -> dict | None:
     if set(dtypes) - set(DTYPES):
         raise SystemExit(f"unknown dtypes {sorted(set(dtypes) - set(DTYPES))}; use {list(DTYPES)}")
     layers, note = choose_layers(names, args.batch, quick and on_cpu)
+    if args.column_chunk_images:
+        chunk = args.column_chunk_images
+        deft_jax.tiling.cuda_chunk_images = lambda shape: chunk  # read at trace time
+        note = "; ".join(filter(None, [note, f"NOTE: GPU column route in chunks of {chunk} images"]))
     print(LEGEND)
     if note:
         print(note)

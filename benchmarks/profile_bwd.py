@@ -1,8 +1,9 @@
 """Forward or backward runs of suite layers, for Nsight Compute (per-kernel durations, stalls).
 Each argument is SHAPE,DTYPE[,MODE[,TILE]], MODE one of fwd, bwd (default), fwd-det, bwd-det (the
 deterministic mode, deterministic=True: its kernels beside the default's, for its cost per kernel);
-the old form `S2 bfloat16 [fwd]` also works. TILE "fused" or "columns" forces that GPU route
-(implementation=...; e.g. S4,float32,bwd,columns: the column route's sampler, dots and col2im);
+the old form `S2 bfloat16 [fwd]` also works. TILE "fused" or "columns" forces that GPU route, "xla"
+the gather reference (implementation=...; e.g. S4,float32,bwd,columns: the column route's sampler,
+dots and col2im; profile it with ncu --kernel-name regex:. to see XLA's kernels too);
 otherwise it overrides deft_jax.tiling's choice for that run: TileConfig fields joined by ':'
 (e.g. S6,bfloat16,fwd,1:128:128:32:8:2; an 8th field is k_splits: 1:128:128:32:8:3:128:4), for a
 per-kernel A/B of two tiles in one process.
@@ -26,7 +27,7 @@ SUITE = {"S1": (8, 64, 64, 64, 64, 1), "S2": (32, 64, 64, 64, 64, 1), "S3": (32,
 
 
 def make_run(name, dtype, mode, tile=None):
-    impl = tile if tile in ("fused", "columns") else None
+    impl = tile if tile in ("fused", "columns", "xla") else None
     tile = None if impl else tile
     n, h, w, c, co, s = SUITE[name]
     dt = jnp.dtype(dtype)

@@ -6,6 +6,7 @@
 // the lanes for doffset and dmask. The bilinear math is
 // deft/geometry.h's make_bilinear, the same as the CPU route's and the fused kernels', and so is
 // the non-finite policy (a NaN point samples NaN and scatters nothing).
+#include <cstdlib>
 #include <limits>
 
 #include "cuda/columns.h"
@@ -150,6 +151,97 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The tiled sampler: a block takes kRecs consecutive taps. Its threads first build one bilinear
+// record per tap into shared memory (one thread per tap, not one warp per tap), then stream the
+// (tap, channel vector) items, consecutive threads on consecutive vectors (coalesced loads and
+// stores), kUnroll items per thread in flight (their 4 kUnroll corner loads issued before any
+// blend). Corner positions are 32-bit within the (image, offset group) base: the launcher takes
+// this kernel only where one image has fewer than 2^31 elements.
+constexpr int kRecs = 64, kUnroll = 4;
+
+template <typename A>
+struct RecTile {
+  int64_t base[kRecs];  // x offset of the tap's (image, offset group)
+  int64_t dst[kRecs];   // cols offset of the tap's row
+  int32_t pos[4][kRecs];  // corner element offsets from base, -1: outside the image
+  A w[4][kRecs];
+  A m[kRecs], fill[kRecs];
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    sample_columns_tiled_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
+                                const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ cols) {
+  using A = Acc<T>;
+  __shared__ RecTile<A> rt;
+  const ConvParams& p = cg.p;
+  const int64_t start = chunk_start(start_ptr, cg);
+  const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps();
+  const int64_t t0 = int64_t(blockIdx.x) * kRecs;
+  const int recs = static_cast<int>(cg.taps - t0 < kRecs ? cg.taps - t0 : kRecs);
+  if (threadIdx.x < recs) {
+    const int r = threadIdx.x;
+    const ColTap c = decode(cg, t0 + r, start);
+    A m;
+    const Bilinear<A> b = point<T, A>(p, c, offset, mask, &m);
+    const int64_t at[4] = {b.y0 * p.w + b.x0, b.y0 * p.w + b.x0 + 1, (b.y0 + 1) * p.w + b.x0,
+                           (b.y0 + 1) * p.w + b.x0 + 1};
+    const bool valid[4] = {b.v00, b.v01, b.v10, b.v11};
+    const A w[4] = {b.w00(), b.w01(), b.w10(), b.w11()};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      rt.pos[j][r] = valid[j] ? static_cast<int32_t>(at[j] * C) : -1;
+      rt.w[j][r] = w[j];
+    }
+    rt.base[r] = (c.img * p.h * p.w) * C + c.g * Cg;
+    rt.dst[r] = (c.q * K + c.k) * C + c.g * Cg;
+    rt.m[r] = m;
+    rt.fill[r] = b.fill();
+  }
+  __syncthreads();
+  const int vectors = cg.vectors;
+  const int items = recs * vectors;
+  for (int i0 = threadIdx.x; i0 < items; i0 += kThreads * kUnroll) {
+    A s[kUnroll][4][V];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kThreads;
+      const int r = i / vectors, v = i - r * vectors;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int32_t pos = i < items ? rt.pos[j][r] : -1;
+        if (pos >= 0) {
+          load_acc<T, A, V>(x + rt.base[r] + pos + v * V, s[u][j]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) s[u][j][e] = A(0);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kThreads;
+      if (i >= items) break;
+      const int r = i / vectors, v = i - r * vectors;
+      A out[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) out[e] = rt.fill[r];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (rt.pos[j][r] < 0) continue;
+        const A w = rt.w[j][r];
+#pragma unroll
+        for (int e = 0; e < V; ++e) out[e] += s[u][j][e] * w;
+      }
+      const A m = rt.m[r];
+      T res[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) res[e] = from_acc<T>(out[e] * m);
+      store_n<T, V>(cols + rt.dst[r] + v * V, res);
+    }
+  }
+}
+
 // Deterministic dx: det.cuh's fixed-point accumulators, non-finite flags and scale, for dx alone.
 struct DetDx {
   unsigned long long* acc;
@@ -287,10 +379,24 @@ cudaError_t sample_columns(cudaStream_t stream, const ConvParams& p, int64_t n_o
   int v = 1;
   const ColGeo cg = make_col_geo<T>(p, n_out, &v);
   if (cg.taps == 0 || p.c_in == 0) return cudaSuccess;
+  // Positions within one image in 32 bits; items per block (kRecs x vectors) in 32 bits.
+  static const bool legacy = [] {
+    const char* e = std::getenv("DEFT_SAMPLER");
+    return e != nullptr && e[0] == '1';
+  }();
+  const bool tiled = !legacy && p.h * p.w * p.c_in < (int64_t(1) << 31) && int64_t(cg.vectors) * kRecs < (1 << 30);
   return with_vec<T>(v, [&](auto vc) {
-    sample_columns_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(
-        cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
-        static_cast<T*>(cols));
+    if (tiled) {
+      const int64_t blocks = (cg.taps + kRecs - 1) / kRecs;
+      if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+      sample_columns_tiled_kernel<T, decltype(vc)::value><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
+          static_cast<T*>(cols));
+    } else {
+      sample_columns_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(
+          cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
+          static_cast<T*>(cols));
+    }
     return cudaGetLastError();
   });
 }

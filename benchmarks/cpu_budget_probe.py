@@ -1,6 +1,7 @@
 """CPU forward column budget: the op's forward at each budget (MiB) beside lax.conv, per suite shape
 at the CPU batch, interleaved rounds, medians of wall time (ms). Run with JAX_PLATFORMS=cpu:
-python benchmarks/cpu_budget_probe.py [--budgets 16,32] [--dtypes float32,bfloat16] [--rounds 7]."""
+python benchmarks/cpu_budget_probe.py [--budgets 16,32] [--dtypes float32,bfloat16] [--shapes S1,S2]
+[--rounds 7]."""
 import argparse
 import dataclasses
 import os
@@ -19,11 +20,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="16,32")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--shapes", default=",".join(bench_layers.SUITE), help="suite shapes, comma-separated")
     ap.add_argument("--rounds", type=int, default=7)
     a = ap.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
     print(f"jax {jax.__version__}, {jax.device_count()} device(s), {len(os.sched_getaffinity(0))} CPUs")
-    for name, layer in bench_layers.SUITE.items():
+    for name in a.shapes.split(","):
+        layer = bench_layers.SUITE[name]
         layer = dataclasses.replace(layer, n=bench_layers.CPU_BATCH[name])
         for dt in a.dtypes.split(","):
             inp = bench_layers.make_inputs(layer, dt, np.random.default_rng(0))

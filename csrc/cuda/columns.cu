@@ -1,13 +1,12 @@
-// The GPU column sampler and col2im (columns.h). One group of `lanes` threads per (output pixel,
-// offset group, tap) walks that tap's channels in vectors of V elements (16 bytes where the
-// channel count allows): the sampler blends the four corners and writes the column row; col2im
-// reads the column cotangent once, scatters it to the four corners of dx (float atomics, or in
-// deterministic mode 64-bit fixed point: det.cuh) and reduces the four corner dot products over
-// the lanes for doffset and dmask. The bilinear math is
+// The GPU column sampler and col2im (columns.h). The sampler takes 64 taps ((output pixel, offset
+// group, tap) triples) per block, builds their bilinear records in shared memory and streams the
+// (tap, channel vector) items with several corner loads in flight per thread, writing the column
+// rows (vectors of V elements, 16 bytes where the channel count allows). col2im gives each tap a
+// group of `lanes` threads that reads the column cotangent once, scatters it to the four corners of
+// dx (float atomics, or in deterministic mode 64-bit fixed point: det.cuh) and reduces the four
+// corner dot products over the lanes for doffset and dmask. The bilinear math is
 // deft/geometry.h's make_bilinear, the same as the CPU route's and the fused kernels', and so is
 // the non-finite policy (a NaN point samples NaN and scatters nothing).
-#include <cstdlib>
-#include <limits>
 
 #include "cuda/columns.h"
 #include "cuda/common.cuh"
@@ -112,6 +111,7 @@ __device__ __forceinline__ void load_acc(const T* __restrict__ src, A (&v)[V]) {
   for (int e = 0; e < V; ++e) v[e] = to_acc<A>(raw[e]);
 }
 
+// The per-tap sampler, 64-bit positions: images of 2^31 elements or more (use_tiled).
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     sample_columns_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
@@ -333,151 +333,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The tiled col2im: a block takes kRecs consecutive taps; one thread per tap builds its bilinear
-// record into shared memory (and keeps it for the epilogue); groups of `lanes` threads then walk
-// two taps at a time (their loads in flight together), scatter dx and reduce the corner dot
-// products with shuffles; the tap's own thread writes doffset and dmask. Positions are 32-bit
-// within the image, as in the tiled sampler.
-// Taps in flight per group: 2, or 1 for 16-byte vectors of a 16-bit type (128 registers at 2).
-template <typename T, int V>
-constexpr int col2im_unroll() {
-  return sizeof(T) == 2 && V * sizeof(T) >= 16 ? 1 : 2;
-}
-
-template <typename A>
-struct Col2ImTile {
-  int64_t xbase[kRecs], dxbase[kRecs], gbase[kRecs];
-  int32_t pos[4][kRecs];  // -1: outside the image
-  A wm[4][kRecs];         // bilinear weight x mask
-  A d[4][kRecs];          // sum over channels of dcols x corner
-};
-
-template <typename T, int V, bool DET>
-__global__ void __launch_bounds__(kThreads)
-    col2im_tiled_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
-                        const T* __restrict__ offset, const T* __restrict__ mask, const Acc<T>* __restrict__ dcols,
-                        Acc<T>* __restrict__ dx, T* __restrict__ doffset, T* __restrict__ dmask, DetDx det) {
-  using A = Acc<T>;
-  constexpr int kCol2ImUnroll = col2im_unroll<T, V>();
-  __shared__ Col2ImTile<A> ct;
-  const ConvParams& p = cg.p;
-  const int64_t start = chunk_start(start_ptr, cg);
-  const double det_scale = DET ? *det.scale : 0.0;
-  const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps(), HW = p.h * p.w;
-  const int64_t t0 = int64_t(blockIdx.x) * kRecs;
-  const int recs = static_cast<int>(cg.taps - t0 < kRecs ? cg.taps - t0 : kRecs);
-  ColTap c{};
-  Bilinear<A> b{};
-  A m = A(0);
-  if (threadIdx.x < recs) {
-    const int r = threadIdx.x;
-    c = decode(cg, t0 + r, start);
-    b = point<T, A>(p, c, offset, mask, &m);
-    const int64_t at[4] = {b.y0 * p.w + b.x0, b.y0 * p.w + b.x0 + 1, (b.y0 + 1) * p.w + b.x0,
-                           (b.y0 + 1) * p.w + b.x0 + 1};
-    const bool valid[4] = {b.v00, b.v01, b.v10, b.v11};
-    const A wm[4] = {b.w00() * m, b.w01() * m, b.w10() * m, b.w11() * m};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      ct.pos[j][r] = valid[j] ? static_cast<int32_t>(at[j] * C) : -1;
-      ct.wm[j][r] = wm[j];
-    }
-    ct.xbase[r] = c.img * HW * C + c.g * Cg;
-    ct.dxbase[r] = c.o * HW * C + c.g * Cg;
-    ct.gbase[r] = (c.q * K + c.k) * C + c.g * Cg;
-  }
-  __syncthreads();
-  // Every group runs the same number of rounds (inactive taps included): uniform shuffles.
-  const int L = cg.lanes, lane = threadIdx.x & (L - 1), grp = threadIdx.x / L, groups = kThreads / L;
-  const int vectors = cg.vectors;
-  for (int r0 = grp; r0 < kRecs; r0 += groups * kCol2ImUnroll) {
-    A d[kCol2ImUnroll][4];
-#pragma unroll
-    for (int u = 0; u < kCol2ImUnroll; ++u) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) d[u][j] = A(0);
-    }
-    for (int v = lane; v < vectors; v += L) {
-      A g[kCol2ImUnroll][V];
-      Pack<T, V> s[kCol2ImUnroll][4];  // raw corners
-#pragma unroll
-      for (int u = 0; u < kCol2ImUnroll; ++u) {
-        const int r = r0 + u * groups;
-        const bool live = r < recs;
-        if (live) {
-          load_n<A, V>(dcols + ct.gbase[r] + v * V, g[u]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) g[u][e] = A(0);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int32_t pos = live ? ct.pos[j][r] : -1;
-          if (pos >= 0) s[u][j] = *reinterpret_cast<const Pack<T, V>*>(x + ct.xbase[r] + pos + v * V);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kCol2ImUnroll; ++u) {
-        const int r = r0 + u * groups;
-        if (r >= recs) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int32_t pos = ct.pos[j][r];
-          if (pos < 0) continue;
-          const A wm = ct.wm[j][r];
-          A upd[V];
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            d[u][j] += g[u][e] * to_acc<A>(s[u][j].e[e]);
-            upd[e] = wm * g[u][e];
-          }
-          const int64_t at = ct.dxbase[r] + pos + v * V;
-          if constexpr (DET) {
-#pragma unroll
-            for (int e = 0; e < V; ++e) {
-              unsigned bad = 0u;
-              const long long q = det_fixed(upd[e], det_scale, &bad);
-              det_add(det.acc, det.flags, at + e, q, bad);
-            }
-          } else {
-            atomic_add_n<V>(dx + at, upd);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kCol2ImUnroll; ++u) {
-#pragma unroll
-      for (int sh = 16; sh > 0; sh >>= 1) {
-        if (sh >= L) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) d[u][j] += __shfl_xor_sync(0xffffffffu, d[u][j], sh);
-      }
-      const int r = r0 + u * groups;
-      if (lane == 0 && r < kRecs) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) ct.d[j][r] = d[u][j];
-      }
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < recs) {
-    const int r = threadIdx.x;
-    const A d0 = ct.d[0][r], d1 = ct.d[1][r], d2 = ct.d[2][r], d3 = ct.d[3][r];
-    const A ly = b.ly, lx = b.lx, f = b.fill();  // f: NaN for a NaN point, else 0
-    // d sample / d(y, x) of each corner's weight, as torchvision and the CPU route.
-    const A gy = f - (A(1) - lx) * d0 - lx * d1 + (A(1) - lx) * d2 + lx * d3;
-    const A gx = f - (A(1) - ly) * d0 + (A(1) - ly) * d1 - ly * d2 + ly * d3;
-    T* doff = doffset + c.q * p.offset_channels() + (c.g * K + c.k) * 2;
-    doff[0] = from_acc<T>(A(m * gy));
-    doff[1] = from_acc<T>(A(m * gx));
-    if (p.with_mask) {
-      const A gm = f + b.w00() * d0 + b.w01() * d1 + b.w10() * d2 + b.w11() * d3;
-      dmask[c.q * p.mask_channels() + c.g * K + c.k] = from_acc<T>(gm);
-    }
-  }
-}
-
 // Threads per tap and vector width from the channels of one offset group; grid from the taps.
 // max_vec = 1 for the deterministic col2im: its 64-bit atomics are scalar, and with one element per
 // lane a warp's atomics cover consecutive words (8 sectors) instead of one word per lane's vector
@@ -500,13 +355,10 @@ ColGeo make_col_geo(const ConvParams& p, int64_t n_out, int* vec, int max_vec = 
   return cg;
 }
 
-// The tiled kernels: positions within one image and items per block (kRecs x vectors) in 32 bits.
+// The tiled sampler wants corner positions within one image and items per block (kRecs x vectors)
+// in 32 bits; larger images take the per-tap sampler with 64-bit positions.
 bool use_tiled(const ConvParams& p, const ColGeo& cg) {
-  static const bool legacy = [] {
-    const char* e = std::getenv("DEFT_SAMPLER");
-    return e != nullptr && e[0] == '1';
-  }();
-  return !legacy && p.h * p.w * p.c_in < (int64_t(1) << 31) && int64_t(cg.vectors) * kRecs < (1 << 30);
+  return p.h * p.w * p.c_in < (int64_t(1) << 31) && int64_t(cg.vectors) * kRecs < (1 << 30);
 }
 
 unsigned grid_of(const ColGeo& cg) {
@@ -613,18 +465,8 @@ cudaError_t col2im(cudaStream_t stream, const ConvParams& p, int64_t n_out, cons
     col2im_det_scale_kernel<<<1, 32, 0, stream>>>(maxbits, double(p.pixels_out() * p.taps()), p.with_mask, scale);
     dd = DetDx{reinterpret_cast<unsigned long long*>(base), reinterpret_cast<unsigned*>(base + w.flags), scale};
   }
-  const bool tiled = use_tiled(p, cg);
-  const int64_t tiled_blocks = (cg.taps + kRecs - 1) / kRecs;
-  if (tiled && tiled_blocks >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
   const cudaError_t launched = with_vec<T>(v, [&](auto vc) {
     constexpr int VC = decltype(vc)::value;
-    if (tiled) {
-      auto kernel = det ? col2im_tiled_kernel<T, VC, true> : col2im_tiled_kernel<T, VC, false>;
-      kernel<<<static_cast<unsigned>(tiled_blocks), kThreads, 0, stream>>>(
-          cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
-          static_cast<const A*>(dcols), static_cast<A*>(dx), static_cast<T*>(doffset), static_cast<T*>(dmask), dd);
-      return cudaGetLastError();
-    }
     auto kernel = det ? col2im_kernel<T, VC, true> : col2im_kernel<T, VC, false>;
     kernel<<<grid_of(cg), kThreads, 0, stream>>>(
         cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),

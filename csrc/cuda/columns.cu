@@ -8,8 +8,6 @@
 // deft/geometry.h's make_bilinear, the same as the CPU route's and the fused kernels', and so is
 // the non-finite policy (a NaN point samples NaN and scatters nothing).
 
-#include <algorithm>
-
 #include "cuda/columns.h"
 #include "cuda/common.cuh"
 #include "cuda/det.cuh"
@@ -153,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The tiled sampler: a block takes `per_block` (<= kRecs) consecutive taps. Its threads first build one bilinear
+// The tiled sampler: a block takes kRecs consecutive taps. Its threads first build one bilinear
 // record per tap into shared memory (one thread per tap, not one warp per tap), then stream the
 // (tap, channel vector) items, consecutive threads on consecutive vectors (coalesced loads and
 // stores), kUnroll items per thread in flight (their 4 kUnroll corner loads issued before any
@@ -179,17 +177,16 @@ struct RecTile {
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    sample_columns_tiled_kernel(ColGeo cg, int per_block, const int32_t* __restrict__ start_ptr,
-                                const T* __restrict__ x, const T* __restrict__ offset, const T* __restrict__ mask,
-                                T* __restrict__ cols) {
+    sample_columns_tiled_kernel(ColGeo cg, const int32_t* __restrict__ start_ptr, const T* __restrict__ x,
+                                const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ cols) {
   using A = Acc<T>;
   constexpr int kUnroll = sampler_unroll<T, V>();
   __shared__ RecTile<A> rt;
   const ConvParams& p = cg.p;
   const int64_t start = chunk_start(start_ptr, cg);
   const int64_t C = p.c_in, Cg = p.c_per_offset_group(), K = p.taps();
-  const int64_t t0 = int64_t(blockIdx.x) * per_block;
-  const int recs = static_cast<int>(cg.taps - t0 < per_block ? cg.taps - t0 : per_block);
+  const int64_t t0 = int64_t(blockIdx.x) * kRecs;
+  const int recs = static_cast<int>(cg.taps - t0 < kRecs ? cg.taps - t0 : kRecs);
   if (threadIdx.x < recs) {
     const int r = threadIdx.x;
     const ColTap c = decode(cg, t0 + r, start);
@@ -364,13 +361,6 @@ bool use_tiled(const ConvParams& p, const ColGeo& cg) {
   return p.h * p.w * p.c_in < (int64_t(1) << 31) && int64_t(cg.vectors) * kRecs < (1 << 30);
 }
 
-// Taps per block of the tiled sampler: kRecs, or fewer where blocks of kRecs would not fill the
-// device once (S5 fp32's 7,056 taps per chunk made 110 blocks for 132 SMs), but at least 8.
-int sampler_taps_per_block(const ColGeo& cg, int64_t resident) {
-  const int64_t fill = (cg.taps + resident - 1) / std::max<int64_t>(resident, 1);
-  return static_cast<int>(std::min<int64_t>(kRecs, std::max<int64_t>(8, fill)));
-}
-
 unsigned grid_of(const ColGeo& cg) {
   const int64_t per_block = kThreads / cg.lanes;
   const int64_t blocks = (cg.taps + per_block - 1) / per_block;
@@ -401,12 +391,10 @@ cudaError_t sample_columns(cudaStream_t stream, const ConvParams& p, int64_t n_o
   const bool tiled = use_tiled(p, cg);
   return with_vec<T>(v, [&](auto vc) {
     if (tiled) {
-      auto kernel = sample_columns_tiled_kernel<T, decltype(vc)::value>;
-      const int per_block = sampler_taps_per_block(cg, resident_blocks(kernel, kThreads, 0));
-      const int64_t blocks = (cg.taps + per_block - 1) / per_block;
+      const int64_t blocks = (cg.taps + kRecs - 1) / kRecs;
       if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          cg, per_block, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
+      sample_columns_tiled_kernel<T, decltype(vc)::value><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          cg, start, static_cast<const T*>(x), static_cast<const T*>(offset), static_cast<const T*>(mask),
           static_cast<T*>(cols));
     } else {
       sample_columns_kernel<T, decltype(vc)::value><<<grid_of(cg), kThreads, 0, stream>>>(

@@ -26,16 +26,6 @@ template <typename T> using Acc = typename AccOf<T>::type;
 template <typename T>
 constexpr bool kIsHalf = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 
-// Blocks of `fn` resident on the whole device at once (occupancy x SMs); a guess if the runtime
-// cannot say. (Host side: the launchers size grids with it.)
-template <typename F>
-int64_t resident_blocks(F* fn, int threads, size_t smem) {
-  int dev = 0, sms = 132, occ = 4;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, threads, smem) != cudaSuccess || occ < 1) occ = 4;
-  return int64_t(sms) * occ;
-}
-
 // Elements per 16-byte vector.
 template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 

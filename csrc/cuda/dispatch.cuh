@@ -269,6 +269,16 @@ BwdWorkspace bwd_workspace(const GradCounts& n, bool deterministic) {
   return w;
 }
 
+// Blocks of `fn` resident on the whole device at once (occupancy x SMs); a guess if the runtime
+// cannot say.
+template <typename F>
+int64_t resident_blocks(F* fn, int threads, size_t smem) {
+  int dev = 0, sms = 132, occ = 4;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, threads, smem) != cudaSuccess || occ < 1) occ = 4;
+  return int64_t(sms) * occ;
+}
+
 // Pixel splits of the weight pass. Its blocks are uniform: each reduces `per` steps of pixels and
 // flushes one tile with atomics (about one step's work), so the time goes as
 // rounds x (per + 1) with rounds = ceil(blocks / resident). Pick the split count that minimises

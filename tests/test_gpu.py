@@ -232,17 +232,20 @@ def test_suite_shapes(name, dtype):
 # ~25 GiB of device memory each: under pytest-xdist --dist loadgroup the three run on one worker
 # (whose allocator then reuses its pool) instead of three workers holding ~25 GiB apiece.
 @pytest.mark.xdist_group("large_index")
+@pytest.mark.parametrize("impl", ["fused", "columns"])
 @pytest.mark.parametrize("c,h", [(1, 46341), (4, 23171), (4, 23170)],
                          ids=["scalar-highest", "vector-tf32", "vector-tf32-below-2-31"])
-def test_large_index_over_2_31(c, h, monkeypatch):
+def test_large_index_over_2_31(c, h, impl, monkeypatch):
     """x with about 2^31 elements, sampled near its end (bottom/right edge): indexing in every
-    kernel.
+    kernel of both routes.
 
     c = 1 at Precision.HIGHEST: the scalar SIMT paths, 64-bit. c = 4 at default precision: the
     tensor-core vector path with stages=2, whose pipelined forward and weight loops keep 32-bit
     element offsets into x: above 2^31 elements (h = 23171) the launcher must hand x to the simple
     loops (Geo::x32), just below (h = 23170: 2^31 - 88048 elements) the pipelined loops run with
-    offsets at the top of the int32 range.
+    offsets at the top of the int32 range. The column route's tiled sampler keeps 32-bit corner
+    positions within an image: h = 23170 runs it at the top of the int32 range, the larger images
+    take the per-tap sampler's 64-bit positions.
     The oracle is bilinear interpolation written out in numpy on the 2x2 neighbourhoods (the
     pure-JAX reference itself cannot index past 2^31 elements)."""
     w = h
@@ -257,7 +260,7 @@ def test_large_index_over_2_31(c, h, monkeypatch):
     precision = lax.Precision.HIGHEST if c == 1 else None
     # TF32 rounds x and the kernel to 10-bit mantissas (2^-11 relative each).
     rtol, atol = (1e-5, 1e-6) if c == 1 else (2e-3, 2e-3)
-    kw = dict(strides=h - 1, padding=0, precision=precision)  # output 2x2
+    kw = dict(strides=h - 1, padding=0, precision=precision, implementation=impl)  # output 2x2
     # Sample points strictly inside the image, both corners valid: (dy, dx) per output pixel.
     off_np = np.array([[[[0.3, 0.6], [0.2, -0.4]], [[-0.7, 0.1], [-0.25, -0.75]]]], np.float32)
     mask_np = np.array([[[[0.8], [0.6]], [[0.9], [0.4]]]], np.float32)

@@ -96,8 +96,7 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 // producers, 2 blocks per SM.
 // Not float64. k_splits in {2, 4} (sm_90): clusters of that many blocks split each tile's
 // reduction (forward_ws.cuh); every other tile has k_splits = 1. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
-// vector, x of 2^31 or more elements, kernels whose taps' records overflow shared memory: K > 28
-// at 128 x 128 fp32) the streaming kernel of the same tile runs (ws_fallback).
+// vector, x of 2^31 or more elements) the streaming kernel of the same tile runs (ws_fallback).
 // Measured and not kept (docs/kernels.md): a 4-slot ring (within 1-2%),
 // 4 + 8 warps (168-register cap: fp32 spills, 10-15% slower; bf16 3-6% faster), 8 + 8 warps.
 using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
@@ -200,10 +199,7 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
   if constexpr (!std::is_same<T, double>::value) {
     if (is_ws_tile(t)) {
       const bool tc = kIsHalf<T> || allow_tf32;
-      const bool fits = with_ws_cfg(t, [&](auto cfg) -> cudaError_t {
-                          return ws_fits<T, decltype(cfg)>(g) ? cudaSuccess : cudaErrorInvalidValue;
-                        }) == cudaSuccess;
-      if (!(tc && g.vec && g.x32 && fits)) {
+      if (!(tc && g.vec && g.x32)) {
         return run_forward<T>(stream, p, ws_fallback(t), allow_tf32, deterministic, x, offset, mask, kernel, y,
                               workspace);
       }

@@ -44,6 +44,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -121,6 +122,10 @@ def check_native(cfg: A.Config, dtype: str) -> list[str]:
 @given(geometry=geometries(), data=data_params())
 def test_fuzz_native_vs_reference(geometry, data):
     """Every dtype, forward + 4 cotangents, over the whole config space."""
+    # Each example compiles new programs, and XLA:CPU's compiled code stays mapped while cached
+    # (~190 mappings per example): without this, a run of ~300 examples in one process hit
+    # vm.max_map_count (65530) and crashed inside XLA's compiler.
+    jax.clear_caches()
     cfg = dataclasses.replace(geometry, **data)
     note(repr(cfg))
     bad = [msg for dtype in DTYPES for msg in check_native(cfg, dtype)]

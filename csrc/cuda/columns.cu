@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(kThreads)
 // this kernel only where one image has fewer than 2^31 elements.
 constexpr int kRecs = 64;
 
-// Items in flight per thread: 8 corner vectors of 16 bytes (fewer registers: more resident
-// threads; 4 items of 16 bytes took 102-182 registers).
+// Items in flight per thread: 8 corner vectors of 16 bytes (a register budget that keeps more
+// threads resident).
 template <typename T, int V>
 constexpr int sampler_unroll() {
   return V * sizeof(T) >= 16 ? 2 : 4;

@@ -16,9 +16,8 @@ import json
 import pathlib
 
 # The forward kernel families a tile can name (the `family` FFI attribute is the index; C++
-# deft::TileFamily): the streaming kernel, the split forward, the warp-specialized ring walking
-# every channel chunk of a tap before the next tap ("ring") or the taps inner ("ring_taps").
-FAMILIES = ("streaming", "split", "ring", "ring_taps")
+# deft::TileFamily): the streaming kernel, the split forward, the warp-specialized ring.
+FAMILIES = ("streaming", "split", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,19 +188,8 @@ def _gpu_forward_tile(s: LayerShape, sm_count: int, deterministic: bool = False)
     key = (tile.tile_h * tile.tile_w, tile.tile_n, tile.warps, tile.stages)
     ring = ((128, 128, 8, 2), (64, 64, 4, 2)) if s.dtype == "float32" else ((128, 128, 8, 2),)
     if s.dtype != "float64" and tile.tile_k == 32 and key in ring:
-        tile = dataclasses.replace(tile, warps=8, stages=3, family=_ring_walk(s))
+        tile = dataclasses.replace(tile, warps=8, stages=3, family="ring")
     return tile
-
-
-def _ring_walk(s: LayerShape) -> str:
-    """The ring's walk over (tap, channel chunk) steps: taps inner for float32, every chunk of a tap
-    before the next tap for 16-bit types. Taps inner lets a chunk's corner lines serve the tile's
-    K taps from L1 (benchmarks/l1_reuse_model.py), at the price of building all K taps' records
-    before the first step. Measured (H100, fused forward, host wall time per call, tap outer ->
-    taps inner with one record load in flight per thread; the batched loads are not measured yet,
-    docs/kernels.md): fp32 S4 132.0 -> 111.5, S2 231.8 -> 206.9, S3 107.8 -> 111.4,
-    S6 79.7 -> 92.8 (min 78.9 -> 77.5); bf16 S4 79.2 -> 84.0, S3 81.5 -> 93.9, S6 57.9 -> 69.9."""
-    return "ring_taps" if s.dtype == "float32" else "ring"
 
 
 # Blocks per SM of the warp-specialized tiles by (pixels, tile_n) (their register allocation: 1 for
@@ -422,13 +410,13 @@ def gpu_tile_error(tile: TileConfig, dtype: str) -> str:
                   and tile.k_splits == 1),
         "ring": (half and (*key, tile.stages) in _GPU_WS_TILES and tile.tile_k == 32
                  and tile.k_splits in _GPU_WS_K_SPLITS),
-    }[tile.family.replace("ring_taps", "ring")]
+    }[tile.family]
     if good:
         return ""
     return (f"GPU tile configuration {tile} is not instantiated for {dtype}; family streaming: "
             f"(tile_h*tile_w, tile_n, warps) in {allowed}, tile_k=32, stages 1 or 2"
             + ("" if dtype == "float64" else
-               f"; family split: (64, 64, 4), tile_k in {_SPLIT_TILE_K}, stages 2; family ring or ring_taps "
+               f"; family split: (64, 64, 4), tile_k in {_SPLIT_TILE_K}, stages 2; family ring "
                f"(the warp-specialized forward): (pixels, tile_n, warps, stages) in {_GPU_WS_TILES}, "
                f"tile_k=32, k_splits in {_GPU_WS_K_SPLITS}")
             + "; k_splits=1 everywhere else")

@@ -96,9 +96,7 @@ cudaError_t with_fwd_cfg(const TileConfig& t, F&& f) {
 // producers, 2 blocks per SM.
 // Not float64. k_splits in {2, 4} (sm_90): clusters of that many blocks split each tile's
 // reduction (forward_ws.cuh); every other tile has k_splits = 1. Where the ring does not apply (fp32 without TF32, channel counts off the 16-byte
-// vector, x of 2^31 or more elements, taps inner where K taps' records overflow shared memory: K > 28
-// at 128 x 128 fp32) the streaming kernel of the same tile runs (ws_fallback). Family ring walks
-// every chunk of a tap before the next tap, ring_taps the taps inner (forward_ws.cuh, WsWalk).
+// vector, x of 2^31 or more elements) the streaming kernel of the same tile runs (ws_fallback).
 // Measured and not kept (docs/kernels.md): a 4-slot ring (within 1-2%),
 // 4 + 8 warps (168-register cap: fp32 spills, 10-15% slower; bf16 3-6% faster), 8 + 8 warps.
 using Ws128x128w8 = WsCfg<128, 128, 32, 2, 2, 4, 3, 1>;
@@ -110,7 +108,7 @@ using Ws64x128w8 = WsCfg<64, 128, 32, 2, 2, 4, 3, 2>;
 
 inline bool is_ws_tile(const TileConfig& t) {
   const int64_t px = t.pixels();
-  return (t.family == kFamilyRing || t.family == kFamilyRingTaps) && (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 &&
+  return t.family == kFamilyRing && (t.k_splits == 1 || t.k_splits == 2 || t.k_splits == 4) && t.stages == 3 &&
          t.tile_k == 32 && t.warps == 8 &&
          ((px == 128 && t.tile_n == 128) || (px == 64 && (t.tile_n == 64 || t.tile_n == 128)));
 }
@@ -201,18 +199,12 @@ cudaError_t run_forward(cudaStream_t stream, const ConvParams& p, const TileConf
   if constexpr (!std::is_same<T, double>::value) {
     if (is_ws_tile(t)) {
       const bool tc = kIsHalf<T> || allow_tf32;
-      const bool taps_inner = t.family == kFamilyRingTaps;
-      const bool fits = with_ws_cfg(t, [&](auto cfg) -> cudaError_t {
-                          return ws_fits<T, decltype(cfg)>(g, taps_inner) ? cudaSuccess : cudaErrorInvalidValue;
-                        }) == cudaSuccess;
-      if (!(tc && g.vec && g.x32 && fits)) {
+      if (!(tc && g.vec && g.x32)) {
         return run_forward<T>(stream, p, ws_fallback(t), allow_tf32, deterministic, x, offset, mask, kernel, y,
                               workspace);
       }
       return with_ws_cfg(t, [&](auto cfg) -> cudaError_t {
-        const int splits = static_cast<int>(t.k_splits);
-        return taps_inner ? launch_forward_ws<T, decltype(cfg), true>(stream, g, splits, xs, os, ms, ks, ys)
-                          : launch_forward_ws<T, decltype(cfg), false>(stream, g, splits, xs, os, ms, ks, ys);
+        return launch_forward_ws<T, decltype(cfg)>(stream, g, static_cast<int>(t.k_splits), xs, os, ms, ks, ys);
       });
     }
   }

@@ -130,53 +130,6 @@ __device__ __forceinline__ void ws_blend_store(T* dst, const uint4 (&cr)[4], con
   *reinterpret_cast<uint4*>(dst) = live ? raw : make_uint4(0, 0, 0, 0);
 }
 
-// The ring's walk over (tap, channel chunk) steps: channel chunks outer, taps inner, within each
-// segment (the feature group's channels of one offset group). For one chunk of channels the tile's
-// K taps sample the same neighbourhood of x, so after its first tap most corner lines can hit L1;
-// in ChunkWalk's order (every chunk of a tap before the next tap) a line comes back only K chunks
-// later, by then evicted. The records of all K taps of a segment are built once (WsLayout).
-struct TapInnerWalk {
-  int tap, c0, se, og, cnt;
-  int cbeg, cend, Cpog, K, bk;
-  bool seg_first;  // this step opens a segment: its records are needed
-  __device__ __forceinline__ void init(const Geo& g, int fg, int bk_) {
-    cbeg = fg * static_cast<int>(g.Cg), cend = cbeg + static_cast<int>(g.Cg);
-    Cpog = static_cast<int>(g.Cpog), K = static_cast<int>(g.K), bk = bk_;
-    tap = 0, seg_first = true;
-    start_segment(cbeg);
-  }
-  __device__ __forceinline__ void start_segment(int cs) {
-    c0 = cs;
-    og = cs / Cpog;
-    se = (og + 1) * Cpog < cend ? (og + 1) * Cpog : cend;
-    cnt = se - c0 < bk ? se - c0 : bk;
-  }
-  __device__ __forceinline__ bool valid() const { return K > 0 && cbeg < cend; }
-  // Steps of the whole walk: K taps x the chunks of every segment.
-  __device__ __forceinline__ int count() const {
-    int per_tap = 0;
-    for (int c = cbeg; c < cend;) {
-      const int o = c / Cpog, e = (o + 1) * Cpog < cend ? (o + 1) * Cpog : cend;
-      per_tap += (e - c + bk - 1) / bk;
-      c = e;
-    }
-    return K * per_tap;
-  }
-  // Past the last step start_segment(cend) leaves an empty state that count() never reaches.
-  __device__ __forceinline__ void next() {
-    seg_first = false;
-    if (++tap < K) return;
-    tap = 0;
-    if (c0 + bk < se) {
-      c0 += bk;
-      cnt = se - c0 < bk ? se - c0 : bk;
-      return;
-    }
-    seg_first = true;
-    start_segment(se);
-  }
-};
-
 // BM x BN block tile, BK channels per chunk; WM x WN consumer warps (the MMA), PW producer warps
 // (gather, blend, weight copies), S ring slots; MINB blocks per SM for the register allocation.
 template <int BM_, int BN_, int BK_, int WM_, int WN_, int PW_, int S_, int MINB_>
@@ -184,11 +137,6 @@ struct WsCfg {
   static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, kStages = S_, kMinBlocks = MINB_;
   static constexpr int kConsumers = WM * WN * 32, kProducers = PW_ * 32, kThreads = kConsumers + kProducers;
 };
-
-// The ring's walk: TI (taps inner, TapInnerWalk) or ChunkWalk's order (every chunk of a tap before
-// the next tap). tiling.py picks it per layer through the tile's family (ring / ring_taps).
-template <bool TI>
-using WsWalk = std::conditional_t<TI, TapInnerWalk, ChunkWalk>;
 
 template <typename T, typename Cfg>
 struct WsLayout {
@@ -202,147 +150,102 @@ struct WsLayout {
   static constexpr size_t kRing = Cfg::kStages * kSlot;
   static constexpr size_t kC = align_up(size_t(Cfg::BM) * LDC * sizeof(A), 128);
   static constexpr size_t kMain = kRing > kC ? kRing : kC;
-  // After the ring: the records, [2][BM] in ChunkWalk's order (a double buffer, one group ahead)
-  // or [K][BM] with taps inner (every tap of a segment), then full[S], empty[S].
-  __host__ __device__ static constexpr size_t bars_at(bool ti, int64_t K) {
-    return align_up(kMain + size_t(ti ? K : 2) * Cfg::BM * sizeof(Rec), 8);
-  }
-  __host__ __device__ static constexpr size_t bytes(bool ti, int64_t K) {
-    return bars_at(ti, K) + 2 * Cfg::kStages * sizeof(uint64_t);
-  }
+  static constexpr size_t kBars = align_up(kMain + 2 * size_t(Cfg::BM) * sizeof(Rec), 8);  // + two record buffers
+  static constexpr size_t kBytes = kBars + 2 * Cfg::kStages * sizeof(uint64_t);  // + full[S], empty[S]
 };
 
 // The ring's mbarriers, after the record buffers: full[s] completes when the PT producer threads
 // have filled slot s, empty[s] when the CT consumer threads are done with it.
-template <typename L, bool TI>
-__device__ __forceinline__ uint64_t* ws_full_bars(unsigned char* smem, int64_t K) {
-  return reinterpret_cast<uint64_t*>(smem + L::bars_at(TI, K));
+template <typename L>
+__device__ __forceinline__ uint64_t* ws_full_bars(unsigned char* smem) {
+  return reinterpret_cast<uint64_t*>(smem + L::kBars);
 }
 
-// The producers' side of the ring: for each step of the walk, gather the four corners of every
-// (pixel, channel vector) into registers, copy the next step's weight rows into the next slot by
+// The producers' side of the ring: for each chunk of the walk, gather the four corners of every
+// (pixel, channel vector) into registers, copy the next chunk's weight rows into the next slot by
 // cp.async once the consumers have freed it, blend the samples into this slot's A tile and
-// announce the slot. Records: in ChunkWalk's order they are built one (tap, segment) group ahead
-// into a double buffer, a producer-only barrier at each group's first chunk publishing them and
-// retiring the buffer that the next build overwrites; with taps inner all K taps' records of a
-// segment are built by every producer thread when the segment opens (once per block for one offset
-// group) and published by a producer-only barrier.
-template <typename T, typename Cfg, typename L, bool TI>
+// announce the slot. Bilinear records are built one (tap, segment) group ahead into a double
+// buffer; a producer-only barrier at each group's first chunk publishes them and retires the
+// buffer that the next build overwrites.
+template <typename T, typename Cfg, typename L>
 __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, const T* __restrict__ x,
                                            const T* __restrict__ offset, const T* __restrict__ mask,
-                                           const T* __restrict__ kb, const PixTile& pt, WsWalk<TI> walk,
+                                           const T* __restrict__ kb, const PixTile& pt, ChunkWalk walk,
                                            int nchunks, int64_t o0, int ocnt, int ptid) {
   using A = Acc<T>;
   using Rec = typename L::Rec;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, S = Cfg::kStages, V = kVec<T>;
   constexpr int PT = Cfg::kProducers;
   constexpr int kProd = 1;  // the producers' own named barrier
-  uint64_t* full = ws_full_bars<L, TI>(smem, g.K);
+  uint64_t* full = ws_full_bars<L>(smem);
   uint64_t* empty = full + S;
   constexpr int VPR = BK / V, RSTEP = PT / VPR, IT = BM / RSTEP;      // A: vectors per thread
   constexpr int BVPR = BN / V, BRSTEP = PT / BVPR, IB = BK / BRSTEP;  // B: vectors per thread
   static_assert(PT % VPR == 0 && BM % RSTEP == 0 && PT % BVPR == 0 && BK % BRSTEP == 0, "producer split");
-  static_assert(PT % BM == 0, "each producer thread builds the records of one row");
+  static_assert(BM <= PT, "one record per producer thread");
   const ConvParams& p = g.p;
-  const int K = walk.K;
-  Rec* recs = reinterpret_cast<Rec*>(smem + L::kMain);
+  Rec* recs = reinterpret_cast<Rec*>(smem + L::kMain);  // (2, BM)
   const int cv = (ptid % VPR) * V, r0 = ptid / VPR;
   const int bc = (ptid % BVPR) * V, br0 = ptid / BVPR;
-  const int rrow = ptid % BM;  // the row whose records this thread builds
   int64_t my_img = 0, my_ho = 0, my_wo = 0;
-  const int64_t my_pix = pt.pixel(g, rrow, &my_img, &my_ho, &my_wo);
-  // ChunkWalk's order: threads ptid < BM build their row of one tap into buffer `buf`.
-  auto build_group = [&](int tap, int og, int buf) {
+  const int64_t my_pix = ptid < BM ? pt.pixel(g, ptid, &my_img, &my_ho, &my_wo) : -1;
+  const int64_t ldo = p.c_out;
+  // Weight rows by one pointer: the walk consumes the kernel's (tap, channel) rows in order, from
+  // the row of its current chunk (a k-split block starts inside the walk).
+  const bool bok = bc < ocnt;
+  const int64_t row0 = static_cast<int64_t>(walk.tap) * (walk.cend - walk.cbeg) + (walk.c0 - walk.cbeg);
+  const T* wp = kb + o0 + bc + (row0 + br0) * ldo;
+  const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
+  auto build_recs = [&](int tap, int og, int buf) {
     if (ptid < BM) {
       const SampIn<A> in = load_samp_in<T, A>(g, offset, mask, my_pix >= 0, my_pix, tap, og);
-      recs[buf * BM + rrow] = build_ws_samp<A>(g, in, my_pix >= 0, my_img, my_ho, my_wo, tap);
+      recs[buf * BM + ptid] = build_ws_samp<A>(g, in, my_pix >= 0, my_img, my_ho, my_wo, tap);
     }
   };
-  // Taps inner: thread ptid builds its row for taps ptid / BM, + PT / BM, ...; the offset and mask
-  // loads of kBatch taps go out before any of their records is formed (one latency, not kBatch).
-  auto build_segment = [&](int og) {
-    constexpr int kBatch = 3, kStride = PT / BM;
-    for (int t0 = ptid / BM; t0 < K; t0 += kBatch * kStride) {
-      SampIn<A> in[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int tap = t0 + u * kStride;
-        in[u] = load_samp_in<T, A>(g, offset, mask, my_pix >= 0 && tap < K, my_pix, tap, og);
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int tap = t0 + u * kStride;
-        if (tap < K) recs[tap * BM + rrow] = build_ws_samp<A>(g, in[u], my_pix >= 0, my_img, my_ho, my_wo, tap);
-      }
-    }
-  };
-  const int64_t ldo = p.c_out;
-  const bool bok = bc < ocnt;
-  const T* wbase = kb + o0 + bc + static_cast<int64_t>(br0) * ldo;
-  const int64_t wstep = static_cast<int64_t>(BRSTEP) * ldo;
 
-  // Weight rows go out one step ahead (step i + 1's during step i), so their L2 round trip
+  // Weight rows go out one chunk ahead (chunk i + 1's during chunk i), so their L2 round trip
   // overlaps the corner gather. Copied behind the corner loads and waited for after the blend,
   // they were the producers' second exposed latency per chunk (profile of: that wait and
   // a stall before the copies, ~17% of the producers' stall samples); bf16 0.87-0.94x, fp32 1.00x.
-  WsWalk<TI> bwalk = walk;  // the step whose weight rows are copied next
+  ChunkWalk bwalk = walk;  // the chunk whose weight rows are copied next
   auto issue_b = [&](int slot) {
     T* bs = reinterpret_cast<T*>(smem + slot * L::kSlot) + L::kAElems;
-    // The step's first row of the group's kernel matrix (rows: tap-major, the group's channels within).
-    const int64_t row = static_cast<int64_t>(bwalk.tap) * (bwalk.cend - bwalk.cbeg) + (bwalk.c0 - bwalk.cbeg);
-    const T* wp = wbase + row * ldo;
 #pragma unroll
     for (int j = 0; j < IB; ++j) {
       const int r = br0 + j * BRSTEP;
       const bool ok = bok && r < bwalk.cnt;
       cp_async16(bs + r * L::LDB + bc, ok ? wp + j * wstep : kb, ok);
     }
+    wp += bwalk.cnt * ldo;
     bwalk.next();
   };
 
-  // A k-split block may start inside a group (segment): its first step needs that group's records.
-  if constexpr (TI) {
-    build_segment(walk.og);
-  } else {
-    build_group(walk.tap, walk.og, walk.group & 1);
-  }
+  // A k-split block may start inside a group: its first chunk publishes the records and builds
+  // the next group's, as a group's first chunk does.
+  build_recs(walk.tap, walk.og, walk.group & 1);
   issue_b(0);  // every slot is free at the start
   cp_async_commit();
-  if constexpr (TI) named_sync(kProd, PT);  // the records, for every producer
   for (int i = 0, s = 0; i < nchunks; ++i) {
-    const Rec* rb;
-    if constexpr (TI) {
-      if (walk.seg_first && i > 0) {
-        // A new offset group: every producer is done with the old records (its blends came before
-        // this barrier); the new ones are built, then published.
-        named_sync(kProd, PT);
-        build_segment(walk.og);
-        named_sync(kProd, PT);
-      }
-      rb = recs + walk.tap * BM;
-    } else {
-      if (walk.is_first || i == 0) named_sync(kProd, PT);
-      rb = recs + (walk.group & 1) * BM;
-    }
+    const bool opens = walk.is_first || i == 0;
+    if (opens) named_sync(kProd, PT);
+    const Rec* rb = recs + (walk.group & 1) * BM;
     // Past the chunk's channels the thread loads channel 0 (in bounds) and stores zeros.
     const bool cok = cv < walk.cnt;
     const T* xc = cok ? x + (walk.c0 + cv) : x;
     uint4 cr[IT][4];
 #pragma unroll
     for (int it = 0; it < IT; ++it) ws_fetch<T, A>(cr[it], xc, rb[r0 + it * RSTEP]);
-    if constexpr (!TI) {
-      if (walk.is_first || i == 0) {  // the next group's records, while the corners are in flight
-        int ntap, ncs;
-        if (walk.next_group(&ntap, &ncs)) build_group(ntap, ncs / walk.Cpog, (walk.group + 1) & 1);
-      }
+    if (opens) {  // the next group's records, while the corners are in flight
+      int ntap, ncs;
+      if (walk.next_group(&ntap, &ncs)) build_recs(ntap, ncs / walk.Cpog, (walk.group + 1) & 1);
     }
     const int s1 = s + 1 == S ? 0 : s + 1;
     if (i + 1 < nchunks) {
-      // The consumers are done with slot s1's last step, i + 1 - S: empty[s1]'s ((i + 1) / S - 1)th phase.
+      // The consumers are done with slot s1's last chunk, i + 1 - S: empty[s1]'s ((i + 1) / S - 1)th phase.
       if (i + 1 >= S) mbar_wait(empty + s1, ((i + 1) / S - 1) & 1);
       issue_b(s1);
     }
-    cp_async_commit();  // (empty past the last step: the wait below counts groups)
+    cp_async_commit();  // (empty past the last chunk: the wait below counts groups)
     // Slot s: its empty-slot wait came with its weight rows, an iteration ago.
     T* as = reinterpret_cast<T*>(smem + s * L::kSlot);
 #pragma unroll
@@ -350,13 +253,14 @@ __device__ __forceinline__ void ws_produce(const Geo& g, unsigned char* smem, co
       const int r = r0 + it * RSTEP;
       ws_blend_store<T, A>(as + r * L::LDA + cv, cr[it], rb[r], cok && ws_live(rb[r].w[0]));
     }
-    cp_async_wait<1>();  // step i's weight rows (all but the group just committed)
+    cp_async_wait<1>();  // chunk i's weight rows (all but the group just committed)
     mbar_arrive(full + s);
     walk.next();
     s = s1;
   }
   cp_async_wait<0>();
 }
+
 // The k-split ring's epilogue: the cluster's blocks computed the same output tile over disjoint
 // chunk ranges, each left its fp32 partial tile in its own shared memory (Cs, same address in
 // every block), and block `rank` sums rows [rank, rank + 1) * BM / splits of all of them, in rank
@@ -391,7 +295,7 @@ __device__ __forceinline__ void ws_split_epilogue(const Geo& g, const PixTile& p
 // distributed shared memory. That gives a layer whose tiles leave SMs idle (S4: 98 blocks of 1 per
 // SM on 132 SMs) or a half-empty last wave (S3/S6: 196) more, shorter blocks: each block's time is
 // its chain of chunks (latency-bound, docs/kernels.md), not its pixel count.
-template <typename T, typename Cfg, bool KSPLIT, bool TI>
+template <typename T, typename Cfg, bool KSPLIT>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     deform_fwd_ws_kernel(const Geo g, const T* __restrict__ x, const T* __restrict__ offset,
                          const T* __restrict__ mask, const T* __restrict__ kernel, T* __restrict__ y) {
@@ -409,7 +313,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int64_t ob = blockIdx.y % nblk;
   const int64_t o0 = fg * g.Cog + ob * BN;
   const int ocnt = static_cast<int>(g.Cog - ob * BN < BN ? g.Cog - ob * BN : BN);
-  WsWalk<TI> walk;
+  ChunkWalk walk;
   walk.init(g, fg, BK);
   int nchunks = walk.valid() ? walk.count() : 0;
   int splits = 1, rank = 0;
@@ -421,7 +325,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     nchunks = i1 - i0;
   }
 
-  uint64_t* full = ws_full_bars<L, TI>(smem, g.K);
+  uint64_t* full = ws_full_bars<L>(smem);
   uint64_t* empty = full + S;
   if (tid < S) {
     mbar_init(full + tid, Cfg::kProducers);
@@ -440,7 +344,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       s = s + 1 == S ? 0 : s + 1;
     }
   } else if (nchunks > 0) {
-    ws_produce<T, Cfg, L, TI>(g, smem, x, offset, mask, kernel + pt.b * p.kernel_size(), pt, walk, nchunks, o0,
+    ws_produce<T, Cfg, L>(g, smem, x, offset, mask, kernel + pt.b * p.kernel_size(), pt, walk, nchunks, o0,
                           ocnt, tid - CT);
   }
   __syncthreads();  // the accumulator tile aliases the ring
@@ -456,16 +360,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 }
 
-// Whether the ring's shared memory (its slots and records: K taps' with taps inner) fits a block
-// on this device.
-template <typename T, typename Cfg>
-bool ws_fits(const Geo& g, bool taps_inner) {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
-  return WsLayout<T, Cfg>::bytes(taps_inner, g.K) <= static_cast<size_t>(optin);
-}
-
 // Whether this device runs thread-block clusters (compute capability 9.0 or newer).
 inline bool device_has_clusters() {
   int dev = 0, major = 0;
@@ -476,20 +370,20 @@ inline bool device_has_clusters() {
 
 // splits = 1: the plain ring. splits in {2, 4}: clusters of `splits` blocks along the grid's z
 // (tiling.py picks it; BM / splits rows per block in the epilogue). Not on devices without
-// clusters: an error, never a silent change of kernel. TI: the walk (WsWalk).
-template <typename T, typename Cfg, bool TI>
+// clusters: an error, never a silent change of kernel.
+template <typename T, typename Cfg>
 cudaError_t launch_forward_ws(cudaStream_t stream, const Geo& g, int splits, const T* x, const T* offset,
                               const T* mask, const T* kernel, T* y) {
-  if (!g.vec || !g.x32 || !ws_fits<T, Cfg>(g, TI)) return cudaErrorInvalidValue;  // run_forward routes these elsewhere
-  const size_t smem = WsLayout<T, Cfg>::bytes(TI, g.K);
+  if (!g.vec || !g.x32) return cudaErrorInvalidValue;  // run_forward routes these elsewhere
+  constexpr size_t smem = WsLayout<T, Cfg>::kBytes;
   if (splits == 1) {
-    return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, false, TI>, Cfg::BN, Cfg::kThreads, smem,
-                                1, g, x, offset, mask, kernel, y);
+    return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, false>, Cfg::BN, Cfg::kThreads, smem, 1,
+                                g, x, offset, mask, kernel, y);
   }
   if ((splits != 2 && splits != 4) || Cfg::BM % splits != 0) return cudaErrorInvalidValue;
   if (!device_has_clusters()) return cudaErrorNotSupported;
-  return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, true, TI>, Cfg::BN, Cfg::kThreads, smem,
-                              splits, g, x, offset, mask, kernel, y);
+  return launch_tiled_forward(stream, g, deform_fwd_ws_kernel<T, Cfg, true>, Cfg::BN, Cfg::kThreads, smem, splits,
+                              g, x, offset, mask, kernel, y);
 }
 
 }  // namespace kern

@@ -20,8 +20,7 @@ TileCheck CheckGpuTileConfig(const TileConfig& tile, DType dtype) {
   switch (tile.family) {
     case kFamilyStreaming: good = f64 ? ok(double{}) : dtype == DType::kF32 ? ok(float{}) : ok(__half{}); break;
     case kFamilySplit: good = !f64 && kern::is_split_tile(tile); break;
-    case kFamilyRing:
-    case kFamilyRingTaps: good = !f64 && kern::is_ws_tile(tile); break;
+    case kFamilyRing: good = !f64 && kern::is_ws_tile(tile); break;
     default: break;
   }
   return good ? kTileOk : kTileForward;

@@ -19,8 +19,8 @@ inline std::string GpuTileError(const deft::TileConfig& tile, deft::DType dtype)
     return "GPU tile configuration: bwd_tile_n=" + std::to_string(tile.bwd_tile_n) + " is not instantiated for " +
            dt + "; instantiated: 64" + (f64 ? "" : " or 128");
   if (check == deft::kTileOk) return "";
-  static const char* const kFamilies[] = {"streaming", "split", "ring", "ring_taps"};
-  const bool named = tile.family >= 0 && tile.family <= 3;
+  static const char* const kFamilies[] = {"streaming", "split", "ring"};
+  const bool named = tile.family >= 0 && tile.family <= 2;
   std::string s = "GPU tile configuration (family=" + std::string(named ? kFamilies[tile.family] : "?") + " (" +
                   std::to_string(tile.family) + "), tile_h=" + std::to_string(tile.tile_h) +
                   ", tile_w=" + std::to_string(tile.tile_w) + ", tile_n=" + std::to_string(tile.tile_n) +
@@ -32,7 +32,7 @@ inline std::string GpuTileError(const deft::TileConfig& tile, deft::DType dtype)
   s += ", all with tile_k=32, stages 1 or 2, k_splits=1";
   if (!f64)
     s += "; family split (1): tile_h*tile_w=64, tile_n=64, warps=4, stages=2, tile_k in {128, 256, 512}, "
-         "k_splits=1; family ring (2, the warp-specialized forward) or ring_taps (3, the same with taps inner): tile_k=32, warps=8, stages=3, "
+         "k_splits=1; family ring (2, the warp-specialized forward): tile_k=32, warps=8, stages=3, "
          "(tile_h*tile_w, tile_n) = (128, 128), (64, 64) or (64, 128) and k_splits in {1, 2, 4} (2 and 4: "
          "thread-block clusters, compute capability 9.0+)";
   return s;

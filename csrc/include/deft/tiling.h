@@ -7,11 +7,9 @@
 namespace deft {
 
 // The forward kernel a tile names: the streaming kernel (forward.cuh), the split forward (tile_k
-// input channels resident per block, forward.cuh) or the warp-specialized ring (forward_ws.cuh), in
-// its walk over (tap, channel chunk) steps: every chunk of a tap before the next tap (ring), or
-// taps inner (ring_taps). The tile's other fields are that family's parameters; the launchers
-// check them against it.
-enum TileFamily : int64_t { kFamilyStreaming = 0, kFamilySplit = 1, kFamilyRing = 2, kFamilyRingTaps = 3 };
+// input channels resident per block, forward.cuh) or the warp-specialized ring (forward_ws.cuh).
+// The tile's other fields are that family's parameters; the launchers check them against it.
+enum TileFamily : int64_t { kFamilyStreaming = 0, kFamilySplit = 1, kFamilyRing = 2 };
 
 struct TileConfig {
   int64_t tile_h;  // output rows of one spatial tile (BM = tile_h * tile_w pixels)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 import deft_jax
-from profile_bwd import SUITE
+from profile_bwd import suite_inputs
 
 
 def main():
@@ -27,13 +27,7 @@ def main():
     print(f"deft_jax from {deft_jax.__file__}; {jax.devices()[0].device_kind}", flush=True)
     for dt in a.dtypes.split(","):
         for name in a.shapes.split(","):
-            n, h, w, c, co, s = SUITE[name]
-            ho = (h - 1) // s + 1
-            k = jax.random.split(jax.random.PRNGKey(0), 4)
-            x = jax.random.normal(k[0], (n, h, w, c), dt)
-            off = (2 * jax.random.normal(k[1], (n, ho, ho, 18))).astype(dt)
-            m = jax.random.uniform(k[2], (n, ho, ho, 9)).astype(dt)
-            kern = (jax.random.normal(k[3], (3, 3, c, co)) / np.sqrt(9 * c)).astype(dt)
+            x, off, kern, m, _, s = suite_inputs(name, dt)
             f = jax.jit(lambda *q, s=s: deft_jax.deform_conv2d(*q, strides=s, padding=1,
                                                                 implementation=a.implementation))
             f(x, off, kern, m).block_until_ready()

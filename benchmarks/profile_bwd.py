@@ -26,9 +26,9 @@ SUITE = {"S1": (8, 64, 64, 64, 64, 1), "S2": (32, 64, 64, 64, 64, 1), "S3": (32,
          "S4": (32, 14, 14, 256, 256, 1), "S5": (32, 7, 7, 512, 512, 1), "S6": (32, 56, 56, 64, 128, 2)}
 
 
-def make_run(name, dtype, mode, tile=None):
-    impl = tile if tile in ("fused", "columns", "xla") else None
-    tile = None if impl else tile
+def suite_inputs(name, dtype):
+    """(x, offset, kernel, mask, dy, strides) of suite layer `name` (3x3, padding 1): offsets ~ N(0,
+    2^2) px, mask U(0, 1), fixed seed."""
     n, h, w, c, co, s = SUITE[name]
     dt = jnp.dtype(dtype)
     ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
@@ -38,6 +38,13 @@ def make_run(name, dtype, mode, tile=None):
     m = jax.random.uniform(k[2], (n, ho, wo, 9)).astype(dt)
     kern = (jax.random.normal(k[3], (3, 3, c, co)) / np.sqrt(9 * c)).astype(dt)
     dy = jax.random.normal(k[4], (n, ho, wo, co), dt)
+    return x, off, kern, m, dy, s
+
+
+def make_run(name, dtype, mode, tile=None):
+    impl = tile if tile in ("fused", "columns", "xla") else None
+    tile = None if impl else tile
+    x, off, kern, m, dy, s = suite_inputs(name, dtype)
     det = mode.endswith("-det")
     mode = mode.removesuffix("-det")
     if mode not in ("fwd", "bwd"):

@@ -52,7 +52,9 @@ Columns (times are per call; ratios are time ratios):
                (CPU: C++ column sampler + XLA's dot + C++ col2im; GPU: the route
                deft_jax.tiling.choose_route picks for the shape)
   fused us, columns us   (GPU) the two GPU routes forced: implementation="fused" (the fused CUDA
-               kernels) and "columns" (CUDA sampler + cuBLAS via XLA's dot + CUDA col2im)
+               kernels) and "columns" (CUDA sampler + cuBLAS via XLA's dot + CUDA col2im);
+               (CPU, where OpenBLAS is installed) fused us only: implementation="fused", the CPU
+               fused forward (sampler + OpenBLAS GEMM per tile; its backward is deft's)
   xla us       deft_jax.deform_conv2d(..., implementation="xla"): the pure-JAX gather reference
   conv us      lax.conv_general_dilated of the same shape: the dense floor (offset 0, no mask)
   torch us     torchvision.ops.deform_conv2d on the CPU (CPU runs where torch imports; NCHW; torch
@@ -62,6 +64,7 @@ Columns (times are per call; ratios are time ratios):
   temp MiB     XLA's temporary buffers for one call: jit(f).lower(...).compile().memory_analysis()
                .temp_size_in_bytes, for deft / xla / conv (torch: not measured); deft's include its
                column chunk (CPU) or workspace (GPU): its native handlers allocate nothing sizable
+               (the CPU fused forward: a tile's scratch per thread, ~0.5-1 MiB, not counted)
   deft/floor, conv/floor   time over max(bytes moved / copy bandwidth, FLOPs / matmul rate), both
                rates measured in the same run
   deft err, torch err      max over the outputs (y; and dx, doffset, dmask, dkernel for fwdbwd) of
@@ -300,13 +303,17 @@ def det_impls(mode: str) -> tuple[str, ...]:
 
 
 # On GPU each route of the native op also runs on its own (implementation="fused" / "columns"):
-# the measurements behind deft_jax/routes.json (benchmarks/make_routes.py).
+# the measurements behind deft_jax/routes.json (benchmarks/make_routes.py). On CPU the fused
+# forward where its BLAS loads, forward only (deft is the column route there, and the fused
+# forward's backward is deft's).
 ROUTE_IMPLS = {"deft_fused": "fused", "deft_columns": "columns"}
 ROUTE_HEADER = ["fused us", "columns us"]
 
 
-def route_impls() -> tuple[str, ...]:
-    return tuple(ROUTE_IMPLS) if jax.default_backend() == "gpu" else ()
+def route_impls(mode: str) -> tuple[str, ...]:
+    if jax.default_backend() == "gpu":
+        return tuple(ROUTE_IMPLS)
+    return ("deft_fused",) if mode == "fwd" and deft_jax._ffi.load_blas() == "" else ()
 
 
 def route_cells(data: dict, entries: dict) -> list[str]:
@@ -538,7 +545,7 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     if torch_why is None:
         impls.append("torch")
     cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
-             for impl in impls + list(route_impls()) + list(det_impls(mode))]
+             for impl in impls + list(route_impls(mode)) + list(det_impls(mode))]
     inputs, reference = None, None
     for layer, dtype_name, mode, impl in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         if impl == "xla" and mode == MODES[0]:

@@ -7,6 +7,9 @@
 #              process may run on; torch gets the same number of threads.
 #   PHASES     any of "build parts bench" (default: all three)
 #   PARTS_ARGS, BENCH_ARGS   extra arguments (e.g. PARTS_ARGS="--shapes S1,S3 --chunks 0,1,2")
+# The CPU fused forward needs OpenBLAS (the scipy-openblas32 wheel): a machine without PyPI (the GPU
+# machine) gets it from .whl/ (git-ignored; `pip download --no-deps scipy-openblas32 -d .whl` here,
+# then carry ".whl"), which the build phase installs; without it the bench has no "fused us".
 # On the GPU machine pass DEFT_GIT_COMMIT=<local HEAD> (its copy's .git is stale), as for gpu_check.sh.
 # Output in $OUT (at most 8 files for the device tool): cpu_build.log, parts_<n>cpu.log,
 # bench_<n>cpu.log and bench_<n>cpu.json (results.json; --markdown turns it into the table).
@@ -23,9 +26,13 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 
 if has build; then
   echo "== build ($(date -u +%T))"
+  if ls .whl/scipy_openblas32-*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install --no-deps -q .whl/scipy_openblas32-*.whl > "$OUT/cpu_build.log" 2>&1 \
+        || echo "could not install .whl/scipy_openblas32 (see cpu_build.log)"
+  fi
   DEFT_CUDA=OFF CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps \
-      -e . > "$OUT/cpu_build.log" 2>&1 || { echo "BUILD FAILED"; tail -n 40 "$OUT/cpu_build.log"; exit 1; }
-  "$PY" -c "import jax, deft_jax; print('jax', jax.__version__, jax.devices(), 'kernels', deft_jax._ffi._deft_cpu.cpu_isa())" \
+      -e . >> "$OUT/cpu_build.log" 2>&1 || { echo "BUILD FAILED"; tail -n 40 "$OUT/cpu_build.log"; exit 1; }
+  "$PY" -c "import jax, deft_jax; print('jax', jax.__version__, jax.devices(), 'kernels', deft_jax._ffi._deft_cpu.cpu_isa(), 'fused forward BLAS:', deft_jax._ffi.load_blas() or 'loaded')" \
       2>&1 | tee -a "$OUT/cpu_build.log"
   lscpu | grep -E "Model name|^CPU\(s\)|Thread|L3" | tee -a "$OUT/cpu_build.log"
 fi

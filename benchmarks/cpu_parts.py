@@ -2,7 +2,8 @@
 
 For each shape (CPU-sized batch, bench_layers.CPU_BATCH) and dtype: the native sampler, the forward
 dot, the kernel-gradient dot (as the route writes it, and alternative forms), the column-gradient
-dot, the native col2im, the whole op forward (at several forward column budgets) and forward +
+dot, the native col2im, the whole op forward (at several forward column budgets, and the CPU fused
+forward where its BLAS loads) and forward +
 backward (at several images per backward chunk, and CPU backward row runs),
 and the dense conv forward and forward + backward. Wall time of one jitted call: min and median of
 --reps calls after a warm-up, and the min CPU time of the process per call (a breakdown, not the
@@ -146,6 +147,11 @@ def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
             rows = tiling.cpu_forward_chunk_rows(_shape(layer, dtype))
             out[f"op fwd, {f'{mib:g} MiB' if mib else 'default'} ({rows} rows)"] = timed(
                 op, (x, off, mask, kernel), reps)
+    if _ffi.load_blas() == "":  # the CPU fused forward (sampler + OpenBLAS GEMM per tile)
+        fused = lambda x, o, m, kern: deft_jax.deform_conv2d(x, o, kern, m, strides=s, padding=p,
+                                                             implementation="fused")
+        pixels = tiling.cpu_tile_pixels(_shape(layer, dtype))
+        out[f"op fwd, fused ({pixels} px tiles)"] = timed(fused, (x, off, mask, kernel), reps)
     out["conv fwd"] = timed(conv, (x, kernel), reps)
     out["conv fwd+bwd"] = timed(with_grads(conv), (x, kernel, dy), reps)
     return out

@@ -2,7 +2,8 @@
 
 The CPU module is always built; the CUDA module only where nvcc was found at build time. The CUDA
 targets are the fused forward and backward; the CPU targets are the column sampler and its
-col2im, around which deft_jax/_columns.py puts XLA's dot. Each platform has its own target names,
+col2im, around which deft_jax/_columns.py puts XLA's dot, and a fused forward (sampler and a BLAS
+GEMM per tile of pixels, csrc/cpu/forward.h) whose BLAS is loaded at run time (load_blas). Each platform has its own target names,
 and a name carries a version: any change of operands, results or attribute schema gets a new
 name, so a serialized program either finds the handler it was written for or fails to load (never
 runs a handler with another contract). The fused targets return their workspace as an extra
@@ -11,6 +12,10 @@ the attribute ``deterministic`` (0/1; see ops.deform_conv2d).
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +28,9 @@ _COLUMN_TARGETS = {
     "cpu": ("deft_sample_columns_cpu_v3", "deft_col2im_cpu_v3"),
     "cuda": ("deft_sample_columns_cuda_v2", "deft_col2im_cuda_v2"),
 }
-TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair))
+# The CPU fused forward (its backward is the column route's).
+_CPU_FUSED_TARGET = "deft_deform_conv2d_fwd_cpu_v1"
+TARGETS = (*_FUSED_TARGETS, *(t for pair in _COLUMN_TARGETS.values() for t in pair), _CPU_FUSED_TARGET)
 _TILE_KEYS = ("tile_h", "tile_w", "tile_n", "tile_k", "warps", "stages", "bwd_tile_n", "k_splits", "family")
 
 try:
@@ -55,10 +62,13 @@ if _deft_cuda is not None:
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
 
-def target_names(platform: str, route: str = "columns") -> tuple[str, str]:
-    """The two FFI targets of a route on a platform: "columns": the column sampler (forward and
-    backward) and the col2im (backward); "fused" (CUDA only): the fused forward and backward."""
-    return _FUSED_TARGETS if route == "fused" else _COLUMN_TARGETS[platform]
+def target_names(platform: str, route: str = "columns") -> tuple[str, ...]:
+    """The FFI targets of a route on a platform: "columns": the column sampler (forward and
+    backward) and the col2im (backward); "fused": on CUDA the fused forward and backward, on CPU
+    the fused forward alone (its backward is the column route's)."""
+    if route == "fused":
+        return (_CPU_FUSED_TARGET,) if platform == "cpu" else _FUSED_TARGETS
+    return _COLUMN_TARGETS[platform]
 
 
 def cuda_available() -> bool:
@@ -72,6 +82,51 @@ def compiled_tile_error(tile_attrs: dict[str, int], dtype: str) -> str | None:
     if _deft_cuda is None:
         return None
     return _deft_cuda.tile_error(dtype, **{k: int(tile_attrs[k]) for k in _TILE_KEYS})
+
+
+_blas_lock = threading.Lock()
+_blas_error: str | None = None  # None: not tried yet; "": loaded; else why not
+
+
+def load_blas() -> str:
+    """Load the BLAS of the CPU fused forward once and hand its GEMMs to the CPU module: OpenBLAS
+    from the ``scipy-openblas32`` wheel (``pip install "deft_jax[blas]"``), a private copy with
+    its own symbols, so NumPy's or another library's BLAS is not touched. Returns "" when it is
+    loaded, else why not (the fused CPU route then raises that; nothing falls back silently).
+
+    OpenBLAS runs single-threaded here (the module's tasks run on XLA's pool, one GEMM per task)
+    with the kernels it picks for the CPU; ``OPENBLAS_CORETYPE`` in the environment before Python
+    starts overrides that (OpenBLAS 0.3.34 takes the project's AMD EPYC VM for a Haswell, whose
+    sgemm ran 2.2x slower there than its SkylakeX kernels; docs/kernels.md, CPU)."""
+    global _blas_error
+    with _blas_lock:
+        if _blas_error is not None:
+            return _blas_error
+        try:
+            import scipy_openblas32
+        except ImportError:
+            _blas_error = ("the CPU fused forward needs OpenBLAS from the scipy-openblas32 package, "
+                           "which is not installed: pip install \"deft_jax[blas]\" (or scipy-openblas32)")
+            return _blas_error
+        path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+            lib.scipy_openblas_set_num_threads(1)
+            sgemm, dgemm = (ctypes.cast(getattr(lib, f"scipy_cblas_{t}gemm"), ctypes.c_void_p).value
+                            for t in "sd")
+        except (OSError, AttributeError) as e:
+            _blas_error = f"the CPU fused forward could not load OpenBLAS from {path}: {e}"
+            return _blas_error
+        _deft_cpu.set_gemm(sgemm, dgemm)
+        _blas_error = ""
+        return _blas_error
+
+
+def cpu_fused_forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):
+    """y [..., N, Ho, Wo, C_out] of the CPU fused forward (load_blas must have succeeded); leading
+    dims are independent problems."""
+    y = jax.ShapeDtypeStruct(out_shape, x.dtype)
+    return jax.ffi.ffi_call(_CPU_FUSED_TARGET, y, vmap_method="broadcast_all")(x, offset, mask, kernel, **attrs)
 
 
 def mask_placeholder(dtype):

@@ -2,7 +2,7 @@
 
 The native forward / backward of a call's route: "columns" (deft_jax/_columns.py: the platform's
 sampler and col2im custom calls around XLA's dots, in a loop over chunks of images; CPU and CUDA)
-or "fused" (the fused CUDA custom calls, deft_jax/_ffi.py).
+or "fused" (the fused CUDA custom calls; on CPU the fused forward, deft_jax/_ffi.py).
 
 vmap: ``custom_vmap`` moves the vmapped axis in front and calls the implementation with leading
 batch dims (every operand gets them; an unbatched operand is broadcast). Both implementations
@@ -57,7 +57,10 @@ def _shardings(mesh, shapes, lead, n_axes, batched):
 def _fwd_impl(x, offset, mask, kernel, call):
     if call.route == "columns":
         return _columns.forward(x, offset, mask, kernel, call)
-    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), (*x.shape[:-3], *call.out_shape[1:]))
+    out_shape = (*x.shape[:-3], *call.out_shape[1:])
+    if call.platform == "cpu":
+        return _ffi.cpu_fused_forward(x, offset, mask, kernel, call.attr_dict(), out_shape)
+    return _ffi.forward(x, offset, mask, kernel, call.attr_dict(), out_shape)
 
 
 _fwd_cp = custom_partitioning(_fwd_impl, static_argnums=(4,))

@@ -185,8 +185,8 @@ def native_op(x, kernel, geo: Geometry, with_mask: bool, precision, deterministi
               platform: str = "cpu", route: str | None = None) -> _autodiff.NativeOp:
     """The native calls of the forward and of the backward on `platform`, each on the route
     tiling.choose_route picks for its direction ("columns": sampler + XLA's dot + col2im, CPU and
-    CUDA; "fused": the fused CUDA kernels, which also take ``deterministic``); one call serves
-    both directions when they share a route. ``route``: the one the caller asked for
+    CUDA; "fused": the fused CUDA kernels, which also take ``deterministic``, or the CPU fused
+    forward); one call serves both directions when they share a route. ``route``: the one the caller asked for
     (implementation="fused" / "columns"), or None."""
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
@@ -216,6 +216,12 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
                  dil_w=geo.kernel_dilation[1], offset_groups=geo.offset_groups,
                  with_mask=int(with_mask))
     out_shape = (shape.n, *geo.out_hw, shape.c_out)
+    if platform == "cpu" and route == "fused":
+        attrs.update(feature_groups=geo.feature_group_count,
+                     tile_pixels=tiling.cpu_tile_pixels(shape))
+        return _autodiff.NativeCall(platform=platform,
+                                    attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+                                    out_shape=out_shape, route="fused")
     if route == "columns":
         # The sampler's geometry; feature groups and precision are the dots'.
         # The CPU route is deterministic either way: one program for both settings there.
@@ -285,8 +291,10 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       implementation: None for the native op of the platform, its route chosen per shape (CPU:
         the column route, a C++ sampler and col2im around XLA's dot; GPU: that route with CUDA
         kernels and cuBLAS, or the fused CUDA kernels, per tiling.choose_route); "columns" or
-        "fused" to ask for one GPU route ("fused" is CUDA only: ValueError on a CPU backend); or
-        "xla" for the pure-JAX gather reference.
+        "fused" to ask for one route: on GPU for both directions; on CPU "fused" is the fused
+        forward (the sampler and a BLAS GEMM per tile of pixels, the tile's columns never
+        leaving the core's cache; it needs OpenBLAS, ``pip install "deft_jax[blas]"``, else
+        ValueError) with the column route's backward; or "xla" for the pure-JAX gather reference.
       deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
         identical from run to run (same inputs, device model and build). Applies to the native
         implementation only (the reference's XLA scatter is not deterministic on GPU); combined
@@ -350,12 +358,9 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
             "(the pure-JAX reference) uses XLA's scatter, which is not deterministic on GPU. Use "
             "implementation=None with deterministic=True, or deterministic=False with 'xla' "
             "(XLA_FLAGS=--xla_gpu_deterministic_ops=true makes XLA's own ops deterministic).")
-    on_gpu = jax.default_backend() in ("gpu", "cuda")
-    if implementation == "fused" and not on_gpu:
-        raise ValueError(
-            f"implementation: 'fused' is the CUDA kernels, and the default backend is "
-            f"{jax.default_backend()!r}; use implementation=None (or 'columns'): the native route "
-            "on CPU is the column route")
+    if implementation == "fused" and jax.default_backend() == "cpu" and (why := _ffi.load_blas()):
+        raise ValueError(f"implementation: 'fused' on CPU: {why}; implementation=None runs the "
+                         "CPU's column route, which needs no BLAS")
     geo = validate(x, offset, kernel, mask, strides=strides, padding=padding,
                    kernel_dilation=kernel_dilation, feature_group_count=feature_group_count)
     if implementation == "xla":

@@ -144,6 +144,22 @@ def cpu_backward_chunk_rows(s: LayerShape) -> int:
     return int(max(1, CPU_COLUMN_BUDGET_BYTES // max(1, per_image // s.h_out)))
 
 
+# The CPU fused forward's tile (csrc/cpu/forward.h): a task samples this many bytes of columns in
+# the GEMM's type into its thread's scratch and multiplies them at once, so they are read from the
+# core's cache (512 KiB: within a 1-2 MiB L2 beside the GEMM's packed panels). The tile is a
+# function of the shape alone, so the bits do not depend on the thread count. On the 2-core VM
+# (S2 fp32, one thread, sampler + OpenBLAS sgemm, min ms per image): 32 / 64 / 128 / 256 / 512
+# pixels 2.55 / 2.10 / 1.99 / 1.89 / 1.86 (256 pixels = 590 KB at 576 columns).
+CPU_FUSED_TILE_BYTES = 512 * 2**10
+
+
+def cpu_tile_pixels(s: LayerShape) -> int:
+    """Output pixels per task of the CPU fused forward: CPU_FUSED_TILE_BYTES of columns in the
+    GEMM's type (float64 for float64, else float32), a multiple of 8 in [8, 1024]."""
+    per_pixel = s.taps * s.c_in * (8 if s.dtype == "float64" else 4)
+    return int(min(1024, max(8, CPU_FUSED_TILE_BYTES // max(1, per_pixel) // 8 * 8)))
+
+
 def cuda_chunk_images(s: LayerShape) -> int:
     """Images per chunk of the GPU column route (as ``cpu_chunk_images``, with the GPU budget)."""
     return int(max(1, CUDA_COLUMN_BUDGET_BYTES // _column_bytes_per_image(s)))
@@ -478,7 +494,8 @@ ROUTE_COLUMNS_MAX_PIXELS = 64
 def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
                  requested: str | None = None, direction: str = "fwd") -> str:
     """"columns" or "fused" for the ``direction`` ("fwd" or "bwd") of ``shape`` on ``platform``.
-    CPU: always the column route (no fused CPU kernels). GPU: ``requested`` when given
+    CPU: the column route, except the forward where ``requested`` is "fused" (the CPU fused
+    forward; there is no fused CPU backward). GPU: ``requested`` when given
     (implementation="fused" / "columns", both directions), else the measured table, else
     route_heuristic. ``deterministic`` does not change the route: both routes have a
     deterministic mode (the fused kernels' fixed-point backward, the column route's fixed-point
@@ -487,7 +504,7 @@ def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     if platform == "cpu":
-        return "columns"
+        return "fused" if requested == "fused" and direction == "fwd" else "columns"
     if requested is not None:
         return requested
     row = route_table().get(_route_key(lambda k: getattr(shape, k)))

@@ -3,7 +3,8 @@
 PROBE_CPUS (comma-separated CPU ids) restricts the process to those CPUs before jax starts, which
 sets the size of XLA's intra-op thread pool (and so of the native handlers' task pool).
 DEFT_CPU_ISA caps the instruction-set build of the kernels. Prints "name sha256" per output of
-the native sampler (cols_*) and col2im (col2im_*) and of the whole op (op_*), the thread and
+the native sampler (cols_*) and col2im (col2im_*), of the CPU fused forward where its BLAS loads
+(fused_*) and of the whole op (op_*), the thread and
 instruction-set counts, and the float64 error against the reference (max_rel_err_f64).
 """
 
@@ -67,6 +68,8 @@ for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
     y, vjp = jax.vjp(op(), x, off, kernel, mask)
     for o_name, o in zip(("y", "dx", "doffset", "dkernel", "dmask"), (y, *vjp(dy))):
         print(f"op_{o_name}_{name}", digest(o))
+    if _ffi.load_blas() == "":  # the CPU fused forward: its own tiles and GEMMs, no XLA dot
+        print(f"fused_y_{name}", digest(jax.jit(op("fused"))(x, off, kernel, mask)))
 
 args = tuple(jnp.asarray(a) for a in (x0, off0, kernel0, mask0))
 worst = 0.0

@@ -233,7 +233,8 @@ def test_bitwise_identical_across_processes_and_thread_counts():
     """The same inputs in fresh processes, with XLA's intra-op pool (which the handlers run on)
     at 1 thread and at every CPU: the native sampler and col2im give the same bits at every
     thread count; the whole op (its XLA dots included) the same bits in every process with the
-    same thread count."""
+    same thread count. The CPU fused forward (its tiles fixed by the shape, one single-threaded
+    GEMM per tile) also the same bits at every thread count."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     one, again = _probe(cpus=cpus[:1] or None), _probe(cpus=cpus[:1] or None)
     assert one == again
@@ -243,7 +244,9 @@ def test_bitwise_identical_across_processes_and_thread_counts():
     assert one["threads"] == "1" and every["threads"] == str(len(cpus))
     native = [k for k in one if k.startswith(("cols", "col2im"))]
     assert len(native) == 10
-    for k in native:
+    fused = [k for k in one if k.startswith("fused")]  # the CPU fused forward, where it loads
+    assert len(fused) == (2 if _ffi.load_blas() == "" else 0)
+    for k in native + fused:
         assert one[k] == every[k], k
     assert every == _probe(cpus=cpus)
 

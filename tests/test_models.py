@@ -199,4 +199,5 @@ def test_export_refuses_our_targets_without_the_disabled_checks():
         jax.export.export(jax.jit(layer.apply))(variables, x)
     # is_custom_call() returns the target name of a custom-call check.
     assert {c.is_custom_call() for c in deft_jax.export.disabled_safety_checks()} == {
-        *_ffi.target_names("cpu"), *_ffi.target_names("cuda"), *_ffi.target_names("cuda", "fused")}
+        *_ffi.target_names("cpu"), *_ffi.target_names("cpu", "fused"), *_ffi.target_names("cuda"),
+        *_ffi.target_names("cuda", "fused")}

@@ -33,8 +33,15 @@ import pytest
 from jax import lax
 
 import deft_jax
-from deft_jax import tiling
+from deft_jax import _ffi, tiling
 from helpers import GPU, needs_gpu
+
+# The native op, the CPU fused forward where its BLAS loads (on a GPU backend: the fused CUDA
+# kernels) and the reference.
+IMPLS = pytest.mark.parametrize("impl", [
+    None, pytest.param("fused", marks=pytest.mark.skipif(
+        jax.default_backend() == "cpu" and _ffi.load_blas() != "", reason="no BLAS for the CPU fused forward")),
+    "xla"], ids=["native", "fused", "xla"])
 
 POISONS = (np.nan, np.inf, -np.inf, 1e30, -1e30)
 TARGETS = ("dy", "dx", "mask")
@@ -288,13 +295,13 @@ def _check_reproducer(impl):
     assert np.argwhere(~np.isfinite(dk)).tolist() == [[0, 0, 0, 0], [0, 0, 1, 0]]
 
 
-@pytest.mark.parametrize("impl", [None, "xla"], ids=["native", "xla"])
+@IMPLS
 def test_issue_reproducer(impl):
     _check_reproducer(impl)
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf, 1e30, -1e30])
-@pytest.mark.parametrize("impl", [None, "xla"], ids=["native", "xla"])
+@IMPLS
 def test_infinite_offset_is_outside(impl, value):
     """An infinite offset is outside the image (the reference once made ly = inf - inf = NaN)."""
     rng = np.random.default_rng(1)
@@ -310,14 +317,14 @@ def test_infinite_offset_is_outside(impl, value):
 
 
 @pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("impl", [None, "xla"], ids=["native", "xla"])
+@IMPLS
 def test_random_poisoning_float32(impl, seed):
     rng = np.random.default_rng(1000 + seed)
     poison_search(random_geometry(rng), rng, jnp.float32, impl, TOL["float32"])
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("impl", [None, "xla"], ids=["native", "xla"])
+@IMPLS
 def test_random_poisoning_float64(impl, seed):
     rng = np.random.default_rng(2000 + seed)
     poison_search(random_geometry(rng), rng, jnp.float64, impl, TOL["float64"])

@@ -252,3 +252,19 @@ def test_python_rule_equals_the_compiled_check():
     message = _ffi.compiled_tile_error(bad.as_attrs(), "float32")
     with pytest.raises(ValueError, match=re.escape(message)):
         tiling.check_gpu_tile(bad, "float32", compiled=_ffi.compiled_tile_error)
+
+
+def test_cpu_fused_forward_route_and_tile():
+    """On CPU "fused" is asked for, forward only (the backward stays the column route); the
+    tile holds CPU_FUSED_TILE_BYTES of columns in the GEMM's type, a multiple of 8 in [8, 1024],
+    whatever the thread count (it is a function of the shape alone)."""
+    s2, s5 = _shape("S2", "float32"), _shape("S5", "bfloat16")
+    assert tiling.choose_route("cpu", s2) == "columns"
+    assert tiling.choose_route("cpu", s2, requested="fused", direction="fwd") == "fused"
+    assert tiling.choose_route("cpu", s2, requested="fused", direction="bwd") == "columns"
+    assert tiling.choose_route("cpu", s2, requested="columns", direction="fwd") == "columns"
+    assert tiling.cpu_tile_pixels(s2) == 224  # 512 KiB / (9 x 64 x 4 B), down to a multiple of 8
+    assert tiling.cpu_tile_pixels(s5) == 24
+    assert tiling.cpu_tile_pixels(_shape("S2", "float64")) == 112
+    assert tiling.cpu_tile_pixels(_shape("S2", "float32", c_in=1)) == 1024
+    assert tiling.cpu_tile_pixels(_shape("S2", "float32", c_in=100000)) == 8

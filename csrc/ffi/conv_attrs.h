@@ -1,5 +1,6 @@
-// FFI attribute schema (version 1) shared by the CPU and CUDA handlers, and the checks that turn
-// decoded buffers + attributes into a deft::ConvParams. Checking only: no arithmetic of the op.
+// FFI attribute schemas of the targets that take the kernel (the fused CUDA forward and backward,
+// the fused CPU forward), and the checks that turn decoded buffers + attributes into a
+// deft::ConvParams. Checking only: no arithmetic of the op.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +30,17 @@ struct ConvAttrs {
   int64_t deterministic;
 };
 
+// The attributes of deft_deform_conv2d_fwd_cpu_v1 (csrc/cpu/forward.h): the geometry and the
+// pixels per tile (deft_jax/tiling.py, cpu_tile_pixels).
+struct CpuForwardAttrs {
+  int64_t stride_h, stride_w;
+  int64_t pad_top, pad_bottom, pad_left, pad_right;
+  int64_t dil_h, dil_w;
+  int64_t offset_groups, feature_groups;
+  int64_t with_mask;
+  int64_t tile_pixels;
+};
+
 inline deft::TileConfig tile_of(const ConvAttrs& a) {
   return deft::TileConfig{a.tile_h, a.tile_w, a.tile_n, a.tile_k, a.warps, a.stages, a.bwd_tile_n, a.k_splits,
                           a.family};
@@ -36,11 +48,12 @@ inline deft::TileConfig tile_of(const ConvAttrs& a) {
 
 // Shapes: x [B..., N, H, W, C], offset [B..., N, Ho, Wo, G*K*2], mask [B..., N, Ho, Wo, G*K] or
 // (0,) without mask, kernel [B..., kh, kw, C/fg, Co], y [B..., N, Ho, Wo, Co]; the leading dims B...
-// (from vmap) must agree and are folded into ConvParams::batch.
-inline ffi::Error BuildParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
-                              const ffi::AnyBuffer& mask, const ffi::AnyBuffer& kernel,
-                              ffi::Span<const int64_t> y_dims, const ConvAttrs& a,
-                              deft::ConvParams* p) {
+// (from vmap) must agree and are folded into ConvParams::batch. Attrs: any schema with the
+// geometry's fields (ConvAttrs, CpuForwardAttrs).
+template <typename Attrs>
+inline ffi::Error BuildGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
+                                const ffi::AnyBuffer& mask, const ffi::AnyBuffer& kernel,
+                                ffi::Span<const int64_t> y_dims, const Attrs& a, deft::ConvParams* p) {
   auto xd = x.dimensions(), od = offset.dimensions(), md = mask.dimensions(), kd = kernel.dimensions();
   if (xd.size() < 4) return invalid("x must have rank >= 4 [..., N, H, W, C], got " + dims_str(xd));
   const size_t lead = xd.size() - 4;
@@ -87,10 +100,19 @@ inline ffi::Error BuildParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& off
   if (q.with_mask && (md[lead] != q.n || md[lead + 1] != ho || md[lead + 2] != wo ||
                       md[lead + 3] != q.mask_channels()))
     return invalid("mask " + dims_str(md) + " must be [..., N, H_out, W_out, G*kh*kw]");
+  *p = q;
+  return ffi::Error::Success();
+}
+
+// The fused CUDA targets: the geometry and a tile whose entries are all >= 1.
+inline ffi::Error BuildParams(const ffi::AnyBuffer& x, const ffi::AnyBuffer& offset,
+                              const ffi::AnyBuffer& mask, const ffi::AnyBuffer& kernel,
+                              ffi::Span<const int64_t> y_dims, const ConvAttrs& a,
+                              deft::ConvParams* p) {
+  if (auto e = BuildGeometry(x, offset, mask, kernel, y_dims, a, p); !e.success()) return e;
   if (a.tile_h < 1 || a.tile_w < 1 || a.tile_n < 1 || a.tile_k < 1 || a.warps < 1 || a.stages < 1 ||
       a.bwd_tile_n < 1 || a.k_splits < 1)
     return invalid("tile configuration entries must be >= 1");
-  *p = q;
   return ffi::Error::Success();
 }
 
@@ -129,3 +151,12 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("stages"), ::xla::ffi::StructMember<int64_t>("bwd_tile_n"),
     ::xla::ffi::StructMember<int64_t>("k_splits"), ::xla::ffi::StructMember<int64_t>("family"),
     ::xla::ffi::StructMember<int64_t>("deterministic"));
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    deft_ffi::CpuForwardAttrs, ::xla::ffi::StructMember<int64_t>("stride_h"),
+    ::xla::ffi::StructMember<int64_t>("stride_w"), ::xla::ffi::StructMember<int64_t>("pad_top"),
+    ::xla::ffi::StructMember<int64_t>("pad_bottom"), ::xla::ffi::StructMember<int64_t>("pad_left"),
+    ::xla::ffi::StructMember<int64_t>("pad_right"), ::xla::ffi::StructMember<int64_t>("dil_h"),
+    ::xla::ffi::StructMember<int64_t>("dil_w"), ::xla::ffi::StructMember<int64_t>("offset_groups"),
+    ::xla::ffi::StructMember<int64_t>("feature_groups"), ::xla::ffi::StructMember<int64_t>("with_mask"),
+    ::xla::ffi::StructMember<int64_t>("tile_pixels"));

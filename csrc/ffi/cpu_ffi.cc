@@ -1,5 +1,5 @@
-// XLA typed-FFI handlers for platform "cpu" (the column sampler and its col2im) and the nanobind
-// module `_deft_cpu` that hands their capsules to Python. Decoding, checking, dtype dispatch and the
+// XLA typed-FFI handlers for platform "cpu" (the column sampler and its col2im, the fused forward)
+// and the nanobind module `_deft_cpu` that hands their capsules to Python. Decoding, checking, dtype dispatch and the
 // task runner on XLA's intra-op thread pool only; the arithmetic is in csrc/cpu/.
 #include <algorithm>
 #include <atomic>
@@ -13,9 +13,11 @@
 #include <string>
 
 #include "cpu/columns.h"
+#include "cpu/forward.h"
 #include "cpu/task_runner.h"
 #include "deft/host_half.h"
 #include "ffi/column_attrs.h"
+#include "ffi/conv_attrs.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"
@@ -184,6 +186,39 @@ ffi::Error Col2ImImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer off
   });
 }
 
+// The GEMMs of the fused forward: set once from Python (deft_jax/_ffi.py loads the BLAS), read by
+// every call.
+std::atomic<deft::cpu::SgemmFn> g_sgemm{nullptr};
+std::atomic<deft::cpu::DgemmFn> g_dgemm{nullptr};
+
+ffi::Error FusedForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer offset, ffi::AnyBuffer mask,
+                            ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, CpuForwardAttrs attrs) {
+  deft::ConvParams p;
+  if (auto err = BuildGeometry(x, offset, mask, kernel, y->dimensions(), attrs, &p); !err.success()) return err;
+  auto dtype = to_dtype(x.element_type());
+  if (dtype.has_error()) return dtype.error();
+  if (y->element_type() != x.element_type()) return invalid("y dtype differs from x's");
+  if (attrs.tile_pixels < 1) return invalid("tile_pixels must be >= 1");
+  const deft::cpu::Gemm gemm{g_sgemm.load(), g_dgemm.load()};
+  if ((*dtype == deft::DType::kF64 ? gemm.dgemm == nullptr : gemm.sgemm == nullptr))
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "deft_jax: the CPU fused forward has no BLAS loaded (deft_jax._ffi.load_blas)");
+  // The GEMMs take int dimensions: rows of a tile, K*C, C_out.
+  constexpr int64_t kIntMax = 2147483647;
+  if (p.taps() * p.c_in > kIntMax || p.c_out > kIntMax || std::min(attrs.tile_pixels, p.n * p.pixels_out()) > kIntMax)
+    return invalid("the CPU fused forward needs kh*kw*C_in, C_out and tile_pixels below 2^31");
+  if (y->element_count() == 0) return ffi::Error::Success();
+  PoolRunner runner(pool);
+  return Guarded([&] {
+    return DispatchDtype(*dtype, [&](auto tag) {
+      using T = decltype(tag);
+      deft::cpu::FusedForward<T>(p, attrs.tile_pixels, ptr<T>(x), ptr<T>(offset),
+                                 p.with_mask ? ptr<T>(mask) : nullptr, ptr<T>(kernel), ptr<T>(y), gemm,
+                                 runner);
+    });
+  });
+}
+
 }  // namespace
 
 // XLA's intra-op pool and the operands both CPU targets start with: x, offset, mask ((0,) without
@@ -213,13 +248,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftCol2ImCpu, deft_ffi::Col2ImImpl,
                                   .Ret<ffi::AnyBuffer>()  // dmask, (0,) without mask
                                   .Attrs<deft_ffi::ColumnAttrs>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeftFusedForwardCpu, deft_ffi::FusedForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [..., N, H, W, C]
+                                  .Arg<ffi::AnyBuffer>()  // offset [..., N, Ho, Wo, G*K*2]
+                                  .Arg<ffi::AnyBuffer>()  // mask, (0,) without mask
+                                  .Arg<ffi::AnyBuffer>()  // kernel [..., kh, kw, C/fg, Co]
+                                  .Ret<ffi::AnyBuffer>()  // y [..., N, Ho, Wo, Co]
+                                  .Attrs<deft_ffi::CpuForwardAttrs>());
+
 NB_MODULE(_deft_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["deft_sample_columns_cpu_v3"] = nb::capsule(reinterpret_cast<void*>(DeftSampleColumnsCpu));
     d["deft_col2im_cpu_v3"] = nb::capsule(reinterpret_cast<void*>(DeftCol2ImCpu));
+    d["deft_deform_conv2d_fwd_cpu_v1"] = nb::capsule(reinterpret_cast<void*>(DeftFusedForwardCpu));
     return d;
   });
   // The instruction-set build of the CPU kernels this process runs (csrc/cpu/columns_dispatch.cc).
   m.def("cpu_isa", []() { return std::string(deft::cpu::CpuIsaName()); });
+  // The fused forward's GEMMs: addresses of row-major cblas_sgemm / cblas_dgemm with 32-bit ints
+  // (deft_jax/_ffi.py passes OpenBLAS's); 0 clears one.
+  m.def("set_gemm", [](uintptr_t sgemm, uintptr_t dgemm) {
+    deft_ffi::g_sgemm.store(reinterpret_cast<deft::cpu::SgemmFn>(sgemm));
+    deft_ffi::g_dgemm.store(reinterpret_cast<deft::cpu::DgemmFn>(dgemm));
+  });
 }

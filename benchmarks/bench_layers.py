@@ -542,6 +542,8 @@ def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: 
     impls = ["xla", "deft", "conv"]  # the reference runs first in each group: its outputs check the others'
     torch_why = torch_unavailable() if jax.default_backend() == "cpu" else "not a CPU run"
     meta["torch"] = torch_why or "torchvision.ops.deform_conv2d on the CPU"
+    if jax.default_backend() == "cpu":  # the CPU fused forward's GEMMs: which OpenBLAS kernels
+        meta["cpu_fused_blas"] = deft_jax._ffi.load_blas() or f"OpenBLAS {deft_jax._ffi.blas_core()}"
     if torch_why is None:
         impls.append("torch")
     cases = [(layer, dtype, mode, impl) for layer in layers for dtype in dtypes for mode in MODES
@@ -684,7 +686,8 @@ def machine_line(data: dict) -> str:
             f"commit {(meta['git_commit'] or '?')[:10]}{' (dirty)' if meta['git_dirty'] else ''}; "
             f"load {meta['load_average_start'][0]:.1f} on {meta['cpu_count']} CPUs; "
             f"copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {rates}, "
-            f"dispatch (us): {dispatch}")
+            f"dispatch (us): {dispatch}"
+            + (f"; fused us: {meta['cpu_fused_blas']}" if meta.get("cpu_fused_blas") else ""))
 
 
 def unavailable_notes(data: dict) -> list[str]:

@@ -32,7 +32,7 @@ if has build; then
   fi
   DEFT_CUDA=OFF CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps \
       -e . >> "$OUT/cpu_build.log" 2>&1 || { echo "BUILD FAILED"; tail -n 40 "$OUT/cpu_build.log"; exit 1; }
-  "$PY" -c "import jax, deft_jax; print('jax', jax.__version__, jax.devices(), 'kernels', deft_jax._ffi._deft_cpu.cpu_isa(), 'fused forward BLAS:', deft_jax._ffi.load_blas() or 'loaded')" \
+  "$PY" -c "import jax, deft_jax; print('jax', jax.__version__, jax.devices(), 'kernels', deft_jax._ffi._deft_cpu.cpu_isa(), 'fused forward BLAS:', deft_jax._ffi.load_blas() or 'OpenBLAS ' + deft_jax._ffi.blas_core())" \
       2>&1 | tee -a "$OUT/cpu_build.log"
   lscpu | grep -E "Model name|^CPU\(s\)|Thread|L3" | tee -a "$OUT/cpu_build.log"
 fi

@@ -86,6 +86,7 @@ def compiled_tile_error(tile_attrs: dict[str, int], dtype: str) -> str | None:
 
 _blas_lock = threading.Lock()
 _blas_error: str | None = None  # None: not tried yet; "": loaded; else why not
+_blas_core = ""  # the kernels OpenBLAS chose for this CPU (e.g. "SkylakeX", "Haswell")
 
 
 def load_blas() -> str:
@@ -98,7 +99,7 @@ def load_blas() -> str:
     with the kernels it picks for the CPU; ``OPENBLAS_CORETYPE`` in the environment before Python
     starts overrides that (OpenBLAS 0.3.34 takes the project's AMD EPYC VM for a Haswell, whose
     sgemm ran 2.2x slower there than its SkylakeX kernels; docs/kernels.md, CPU)."""
-    global _blas_error
+    global _blas_error, _blas_core
     with _blas_lock:
         if _blas_error is not None:
             return _blas_error
@@ -112,6 +113,8 @@ def load_blas() -> str:
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
             lib.scipy_openblas_set_num_threads(1)
+            lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+            _blas_core = lib.scipy_openblas_get_corename().decode()
             sgemm, dgemm = (ctypes.cast(getattr(lib, f"scipy_cblas_{t}gemm"), ctypes.c_void_p).value
                             for t in "sd")
         except (OSError, AttributeError) as e:
@@ -120,6 +123,11 @@ def load_blas() -> str:
         _deft_cpu.set_gemm(sgemm, dgemm)
         _blas_error = ""
         return _blas_error
+
+
+def blas_core() -> str:
+    """The kernels the CPU fused forward's OpenBLAS runs ("" where it is not loaded)."""
+    return _blas_core if load_blas() == "" else ""
 
 
 def cpu_fused_forward(x, offset, mask, kernel, attrs: dict[str, np.int64], out_shape):

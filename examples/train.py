@@ -6,12 +6,14 @@ of steps, from the same initial weights where the models share parameters:
   plain       ResNet with dense 3x3 convolutions (the floor).
   deform      every 3x3 convolution a DCNv2 ``DeformConvPack`` on deft_jax's native kernel.
   deform_xla  the same model on the pure-JAX gather reference (``implementation="xla"``).
+  deform_fused  the same model with ``implementation="fused"``: the fused CUDA kernels on a GPU,
+              the CPU fused forward on a CPU (needs OpenBLAS, ``pip install "deft_jax[blas]"``).
 
-``deform`` and ``deform_xla`` compute the same function from the same initial parameters on the
-same batches, so their loss curves may differ by rounding only. With ``--check`` (the default) the
-run fails (exit status 1, a FAIL line saying why) when any model's train loss is not finite or
-when ``deform``'s curve leaves ``deform_xla``'s by more than the tolerance of the dtype
-(``CHECK_TOLERANCES``); it prints PASS otherwise.
+``deform``, ``deform_fused`` and ``deform_xla`` compute the same function from the same initial
+parameters on the same batches, so their loss curves may differ by rounding only. With ``--check``
+(the default) the run fails (exit status 1, a FAIL line saying why) when any model's train loss is
+not finite or when a native model's curve leaves ``deform_xla``'s by more than the tolerance of the
+dtype (``CHECK_TOLERANCES``); it prints PASS otherwise.
 
 Step time is device time: after training (compilation and warm-up long done), ``--timing-windows``
 windows of ``--timing-steps`` chained steps on one device-resident batch, each window closed by
@@ -59,7 +61,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import data  # noqa: E402  (examples/data.py, beside this script)
 from resnet import ARCHS  # noqa: E402  (examples/resnet.py)
 
-MODELS = {"plain": (False, None), "deform": (True, None), "deform_xla": (True, "xla")}
+MODELS = {"plain": (False, None), "deform": (True, None), "deform_xla": (True, "xla"),
+          "deform_fused": (True, "fused")}
+NATIVE = ("deform", "deform_fused")  # checked against deform_xla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +107,9 @@ CHECK_TOLERANCES = {
 
 
 def check(results: dict, dtype: str) -> tuple[list[str], dict]:
-    """(failures, stats) of the --check: every model's train loss finite, and deform's curve within
-    CHECK_TOLERANCES[dtype] of deform_xla's where both ran. An empty list passes."""
+    """(failures, stats) of the --check: every model's train loss finite, and each native model's
+    curve (NATIVE) within CHECK_TOLERANCES[dtype] of deform_xla's where both ran. An empty list
+    passes. stats: deform's deviations, deform_fused's under keys prefixed "deform_fused_"."""
     failures, stats = [], {}
     for name, r in results.items():
         loss = np.asarray(r["train_loss"], np.float64)
@@ -112,10 +117,21 @@ def check(results: dict, dtype: str) -> tuple[list[str], dict]:
         if bad.size:
             failures.append(f"{name}: train loss is not finite from step {bad[0] + 1} "
                             f"({loss[bad[0]]}; {bad.size} of {loss.size} steps)")
-    if "deform" not in results or "deform_xla" not in results or failures:
+    if "deform_xla" not in results or failures:
         return failures, stats
+    for name in NATIVE:
+        if name in results:
+            f, st = _check_curve(name, results, dtype)
+            failures += f
+            stats.update({(k if name == "deform" else f"{name}_{k}"): v for k, v in st.items()})
+    return failures, stats
+
+
+def _check_curve(name: str, results: dict, dtype: str) -> tuple[list[str], dict]:
+    """(failures, stats) of one native model's curve against deform_xla's."""
+    failures, stats = [], {}
     tol = CHECK_TOLERANCES[dtype]
-    got = np.asarray(results["deform"]["train_loss"], np.float64)
+    got = np.asarray(results[name]["train_loss"], np.float64)
     ref = np.asarray(results["deform_xla"]["train_loss"], np.float64)
     n = min(tol.steps, len(ref))
     dev = np.abs(got[:n] - ref[:n]) / (1.0 + np.abs(ref[:n]))
@@ -124,7 +140,7 @@ def check(results: dict, dtype: str) -> tuple[list[str], dict]:
     stats["max_step_deviation_all_steps"] = float(np.max(np.abs(got - ref) / (1.0 + np.abs(ref))))
     if dev[worst] > tol.step:
         failures.append(
-            f"deform's train loss left deform_xla's at step {worst + 1}: {got[worst]:.6g} against "
+            f"{name}'s train loss left deform_xla's at step {worst + 1}: {got[worst]:.6g} against "
             f"{ref[worst]:.6g}, |diff| / (1 + |ref|) = {dev[worst]:.3g} > {tol.step:g} "
             f"({dtype}, first {n} steps)")
     window = min(FINAL_WINDOW, len(ref))
@@ -133,7 +149,7 @@ def check(results: dict, dtype: str) -> tuple[list[str], dict]:
     stats["final_deviation"] = float(final_dev)
     if final_dev > tol.final:
         failures.append(
-            f"deform's final train loss (mean of the last {window} steps) {final_got:.6g} left "
+            f"{name}'s final train loss (mean of the last {window} steps) {final_got:.6g} left "
             f"deform_xla's {final_ref:.6g}: |diff| / (1 + |ref|) = {final_dev:.3g} > "
             f"{tol.final:g} ({dtype})")
     return failures, stats
@@ -174,8 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train", help="output directory")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                   help="exit with status 1 if a train loss is not finite or deform's loss curve "
-                        "leaves deform_xla's (CHECK_TOLERANCES)")
+                   help="exit with status 1 if a train loss is not finite or a native model's "
+                        "loss curve leaves deform_xla's (CHECK_TOLERANCES)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)
@@ -424,8 +440,9 @@ def main(argv=None) -> dict:
         print(("FAIL: " if args.check else "check (disabled) would fail: ")
               + "; ".join(failures))
     elif args.check:
-        compared = ("deform matches deform_xla" if "max_step_deviation" in check_stats
-                    else "deform and deform_xla not both run: curves not compared")
+        ran = [n for n in NATIVE if n in results]
+        compared = (f"{' and '.join(ran)} match deform_xla" if ran and "deform_xla" in results
+                    else "no native model beside deform_xla: curves not compared")
         print(f"PASS: train losses finite; {compared}")
     return record
 

@@ -75,3 +75,14 @@ def test_training_that_diverges_exits_non_zero(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL: plain: train loss is not finite from step 2" in r.stdout, r.stdout
     assert list(tmp_path.glob("*.json")), "the record is written before the exit"
+
+
+def test_deform_fused_is_checked_too():
+    """Each native model (deform, deform_fused) is compared with deform_xla on its own."""
+    bad = REF.copy()
+    bad[3] += 0.5
+    results = _results(REF, REF)
+    results["deform_fused"] = {"train_loss": list(bad)}
+    failures, stats = train.check(results, "float32")
+    assert len(failures) == 1 and failures[0].startswith("deform_fused's train loss left")
+    assert stats["max_step_deviation"] == 0.0 and stats["deform_fused_max_step_deviation"] > 0.1

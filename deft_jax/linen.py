@@ -71,7 +71,8 @@ class DeformConv(nn.Module):
       offset_groups: G, the number of offset groups; None infers it from the offset's size, an int
         is checked against it. Input channel c follows the offsets of group c // (C_in / G).
       implementation: None for the native op (its route chosen per shape), "fused" or "columns"
-        to ask for one GPU route (see deft_jax.deform_conv2d), "xla" for the pure-JAX reference.
+        to ask for one route (on CPU "fused" is the CPU fused forward; see
+        deft_jax.deform_conv2d), "xla" for the pure-JAX reference.
       deterministic: bitwise reproducible forward and gradients on GPU (``deform_conv2d``'s
         ``deterministic``; numerics only, unrelated to dropout-style ``deterministic`` flags).
         Native implementation only: with implementation="xla" it raises ValueError. No effect

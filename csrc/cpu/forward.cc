@@ -6,6 +6,8 @@
 #include "cpu/forward.h"
 
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -64,7 +66,10 @@ void FusedForward(const ConvParams& p, int64_t tile_pixels, const T* x, const T*
 
   ConvParams one = p;  // one problem at a time: the task offsets the pointers
   one.batch = 1;
-  runner.Run(p.batch * tiles, [&](int64_t task) {
+  // A task allocates (its thread's scratch, the sampler's row of zeros) and TaskRunner bodies must
+  // not throw: a failed allocation is recorded and rethrown here, on the calling thread.
+  std::atomic<bool> out_of_memory{false};
+  auto task_body = [&](int64_t task) {
     const int64_t b = task / tiles, r0 = (task % tiles) * tile, count = std::min(tile, P - r0);
     const size_t cols_bytes = Align64(count * KC * sizeof(T));
     const size_t a_bytes = kSame ? 0 : Align64(count * KC * sizeof(G));
@@ -97,7 +102,15 @@ void FusedForward(const ConvParams& p, int64_t tile_pixels, const T* x, const T*
       T* yb = y + b * p.y_size() + r0 * O;
       for (int64_t i = 0; i < count * O; ++i) yb[i] = store_as<T>(out[i]);
     }
+  };
+  runner.Run(p.batch * tiles, [&](int64_t task) {
+    try {
+      task_body(task);
+    } catch (const std::bad_alloc&) {
+      out_of_memory.store(true);
+    }
   });
+  if (out_of_memory.load()) throw std::bad_alloc();
 }
 
 template void FusedForward<float>(const ConvParams&, int64_t, const float*, const float*, const float*,

@@ -53,11 +53,8 @@ def main() -> None:
     dot = jax.jit(lambda x, y: x @ y)
     xla = _times(lambda: dot(ja, jb).block_until_ready(), args.reps)
 
-    import scipy_openblas32
-    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
-                                   scipy_openblas32.get_library(fullname=True)))
     fp = ctypes.POINTER(ctypes.c_float)
-    sgemm = lib.scipy_cblas_sgemm
+    sgemm = _ffi._blas_lib.scipy_cblas_sgemm  # the library load_blas loaded, as the op calls it
     sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, fp, ctypes.c_int, fp, ctypes.c_int,
                                             ctypes.c_float, fp, ctypes.c_int]
     pa, pb, pc = (x.ctypes.data_as(fp) for x in (a, b, c))

@@ -3,8 +3,8 @@
 For each shape (CPU-sized batch, bench_layers.CPU_BATCH) and dtype: the native sampler, the forward
 dot, the kernel-gradient dot (as the route writes it, and alternative forms), the column-gradient
 dot, the native col2im, the whole op forward (at several forward column budgets, and the CPU fused
-forward where its BLAS loads) and forward +
-backward (at several images per backward chunk, and CPU backward row runs),
+forward at several tiles where its BLAS loads) and forward + backward (at several images per
+backward chunk, and CPU backward row runs),
 and the dense conv forward and forward + backward. Wall time of one jitted call: min and median of
 --reps calls after a warm-up, and the min CPU time of the process per call (a breakdown, not the
 benchmark's protocol; use bench_layers.py for the headline numbers).
@@ -58,7 +58,7 @@ class _Call:
 
 
 def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
-           bwd_rows: list[int]) -> dict[str, tuple[float, float, float]]:
+           bwd_rows: list[int], fused_tiles: tuple[int, ...] = (0,)) -> dict[str, tuple[float, float, float]]:
     inputs = bench_layers.make_inputs(layer, dtype, np.random.default_rng(0))
     x, off, mask, kernel, dy = (inputs[k] for k in ("x", "offset", "mask", "kernel", "cotangent"))
     s, p = layer.stride, layer.pad
@@ -150,8 +150,11 @@ def pieces(layer, dtype, reps: int, chunks: list[int], fwd_budgets: list[float],
     if _ffi.load_blas() == "":  # the CPU fused forward (sampler + OpenBLAS GEMM per tile)
         fused = lambda x, o, m, kern: deft_jax.deform_conv2d(x, o, kern, m, strides=s, padding=p,
                                                              implementation="fused")
-        pixels = tiling.cpu_tile_pixels(_shape(layer, dtype))
-        out[f"op fwd, fused ({pixels} px tiles)"] = timed(fused, (x, off, mask, kernel), reps)
+        for t in fused_tiles:
+            with _tiling_set("cpu_tile_pixels", (lambda shape, t=t: t) if t else None):
+                pixels = tiling.cpu_tile_pixels(_shape(layer, dtype))
+                out[f"op fwd, fused ({pixels} px tiles)"] = timed(fused, (x, off, mask, kernel),
+                                                                  reps)
     out["conv fwd"] = timed(conv, (x, kernel), reps)
     out["conv fwd+bwd"] = timed(with_grads(conv), (x, kernel, dy), reps)
     return out
@@ -169,6 +172,8 @@ def main(argv=None):
     p.add_argument("--bwd-rows", default="",
                    help="CPU backward row runs to try where an image exceeds the budget (0: whole "
                         "images, -1: tiling.cpu_backward_chunk_rows)")
+    p.add_argument("--fused-tiles", default="0",
+                   help="CPU fused forward: pixels per tile to try (0: tiling.cpu_tile_pixels)")
     args = p.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
     bwd_rows = [int(r) for r in args.bwd_rows.split(",") if r]
@@ -180,7 +185,8 @@ def main(argv=None):
         layer = bench_layers.SUITE[name]
         layer = dataclasses.replace(layer, n=bench_layers.CPU_BATCH[name])
         for dt in args.dtypes.split(","):
-            res = pieces(layer, jnp.dtype(dt), args.reps, chunks, fwd_budgets, bwd_rows)
+            res = pieces(layer, jnp.dtype(dt), args.reps, chunks, fwd_budgets, bwd_rows,
+                         tuple(int(t) for t in args.fused_tiles.split(",")))
             print(f"{name} {layer.label()} {dt} (default chunks: backward "
                   f"{tiling.cpu_chunk_images(_shape(layer, dt))} images, forward "
                   f"{tiling.cpu_forward_chunk_rows(_shape(layer, dt))} rows, backward runs "

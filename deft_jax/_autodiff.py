@@ -16,9 +16,10 @@ from . import _ffi, _partition
 class NativeCall:
     """Static part of a native call (hashable): the platform whose targets it calls ("cpu" or
     "cuda"), the route ("columns": sampler + XLA's dot + col2im, deft_jax/_columns.py; "fused":
-    the fused CUDA kernels, or the CPU fused forward), the FFI attributes and the output shape; for the column route also
-    the backward's images per chunk, the forward's output rows per chunk, the CPU backward's rows
-    per run where an image exceeds its budget (0: whole images) and the dots' precision."""
+    the fused CUDA kernels, or the CPU fused forward), the FFI attributes and the output shape;
+    for the column route also the backward's images per chunk, the forward's output rows per
+    chunk, the CPU backward's rows per run where an image exceeds its budget (0: whole images)
+    and the dots' precision."""
 
     platform: str
     attrs: tuple[tuple[str, int], ...]

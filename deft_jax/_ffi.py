@@ -3,8 +3,8 @@
 The CPU module is always built; the CUDA module only where nvcc was found at build time. The CUDA
 targets are the fused forward and backward; the CPU targets are the column sampler and its
 col2im, around which deft_jax/_columns.py puts XLA's dot, and a fused forward (sampler and a BLAS
-GEMM per tile of pixels, csrc/cpu/forward.h) whose BLAS is loaded at run time (load_blas). Each platform has its own target names,
-and a name carries a version: any change of operands, results or attribute schema gets a new
+GEMM per tile of pixels, csrc/cpu/forward.h) whose BLAS is loaded at run time (load_blas). Each
+platform has its own target names, and a name carries a version: any change of operands, results or attribute schema gets a new
 name, so a serialized program either finds the handler it was written for or fails to load (never
 runs a handler with another contract). The fused targets return their workspace as an extra
 output, sized here from the C++ module's own rule, as does the CUDA col2im; every target takes
@@ -87,6 +87,7 @@ def compiled_tile_error(tile_attrs: dict[str, int], dtype: str) -> str | None:
 _blas_lock = threading.Lock()
 _blas_error: str | None = None  # None: not tried yet; "": loaded; else why not
 _blas_core = ""  # the kernels OpenBLAS chose for this CPU (e.g. "SkylakeX", "Haswell")
+_blas_lib: ctypes.CDLL | None = None  # the loaded library (benchmarks/cpu_gemm_probe.py calls it)
 
 
 def load_blas() -> str:
@@ -99,7 +100,7 @@ def load_blas() -> str:
     with the kernels it picks for the CPU; ``OPENBLAS_CORETYPE`` in the environment before Python
     starts overrides that (OpenBLAS 0.3.34 takes the project's AMD EPYC VM for a Haswell, whose
     sgemm ran 2.2x slower there than its SkylakeX kernels; docs/kernels.md, CPU)."""
-    global _blas_error, _blas_core
+    global _blas_error, _blas_core, _blas_lib
     with _blas_lock:
         if _blas_error is not None:
             return _blas_error
@@ -121,6 +122,7 @@ def load_blas() -> str:
             _blas_error = f"the CPU fused forward could not load OpenBLAS from {path}: {e}"
             return _blas_error
         _deft_cpu.set_gemm(sgemm, dgemm)
+        _blas_lib = lib
         _blas_error = ""
         return _blas_error
 

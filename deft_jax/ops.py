@@ -186,8 +186,8 @@ def native_op(x, kernel, geo: Geometry, with_mask: bool, precision, deterministi
     """The native calls of the forward and of the backward on `platform`, each on the route
     tiling.choose_route picks for its direction ("columns": sampler + XLA's dot + col2im, CPU and
     CUDA; "fused": the fused CUDA kernels, which also take ``deterministic``, or the CPU fused
-    forward); one call serves both directions when they share a route. ``route``: the one the caller asked for
-    (implementation="fused" / "columns"), or None."""
+    forward); one call serves both directions when they share a route. ``route``: the one the
+    caller asked for (implementation="fused" / "columns"), or None."""
     n, _, _, c_in = x.shape
     shape = tiling.LayerShape(n=n, h_out=geo.out_hw[0], w_out=geo.out_hw[1], c_in=c_in,
                               c_out=kernel.shape[3], taps=geo.kernel_size[0] * geo.kernel_size[1],
@@ -207,6 +207,11 @@ def native_call(x, kernel, geo: Geometry, with_mask: bool, precision, determinis
     return native_op(x, kernel, geo, with_mask, precision, deterministic, platform, route).forward
 
 
+def _attr_tuple(attrs: dict) -> tuple[tuple[str, int], ...]:
+    """FFI attributes as NativeCall keeps them: sorted (name, int) pairs (hashable)."""
+    return tuple(sorted((k, int(v)) for k, v in attrs.items()))
+
+
 def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geometry,
                 with_mask: bool, precision, deterministic: bool) -> _autodiff.NativeCall:
     """FFI attributes (geometry + the route's tiling or chunk) and output shape of one call."""
@@ -220,7 +225,7 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
         attrs.update(feature_groups=geo.feature_group_count,
                      tile_pixels=tiling.cpu_tile_pixels(shape))
         return _autodiff.NativeCall(platform=platform,
-                                    attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+                                    attrs=_attr_tuple(attrs),
                                     out_shape=out_shape, route="fused")
     if route == "columns":
         # The sampler's geometry; feature groups and precision are the dots'.
@@ -235,7 +240,7 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
             chunk = tiling.cuda_chunk_images(shape)
             chunk_rows = chunk * shape.h_out
         return _autodiff.NativeCall(platform=platform,
-                                    attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+                                    attrs=_attr_tuple(attrs),
                                     out_shape=out_shape, route="columns", chunk=chunk,
                                     chunk_rows=chunk_rows, bwd_rows=bwd_rows,
                                     precision=_hashable_precision(precision))
@@ -246,7 +251,7 @@ def _route_call(route: str, platform: str, shape: tiling.LayerShape, geo: Geomet
     attrs.update(feature_groups=geo.feature_group_count, allow_tf32=int(_allow_tf32(precision)),
                  deterministic=int(deterministic))
     attrs.update(tile.as_attrs())
-    return _autodiff.NativeCall(platform=platform, attrs=tuple(sorted((k, int(v)) for k, v in attrs.items())),
+    return _autodiff.NativeCall(platform=platform, attrs=_attr_tuple(attrs),
                                 out_shape=out_shape, route="fused")
 
 

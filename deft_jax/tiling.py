@@ -147,9 +147,10 @@ def cpu_backward_chunk_rows(s: LayerShape) -> int:
 # The CPU fused forward's tile (csrc/cpu/forward.h): a task samples this many bytes of columns in
 # the GEMM's type into its thread's scratch and multiplies them at once, so they are read from the
 # core's cache (512 KiB: within a 1-2 MiB L2 beside the GEMM's packed panels). The tile is a
-# function of the shape alone, so the bits do not depend on the thread count. On the 2-core VM
-# (S2 fp32, one thread, sampler + OpenBLAS sgemm, min ms per image): 32 / 64 / 128 / 256 / 512
-# pixels 2.55 / 2.10 / 1.99 / 1.89 / 1.86 (256 pixels = 590 KB at 576 columns).
+# function of the shape alone, so the bits do not depend on the thread count. On one core of the
+# 2-core VM (S2 fp32, 4 images, min ms; `OPENBLAS_CORETYPE=SkylakeX taskset -c 0 python
+# benchmarks/cpu_parts.py --shapes S2 --dtypes float32 --fused-tiles 32,64,128,224,512`): 32 / 64 /
+# 128 / 224 (this rule) / 512 pixels 10.69 / 9.21 / 8.85 / 9.06 / 8.71 (column route 8.30).
 CPU_FUSED_TILE_BYTES = 512 * 2**10
 
 

@@ -105,6 +105,17 @@ def oracle_vjp(case: Case, args, dy, dtype) -> list[np.ndarray]:
         return [np.asarray(o, np.float64) for o in _oracle_program(case)(up, dy64)]
 
 
+def case_grads(case: Case, x, off, kernel, mask, dy, impl=None):
+    """(y, dx, doffset, dkernel[, dmask]) of deform_conv2d on ``case``'s geometry for cotangent
+    dy, with ``implementation=impl`` (mask None: DCNv1, no dmask)."""
+    def f(*a):
+        return deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if len(a) > 3 else None,
+                                      implementation=impl, **case.kwargs())
+    args = (x, off, kernel) + ((mask,) if mask is not None else ())
+    y, vjp = jax.vjp(f, *args)
+    return (y, *vjp(dy))
+
+
 def rel_err(a, b):
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)

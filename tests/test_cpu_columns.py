@@ -14,26 +14,17 @@ import pytest
 
 import deft_jax
 from deft_jax import _columns, _ffi, tiling
-from helpers import Case, make_inputs, rel_err, temp_bytes
+from helpers import Case, case_grads, make_inputs, rel_err, temp_bytes
 
 PROBE = Path(__file__).with_name("cpu_columns_probe.py")
 # The CPU route, also on a GPU machine (conftest.on_cpu).
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
-def _grads(case, x, off, kernel, mask, dy, impl=None):
-    def f(*a):
-        return deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if len(a) > 3 else None,
-                                      implementation=impl, **case.kwargs())
-    args = (x, off, kernel) + ((mask,) if mask is not None else ())
-    y, vjp = jax.vjp(f, *args)
-    return (y, *vjp(dy))
-
-
 def _assert_matches_reference(case, x, off, kernel, mask, dy):
     """The native op's output and gradients equal the reference's (float64)."""
-    got = _grads(case, x, off, kernel, mask, dy)
-    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
+    got = case_grads(case, x, off, kernel, mask, dy)
+    want = case_grads(case, x, off, kernel, mask, dy, impl="xla")
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b) < 1e-10
@@ -118,10 +109,10 @@ def test_backward_row_runs(bwd_rows, case, chunk, rng):
     chunk(1, bwd_rows=bwd_rows)
     _assert_matches_reference(case, x, off, kernel, mask, dy)
     f32 = [a.astype(jnp.float32) if a is not None else None for a in (x, off, kernel, mask, dy)]
-    runs = _grads(case, *f32)
+    runs = case_grads(case, *f32)
     jax.clear_caches()
     chunk(1)
-    whole = _grads(case, *f32)
+    whole = case_grads(case, *f32)
     jax.clear_caches()
     assert bool(jnp.all(runs[0] == whole[0]))  # y: the forward is not affected
     for a, b in zip(runs[1:], whole[1:]):
@@ -137,8 +128,8 @@ def test_unrolled_chain_with_nan_first_elements(chunk, unroll, rng):
     x, off, kernel, mask = make_inputs(case, rng)
     x = x.at[0, 0, 0, 0].set(jnp.nan)
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
-    got = _grads(case, x, off, kernel, mask, dy)
-    want = _grads(case, x, off, kernel, mask, dy, impl="xla")
+    got = case_grads(case, x, off, kernel, mask, dy)
+    want = case_grads(case, x, off, kernel, mask, dy, impl="xla")
     for a, b in zip(got, want):
         assert bool(jnp.all(jnp.isnan(a) == jnp.isnan(b)))
         fin = ~jnp.isnan(b)
@@ -208,7 +199,7 @@ def test_repeatable_bits_in_process(rng):
     for dtype in (jnp.float32, jnp.bfloat16):
         x, off, kernel, mask = make_inputs(case, rng, dtype)
         dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)), dtype)
-        f = jax.jit(lambda *a: _grads(case, *a))
+        f = jax.jit(lambda *a: case_grads(case, *a))
         first, second = f(x, off, kernel, mask, dy), f(x, off, kernel, mask, dy)
         for a, b in zip(first, second):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -10,21 +10,12 @@ import pytest
 
 import deft_jax
 from deft_jax import _ffi, tiling
-from helpers import Case, make_inputs, rel_err
+from helpers import Case, case_grads, make_inputs, rel_err
 
 pytestmark = [
     pytest.mark.usefixtures("on_cpu"),
     pytest.mark.skipif(_ffi.load_blas() != "", reason=f"no BLAS for the CPU fused forward: {_ffi.load_blas()}"),
 ]
-
-
-def _outputs(case, x, off, kernel, mask, dy, impl):
-    def f(*a):
-        return deft_jax.deform_conv2d(a[0], a[1], a[2], a[3] if len(a) > 3 else None,
-                                      implementation=impl, **case.kwargs())
-    args = (x, off, kernel) + ((mask,) if mask is not None else ())
-    y, vjp = jax.vjp(f, *args)
-    return (y, *vjp(dy))
 
 
 @pytest.fixture
@@ -52,8 +43,8 @@ def test_float64_matches_reference(case, pixels, tile, rng):
         tile(pixels)
     x, off, kernel, mask = make_inputs(case, rng, jnp.float64)
     dy = jnp.asarray(rng.normal(size=(case.n, *case.out_hw(), case.c_out)))
-    got = _outputs(case, x, off, kernel, mask, dy, "fused")
-    want = _outputs(case, x, off, kernel, mask, dy, "xla")
+    got = case_grads(case, x, off, kernel, mask, dy, "fused")
+    want = case_grads(case, x, off, kernel, mask, dy, "xla")
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b) < 1e-10

@@ -1,6 +1,7 @@
 // XLA typed-FFI handlers for platform "cpu" (the column sampler and its col2im, the fused forward)
-// and the nanobind module `_deft_cpu` that hands their capsules to Python. Decoding, checking, dtype dispatch and the
-// task runner on XLA's intra-op thread pool only; the arithmetic is in csrc/cpu/.
+// and the nanobind module `_deft_cpu` that hands their capsules to Python. Decoding, checking,
+// dtype dispatch and the task runner on XLA's intra-op thread pool only; the arithmetic is in
+// csrc/cpu/.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -205,7 +206,8 @@ ffi::Error FusedForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
                       "deft_jax: the CPU fused forward has no BLAS loaded (deft_jax._ffi.load_blas)");
   // The GEMMs take int dimensions: rows of a tile, K*C, C_out.
   constexpr int64_t kIntMax = 2147483647;
-  if (p.taps() * p.c_in > kIntMax || p.c_out > kIntMax || std::min(attrs.tile_pixels, p.n * p.pixels_out()) > kIntMax)
+  if (p.taps() * p.c_in > kIntMax || p.c_out > kIntMax ||
+      std::min(attrs.tile_pixels, p.n * p.pixels_out()) > kIntMax)
     return invalid("the CPU fused forward needs kh*kw*C_in, C_out and tile_pixels below 2^31");
   if (y->element_count() == 0) return ffi::Error::Success();
   PoolRunner runner(pool);

@@ -151,14 +151,22 @@ def cpu_backward_chunk_rows(s: LayerShape) -> int:
 # 2-core VM (S2 fp32, 4 images, min ms; `OPENBLAS_CORETYPE=SkylakeX taskset -c 0 python
 # benchmarks/cpu_parts.py --shapes S2 --dtypes float32 --fused-tiles 32,64,128,224,512`): 32 / 64 /
 # 128 / 224 (this rule) / 512 pixels 10.69 / 9.21 / 8.85 / 9.06 / 8.71 (column route 8.30).
+# At least CPU_FUSED_MIN_PIXELS: every tile's GEMM packs the whole kernel again, which at wide
+# layers outweighs the cache (2-core VM, fp32, `OPENBLAS_CORETYPE=SkylakeX python
+# benchmarks/cpu_parts.py --shapes S5,S4 --dtypes float32 --fused-tiles 0,64,128,256`, min ms:
+# S5 24 / 64 / 128 / 256 px 6.54 / 3.57 / 3.30 / 4.74; S4 56 / 64 / 128 / 256 px 3.12 / 2.92 /
+# 2.63 / 3.15).
 CPU_FUSED_TILE_BYTES = 512 * 2**10
+CPU_FUSED_MIN_PIXELS = 128
 
 
 def cpu_tile_pixels(s: LayerShape) -> int:
     """Output pixels per task of the CPU fused forward: CPU_FUSED_TILE_BYTES of columns in the
-    GEMM's type (float64 for float64, else float32), a multiple of 8 in [8, 1024]."""
+    GEMM's type (float64 for float64, else float32), a multiple of 8 in
+    [CPU_FUSED_MIN_PIXELS, 1024]."""
     per_pixel = s.taps * s.c_in * (8 if s.dtype == "float64" else 4)
-    return int(min(1024, max(8, CPU_FUSED_TILE_BYTES // max(1, per_pixel) // 8 * 8)))
+    fit = CPU_FUSED_TILE_BYTES // max(1, per_pixel) // 8 * 8
+    return int(min(1024, max(CPU_FUSED_MIN_PIXELS, fit)))
 
 
 def cuda_chunk_images(s: LayerShape) -> int:

@@ -4,8 +4,8 @@ Times [M, K] x [K, N] in float32 (default M = 4096 pixels, K = 9 x 64, N = 64: o
 of the S2 layer, the column route's forward dot) as XLA's jitted dot and as the OpenBLAS sgemm the
 fused forward calls (deft_jax._ffi.load_blas: scipy-openblas32, single-threaded), min and median
 ms over --reps calls. Run it on one core (`taskset -c 0`) to compare the kernels alone; the
-OpenBLAS kernels are the ones it picked for this CPU unless OPENBLAS_CORETYPE was set before
-Python started (printed).
+OpenBLAS kernels are the ones it picks for this CPU unless OPENBLAS_CORETYPE names others when
+the library loads (printed; the development VM's environment sets Haswell).
 
   taskset -c 0 python benchmarks/cpu_gemm_probe.py
   OPENBLAS_CORETYPE=SkylakeX taskset -c 0 python benchmarks/cpu_gemm_probe.py

@@ -86,7 +86,7 @@ def compiled_tile_error(tile_attrs: dict[str, int], dtype: str) -> str | None:
 
 _blas_lock = threading.Lock()
 _blas_error: str | None = None  # None: not tried yet; "": loaded; else why not
-_blas_core = ""  # the kernels OpenBLAS chose for this CPU (e.g. "SkylakeX", "Haswell")
+_blas_core = ""  # the kernels OpenBLAS runs (e.g. "SkylakeX", "Haswell")
 _blas_lib: ctypes.CDLL | None = None  # the loaded library (benchmarks/cpu_gemm_probe.py calls it)
 
 
@@ -97,9 +97,10 @@ def load_blas() -> str:
     loaded, else why not (the fused CPU route then raises that; nothing falls back silently).
 
     OpenBLAS runs single-threaded here (the module's tasks run on XLA's pool, one GEMM per task)
-    with the kernels it picks for the CPU; ``OPENBLAS_CORETYPE`` in the environment before Python
-    starts overrides that (OpenBLAS 0.3.34 takes the project's AMD EPYC VM for a Haswell, whose
-    sgemm ran 2.2x slower there than its SkylakeX kernels; docs/kernels.md, CPU)."""
+    with the kernels it picks for the CPU, or those ``OPENBLAS_CORETYPE`` names when it is set
+    before the library loads (``import scipy_openblas32`` loads it): on the project's AMD EPYC VM
+    OpenBLAS picks SkylakeX, while its environment sets Haswell, whose sgemm ran 1.8x slower
+    there (docs/kernels.md, CPU)."""
     global _blas_error, _blas_core, _blas_lib
     with _blas_lock:
         if _blas_error is not None:

@@ -531,20 +531,22 @@ def run_case(impl, mode, layer, dtype_name, inputs, machine, settings) -> tuple[
     return entry, outputs
 
 
-def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: int = 0) -> dict:
+def benchmark(layers: list[Layer], dtypes: list[str], settings: Settings, seed: int = 0,
+              torch: bool = True) -> dict:
     """Run every (layer, dtype, mode, implementation); returns the results.json dictionary.
 
     The native implementation may be missing on this platform: the op then raises, and its entries
     are marked "unavailable" with the error. Nothing is ever substituted for it. On CPU,
     torchvision's deform_conv2d runs too where it imports (marked "unavailable" where it cannot
-    run a case, e.g. a dtype its CPU kernel lacks).
+    run a case, e.g. a dtype its CPU kernel lacks), unless ``torch`` is False.
     """
     meta = metadata(settings)
     machine = measure_machine(dtypes, settings)
     results = []
     rng = np.random.default_rng(seed)
     impls = ["xla", "deft", "conv"]  # the reference runs first in each group: its outputs check the others'
-    torch_why = torch_unavailable() if jax.default_backend() == "cpu" else "not a CPU run"
+    torch_why = ("not asked for (--no-torch)" if not torch else
+                 torch_unavailable() if jax.default_backend() == "cpu" else "not a CPU run")
     meta["torch"] = torch_why or "torchvision.ops.deform_conv2d on the CPU"
     if jax.default_backend() == "cpu":  # the CPU fused forward's GEMMs: which OpenBLAS kernels
         meta["cpu_fused_blas"] = deft_jax._ffi.load_blas() or f"OpenBLAS {deft_jax._ffi.blas_core()}"
@@ -803,6 +805,9 @@ def parse_args(argv):
     p.add_argument("--column-chunk-images", type=int, metavar="N",
                    help="GPU column route: N images per chunk in both directions (default: "
                    "deft_jax.tiling.cuda_chunk_images, the 48 MiB budget)")
+    p.add_argument("--no-torch", action="store_true",
+                   help="CPU: leave torchvision's deform_conv2d out (its forward+backward takes "
+                   "0.1-0.3 s a call)")
     p.add_argument("--out", help="directory for results.json, results.md and bench_layers.png")
     p.add_argument("--markdown", metavar="RESULTS_JSON",
                    help="print an existing results.json as markdown and exit")
@@ -855,7 +860,7 @@ def main(argv=None) -> dict | None:
     if note:
         print(note)
     sys.stdout.flush()
-    data = benchmark(layers, dtypes, settings)
+    data = benchmark(layers, dtypes, settings, torch=not args.no_torch)
     data["meta"].update(quick=quick, note=note)
     print_table(data)
     if args.out:

@@ -92,7 +92,7 @@ _blas_lib: ctypes.CDLL | None = None  # the loaded library (benchmarks/cpu_gemm_
 
 def load_blas() -> str:
     """Load the BLAS of the CPU fused forward once and hand its GEMMs to the CPU module: OpenBLAS
-    from the ``scipy-openblas32`` wheel (``pip install "deft_jax[blas]"``), a private copy with
+    from the ``scipy-openblas32`` wheel (a dependency of deft_jax), a private copy with
     its own symbols, so NumPy's or another library's BLAS is not touched. Returns "" when it is
     loaded, else why not (the fused CPU route then raises that; nothing falls back silently).
 
@@ -109,7 +109,7 @@ def load_blas() -> str:
             import scipy_openblas32
         except ImportError:
             _blas_error = ("the CPU fused forward needs OpenBLAS from the scipy-openblas32 package, "
-                           "which is not installed: pip install \"deft_jax[blas]\" (or scipy-openblas32)")
+                           "which is not installed: pip install scipy-openblas32")
             return _blas_error
         path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
         try:

@@ -194,7 +194,9 @@ def native_op(x, kernel, geo: Geometry, with_mask: bool, precision, deterministi
                               offset_groups=geo.offset_groups,
                               feature_groups=geo.feature_group_count,
                               dtype=jnp.dtype(x.dtype).name)
-    routes = [tiling.choose_route(platform, shape, bool(deterministic), route, d)
+    # The CPU forward's default route depends on the kernels OpenBLAS runs ("" if not loaded).
+    blas_core = _ffi.blas_core() if platform == "cpu" and route is None else ""
+    routes = [tiling.choose_route(platform, shape, bool(deterministic), route, d, blas_core)
               for d in tiling.DIRECTIONS]
     calls = {r: _route_call(r, platform, shape, geo, with_mask, precision, deterministic)
              for r in set(routes)}
@@ -294,11 +296,13 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
       precision: lax.Precision for float32 inputs; TF32 tensor cores only at DEFAULT, or at None
         where jax.default_matmul_precision allows them (as for lax.conv).
       implementation: None for the native op of the platform, its route chosen per shape (CPU:
-        the column route, a C++ sampler and col2im around XLA's dot; GPU: that route with CUDA
-        kernels and cuBLAS, or the fused CUDA kernels, per tiling.choose_route); "columns" or
+        the column route, a C++ sampler and col2im around XLA's dot, with the fused forward
+        below for float32 layers with small kernels where OpenBLAS runs AVX-512 kernels; GPU:
+        that route with CUDA kernels and cuBLAS, or the fused CUDA kernels, per
+        tiling.choose_route); "columns" or
         "fused" to ask for one route: on GPU for both directions; on CPU "fused" is the fused
         forward (the sampler and a BLAS GEMM per tile of pixels, the tile's columns never
-        leaving the core's cache; it needs OpenBLAS, ``pip install "deft_jax[blas]"``, else
+        leaving the core's cache; it needs OpenBLAS, the scipy-openblas32 dependency, else
         ValueError) with the column route's backward; or "xla" for the pure-JAX gather reference.
       deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
         identical from run to run (same inputs, device model and build). Applies to the native

@@ -156,17 +156,41 @@ def cpu_backward_chunk_rows(s: LayerShape) -> int:
 # benchmarks/cpu_parts.py --shapes S5,S4 --dtypes float32 --fused-tiles 0,64,128,256`, min ms:
 # S5 24 / 64 / 128 / 256 px 6.54 / 3.57 / 3.30 / 4.74; S4 56 / 64 / 128 / 256 px 3.12 / 2.92 /
 # 2.63 / 3.15).
+# And at most 1/CPU_FUSED_MIN_TASKS of the problem's pixels (down to that floor), so that a small
+# problem still spreads over many threads (16-core host, fp32, S1 = 1 image of 64x64: 224 px tiles,
+# 19 tasks, 0.91-2.90 ms; 128 px, 32 tasks, 0.50; column route 0.70; conv 0.41. S6 224 / 128 px
+# 0.76 / 0.71). Both rules read only the shape, never the thread count.
 CPU_FUSED_TILE_BYTES = 512 * 2**10
 CPU_FUSED_MIN_PIXELS = 128
+CPU_FUSED_MIN_TASKS = 32
+# The CPU forward's default route (implementation=None): the fused forward for float32 layers whose
+# kernel fits CPU_FUSED_MAX_KERNEL_BYTES (re-read by every tile from the core's cache) where
+# OpenBLAS runs AVX-512 kernels, else the column route. Measured, forward us, column route / fused
+# / conv (`python benchmarks/bench_layers.py --no-torch --dtypes float32`, benchmarks/RESULTS.md):
+# the H100 host's 16 Xeon cores (SkylakeX kernels) S2 3,056 / 1,666 / 1,265; the 2-core Zen 5 VM
+# (SkylakeX) within +-10% of the column route at S1, S2, S3, S6 and slower at S4, S5 (kernels of
+# 2.4 and 9.4 MB); with OpenBLAS's Haswell (AVX2) kernels the fused forward took 1.1-2.7x the
+# column route's time there, so AVX2-only machines keep the column route.
+CPU_FUSED_MAX_KERNEL_BYTES = 2**20
+CPU_FUSED_BLAS_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 
 
 def cpu_tile_pixels(s: LayerShape) -> int:
     """Output pixels per task of the CPU fused forward: CPU_FUSED_TILE_BYTES of columns in the
-    GEMM's type (float64 for float64, else float32), a multiple of 8 in
-    [CPU_FUSED_MIN_PIXELS, 1024]."""
+    GEMM's type (float64 for float64, else float32), at most 1/CPU_FUSED_MIN_TASKS of the pixels,
+    a multiple of 8 in [CPU_FUSED_MIN_PIXELS, 1024]."""
     per_pixel = s.taps * s.c_in * (8 if s.dtype == "float64" else 4)
     fit = CPU_FUSED_TILE_BYTES // max(1, per_pixel) // 8 * 8
-    return int(min(1024, max(CPU_FUSED_MIN_PIXELS, fit)))
+    share = -(-(-(-s.n * s.h_out * s.w_out // CPU_FUSED_MIN_TASKS)) // 8) * 8  # ceil, up to 8s
+    return int(min(1024, max(CPU_FUSED_MIN_PIXELS, min(fit, share))))
+
+
+def cpu_fused_by_default(s: LayerShape, blas_core: str) -> bool:
+    """Whether the CPU forward of ``s`` takes the fused forward when no route is asked for, with
+    OpenBLAS running ``blas_core``'s kernels ("" where it is not loaded)."""
+    kernel_bytes = s.taps * s.c_in * s.c_out // max(1, s.feature_groups) * 4
+    return (s.dtype == "float32" and blas_core.lower() in CPU_FUSED_BLAS_CORES
+            and kernel_bytes <= CPU_FUSED_MAX_KERNEL_BYTES)
 
 
 def cuda_chunk_images(s: LayerShape) -> int:
@@ -501,10 +525,11 @@ ROUTE_COLUMNS_MAX_PIXELS = 64
 
 @functools.lru_cache(maxsize=4096)
 def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
-                 requested: str | None = None, direction: str = "fwd") -> str:
+                 requested: str | None = None, direction: str = "fwd", blas_core: str = "") -> str:
     """"columns" or "fused" for the ``direction`` ("fwd" or "bwd") of ``shape`` on ``platform``.
-    CPU: the column route, except the forward where ``requested`` is "fused" (the CPU fused
-    forward; there is no fused CPU backward). GPU: ``requested`` when given
+    CPU: the backward takes the column route (there is no fused CPU backward); the forward the
+    ``requested`` one, else the fused forward where cpu_fused_by_default says so for OpenBLAS's
+    ``blas_core``, else the column route. GPU: ``requested`` when given
     (implementation="fused" / "columns", both directions), else the measured table, else
     route_heuristic. ``deterministic`` does not change the route: both routes have a
     deterministic mode (the fused kernels' fixed-point backward, the column route's fixed-point
@@ -513,7 +538,11 @@ def choose_route(platform: str, shape: LayerShape, deterministic: bool = False,
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     if platform == "cpu":
-        return "fused" if requested == "fused" and direction == "fwd" else "columns"
+        if direction == "bwd":
+            return "columns"
+        if requested is not None:
+            return requested
+        return "fused" if cpu_fused_by_default(shape, blas_core) else "columns"
     if requested is not None:
         return requested
     row = route_table().get(_route_key(lambda k: getattr(shape, k)))

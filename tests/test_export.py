@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import deft_jax
-from deft_jax import _ffi
+from deft_jax import _ffi, tiling
 
 
 def _layer(x, offset, kernel, mask):
@@ -49,8 +49,12 @@ def test_export_round_trip_equals_the_direct_call(rng):
 
 def _native_target(platform):
     """The forward target of _layer's call on a platform (on CUDA its small shape takes the fused
-    route: tiling.route_heuristic)."""
-    return _ffi.target_names(platform, "fused" if platform == "cuda" else "columns")[0]
+    route, tiling.route_heuristic; on CPU the route tiling.choose_route picks for float32 with
+    this machine's OpenBLAS kernels)."""
+    shape = tiling.LayerShape(n=2, h_out=7, w_out=6, c_in=4, c_out=5, taps=9, offset_groups=1,
+                              feature_groups=1, dtype="float32")
+    route = tiling.choose_route(platform, shape, blas_core=_ffi.blas_core() if platform == "cpu" else "")
+    return _ffi.target_names(platform, route)[0]
 
 
 @pytest.mark.skipif(not _ffi.cuda_available(), reason="needs the CUDA module (built with nvcc)")

@@ -255,14 +255,30 @@ def test_python_rule_equals_the_compiled_check():
 
 
 def test_cpu_fused_forward_route_and_tile():
-    """On CPU "fused" is asked for, forward only (the backward stays the column route); the
-    tile holds CPU_FUSED_TILE_BYTES of columns in the GEMM's type, a multiple of 8 in [128, 1024],
-    whatever the thread count (it is a function of the shape alone)."""
+    """On CPU the fused forward is the forward's default for float32 layers with kernels of at most
+    1 MiB where OpenBLAS runs AVX-512 kernels, and whenever asked for; the backward is always the
+    column route. The tile holds CPU_FUSED_TILE_BYTES of columns in the GEMM's type, at most
+    1/CPU_FUSED_MIN_TASKS of the pixels, a multiple of 8 in [128, 1024], whatever the thread count
+    (it is a function of the shape alone)."""
     s2, s5 = _shape("S2", "float32"), _shape("S5", "bfloat16")
-    assert tiling.choose_route("cpu", s2) == "columns"
+    assert tiling.choose_route("cpu", s2) == "columns"  # OpenBLAS not loaded
+    assert tiling.choose_route("cpu", s2, blas_core="SkylakeX") == "fused"
+    assert tiling.choose_route("cpu", s2, blas_core="SapphireRapids") == "fused"
+    assert tiling.choose_route("cpu", s2, blas_core="Haswell") == "columns"  # AVX2: slower there
+    assert tiling.choose_route("cpu", s2, blas_core="SkylakeX", direction="bwd") == "columns"
+    assert tiling.choose_route("cpu", s2, requested="columns", blas_core="SkylakeX") == "columns"
+    for name in ("S1", "S3", "S6"):  # kernels of 147-590 KB
+        assert tiling.choose_route("cpu", _shape(name, "float32"), blas_core="SkylakeX") == "fused"
+    for name in ("S4", "S5"):  # 2.4 and 9.4 MB: every tile would re-read them from memory
+        assert tiling.choose_route("cpu", _shape(name, "float32"), blas_core="SkylakeX") == "columns"
+    for dt in ("bfloat16", "float16", "float64"):  # XLA's dot runs these natively (or: unmeasured)
+        assert tiling.choose_route("cpu", _shape("S2", dt), blas_core="SkylakeX") == "columns"
+    assert tiling.choose_route("cpu", _shape("S4", "float32", feature_groups=4), blas_core="SkylakeX") == "fused"
     assert tiling.choose_route("cpu", s2, requested="fused", direction="fwd") == "fused"
     assert tiling.choose_route("cpu", s2, requested="fused", direction="bwd") == "columns"
     assert tiling.choose_route("cpu", s2, requested="columns", direction="fwd") == "columns"
+    assert tiling.cpu_tile_pixels(_shape("S1", "float32", n=1)) == 128  # 4096 px: >= 32 tasks
+    assert tiling.cpu_tile_pixels(_shape("S6", "float32", n=4)) == 128  # 3136 px: floor 128
     assert tiling.cpu_tile_pixels(s2) == 224  # 512 KiB / (9 x 64 x 4 B), down to a multiple of 8
     assert tiling.cpu_tile_pixels(s5) == 128  # 24 fit 512 KiB; at least 128 (kernel packing)
     assert tiling.cpu_tile_pixels(_shape("S2", "float64")) == 128

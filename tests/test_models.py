@@ -10,7 +10,7 @@ import pytest
 
 import data  # examples/data.py (conftest puts examples/ on sys.path)
 import deft_jax.export
-from deft_jax import _ffi
+from deft_jax import _ffi, tiling
 from deft_jax.linen import DeformConvPack
 from resnet import BasicBlock, ResNet, ResNet18, ResNet50  # examples/resnet.py
 
@@ -145,11 +145,15 @@ def test_training_steps_decrease_loss(glyphs, variables):
 
 
 def _targets() -> tuple[str, str]:
-    """(forward, backward) FFI targets that programs lowered for the default backend call (on GPU
-    the tiny model's layers take the fused route: tiling.route_heuristic)."""
+    """(forward, backward) FFI targets that programs lowered for the default backend call for the
+    tests' small float32 layers (on GPU the fused route: tiling.route_heuristic; on CPU the
+    forward's route depends on the kernels OpenBLAS runs: tiling.cpu_fused_by_default)."""
     if jax.default_backend() == "gpu":
         return _ffi.target_names("cuda", "fused")
-    return _ffi.target_names("cpu")
+    small = tiling.LayerShape(n=1, h_out=5, w_out=5, c_in=2, c_out=2, taps=9, offset_groups=1,
+                              feature_groups=1, dtype="float32")
+    fused = tiling.cpu_fused_by_default(small, _ffi.blas_core())
+    return _ffi.target_names("cpu", "fused" if fused else "columns")[0], _ffi.target_names("cpu")[1]
 
 
 def _tiny_model():

@@ -36,7 +36,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_runtime_dependencies_are_the_ops():
-    assert _names(_project()["dependencies"]) == {"jax", "jaxlib", "numpy"}
+    """jax, numpy and OpenBLAS (the CPU fused forward's GEMM, a private copy loaded at run time)."""
+    assert _names(_project()["dependencies"]) == {"jax", "jaxlib", "numpy", "scipy-openblas32"}
 
 
 def test_extras():

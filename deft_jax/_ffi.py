@@ -4,8 +4,8 @@ The CPU module is always built; the CUDA module only where nvcc was found at bui
 targets are the fused forward and backward; the CPU targets are the column sampler and its
 col2im, around which deft_jax/_columns.py puts XLA's dot, and a fused forward (sampler and a BLAS
 GEMM per tile of pixels, csrc/cpu/forward.h) whose BLAS is loaded at run time (load_blas). Each
-platform has its own target names, and a name carries a version: any change of operands, results or attribute schema gets a new
-name, so a serialized program either finds the handler it was written for or fails to load (never
+platform has its own target names, and a name carries a version: any change of operands, results
+or attribute schema gets a new name, so a serialized program either finds the handler it was written for or fails to load (never
 runs a handler with another contract). The fused targets return their workspace as an extra
 output, sized here from the C++ module's own rule, as does the CUDA col2im; every target takes
 the attribute ``deterministic`` (0/1; see ops.deform_conv2d).

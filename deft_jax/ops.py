@@ -299,11 +299,11 @@ def deform_conv2d(x: Any, offset: Any, kernel: Any, mask: Any = None, *,
         the column route, a C++ sampler and col2im around XLA's dot, with the fused forward
         below for float32 layers with small kernels where OpenBLAS runs AVX-512 kernels; GPU:
         that route with CUDA kernels and cuBLAS, or the fused CUDA kernels, per
-        tiling.choose_route); "columns" or
-        "fused" to ask for one route: on GPU for both directions; on CPU "fused" is the fused
-        forward (the sampler and a BLAS GEMM per tile of pixels, the tile's columns never
-        leaving the core's cache; it needs OpenBLAS, the scipy-openblas32 dependency, else
-        ValueError) with the column route's backward; or "xla" for the pure-JAX gather reference.
+        tiling.choose_route); "columns" or "fused" to ask for one route: on GPU for both
+        directions; on CPU "fused" is the fused forward (the sampler and a BLAS GEMM per tile of
+        pixels, the tile's columns never leaving the core's cache; it needs OpenBLAS, the
+        scipy-openblas32 dependency, else ValueError) with the column route's backward; or "xla"
+        for the pure-JAX gather reference.
       deterministic: bitwise reproducible results on GPU: the forward and all four gradients are
         identical from run to run (same inputs, device model and build). Applies to the native
         implementation only (the reference's XLA scatter is not deterministic on GPU); combined

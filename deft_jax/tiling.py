@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 
 # The forward kernel families a tile can name (the `family` FFI attribute is the index; C++
@@ -181,7 +182,7 @@ def cpu_tile_pixels(s: LayerShape) -> int:
     a multiple of 8 in [CPU_FUSED_MIN_PIXELS, 1024]."""
     per_pixel = s.taps * s.c_in * (8 if s.dtype == "float64" else 4)
     fit = CPU_FUSED_TILE_BYTES // max(1, per_pixel) // 8 * 8
-    share = -(-(-(-s.n * s.h_out * s.w_out // CPU_FUSED_MIN_TASKS)) // 8) * 8  # ceil, up to 8s
+    share = math.ceil(s.n * s.h_out * s.w_out / CPU_FUSED_MIN_TASKS / 8) * 8
     return int(min(1024, max(CPU_FUSED_MIN_PIXELS, min(fit, share))))
 
 
